@@ -1,0 +1,27 @@
+# `make demo` and `make test` create .venv when it is missing and install the pinned versions of
+# constraints.txt (torch==2.13.0, the CPU wheel: never an unpinned torch, which pulls CUDA packages).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pyrossl-installed
+# a local wheel folder (this machine keeps the torch CPU wheel there); harmless where absent
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt "torch==2.13.0"
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pyrossl train runs/demo.toml --out outputs/demo --threads 2
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf outputs build *.egg-info

@@ -1,0 +1,1 @@
+"""Guides, one module per family, swapped by name through the registry."""

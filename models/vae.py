@@ -1,0 +1,147 @@
+"""The plain VAE (Kingma & Welling 2014), also "M1" of Kingma et al. 2014.
+
+Generative model, for each image x with D pixels:
+
+    z ~ N(0, I_d),    x ~ Bernoulli(sigmoid(f_theta(z)))  (D independent pixels)
+
+trained by maximising the ELBO  E_q(z|x)[log p(x|z)] - beta * KL(q(z|x) || p(z))  with the guide
+q(z|x) = N(mu_phi(x), diag sigma_phi(x)^2) (:class:`~pyrossl.guides.normal.DiagonalNormalGuide`).
+The KL is analytic (``TraceMeanField_ELBO``). Grey-level pixels in [0, 1] are scored with the
+Bernoulli log-likelihood as a cross-entropy (or binarised per batch with ``data.binarize``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import TraceMeanField_ELBO
+from torch import nn
+
+from pyrossl import plots
+from pyrossl.evaluate import iwae_log_likelihood
+from pyrossl.guides.normal import DiagonalNormalGuide
+from pyrossl.infer.iwae import importance_log_weights
+from pyrossl.nn import ConvDecoder, MLP
+from pyrossl.zoo import ZooModel, batched
+
+
+@dataclass
+class VAEOptions:
+    z_dim: int = 16
+    hidden: list[int] = field(default_factory=lambda: [256])
+    act: str = "relu"
+    net: str = "mlp"  # mlp | conv (images of at least 8x8, sides divisible by 4)
+    beta: float = 1.0  # weight of the KL term (1: the ELBO)
+
+
+class BernoulliDecoder(nn.Module):
+    """z -> pixel logits with the image's shape; leading batch dimensions of z are kept."""
+
+    def __init__(self, image_shape, z_dim: int, hidden=(256,), act: str = "relu", net: str = "mlp"):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        if net == "conv":
+            self.net = ConvDecoder(z_dim, image_shape, hidden=hidden[0], act=act)
+        else:
+            self.net = MLP([z_dim, *reversed(hidden), int(torch.tensor(image_shape).prod())], act)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.net(z)
+        return out.reshape(*z.shape[:-1], -1)  # flat logits [..., D]
+
+
+def pixel_likelihood(logits: torch.Tensor) -> dist.Distribution:
+    """Independent Bernoulli pixels; grey levels in [0, 1] are allowed (a cross-entropy), hence no validation."""
+    return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
+
+
+class VAEModel(nn.Module):
+    """p(z) p(x|z) with a standard-normal prior; ``x=None`` samples images."""
+
+    def __init__(self, image_shape, z_dim: int, hidden=(256,), act: str = "relu", net: str = "mlp", beta: float = 1.0):
+        super().__init__()
+        self.beta = beta
+        self.register_buffer("prior_loc", torch.zeros(z_dim), persistent=False)
+        self.decoder = BernoulliDecoder(image_shape, z_dim, hidden, act, net)
+
+    def forward(self, x: torch.Tensor | None = None, num: int | None = None) -> torch.Tensor:
+        n = x.shape[0] if x is not None else num
+        loc = self.prior_loc.expand(n, -1)
+        with pyro.plate("data", n):
+            with poutine.scale(scale=self.beta):
+                z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+            logits = self.decoder(z)
+            return pyro.sample("x", pixel_likelihood(logits), obs=None if x is None else x.flatten(1))
+
+
+class VAE(ZooModel):
+    name = "vae"
+    description = "plain Bernoulli VAE (M1): ELBO, reconstructions, samples, IWAE log-likelihood"
+    Options = VAEOptions
+    guides = {"diag-normal": "amortised diagonal Gaussian q(z|x) (MLP or conv encoder)"}
+    default_guide = "diag-normal"
+    selection_metric = "elbo"
+
+    def __init__(self, meta: dict, options: VAEOptions, guide: str = "diag-normal"):
+        super().__init__(meta, options, guide)
+        o = options
+        shape = meta["image_shape"]
+        self.loss = TraceMeanField_ELBO()(
+            VAEModel(shape, o.z_dim, o.hidden, o.act, o.net, o.beta),
+            DiagonalNormalGuide(shape, o.z_dim, o.hidden, o.act, o.net),
+        )
+
+    @property
+    def model(self) -> VAEModel:
+        return self.loss.model
+
+    @property
+    def guide(self) -> DiagonalNormalGuide:
+        return self.loss.guide
+
+    def forward(self, x, x_lab=None, y_lab=None):
+        return self.loss(x) / x.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self, x, y, batch_size=1000):
+        n = x.shape[0]
+        elbo = sum(-self.loss(xb).item() for xb in torch.split(x, batch_size)) / n
+        bce = sum(
+            nn.functional.binary_cross_entropy(self.reconstruct(xb), xb, reduction="sum").item()
+            for xb in torch.split(x, batch_size)
+        ) / n
+        return {"elbo": elbo, "reconstruction_bce": bce}
+
+    @torch.no_grad()
+    def log_likelihood(self, x, num_samples, batch_size=100):
+        def one(xb):
+            log_w = importance_log_weights(self.model, self.guide, xb, num_samples=num_samples)
+            return iwae_log_likelihood(log_w)
+
+        return torch.cat(batched(one, x, batch_size))
+
+    @torch.no_grad()
+    def latent(self, x):
+        return self.guide.encode(x)[0]
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return torch.sigmoid(self.model.decoder(self.latent(x))).reshape(x.shape)
+
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        z = torch.randn(n, self.options.z_dim, device=next(self.parameters()).device)
+        return torch.sigmoid(self.model.decoder(z)).reshape(n, *self.meta["image_shape"])
+
+    def figures(self, folder, x, y):
+        folder = Path(folder)
+        x = x[:10]
+        return [
+            plots.plot_reconstructions(x.cpu(), self.reconstruct(x).cpu(), folder / "reconstructions.png"),
+            plots.save_image_grid(self.sample(100).cpu(), folder / "samples.png", nrow=10, title="samples from p(x|z), z ~ N(0, I)"),
+        ]

@@ -1,0 +1,42 @@
+"""pyrossl: a Pyro model zoo of deep generative classifiers.
+
+Parameters live in modules (``module_local_params``): each zoo entry is a plain
+``torch.nn.Module``, so checkpoints are ``state_dict`` s and two runs in one process
+never share parameters through Pyro's global param store.
+"""
+
+import os as _os
+
+import pyro as _pyro
+
+_pyro.settings.set(module_local_params=True)
+
+# In a source checkout, models/ and guides/ sit beside this package (an installed wheel has
+# them inside it). Searching the parent folder too makes pyrossl.models and pyrossl.guides
+# importable from a checkout without an install.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+if not _os.path.isdir(_os.path.join(_here, "models")):
+    _root = _os.path.dirname(_here)
+    if _os.path.isfile(_os.path.join(_root, "models", "__init__.py")):
+        __path__.append(_root)  # noqa: F821 (the package's own __path__)
+
+__version__ = "0.1.0"
+
+from pyrossl.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DatasetNotFound,
+    PyrosslError,
+    TrainingError,
+)
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DatasetNotFound",
+    "PyrosslError",
+    "TrainingError",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from pyrossl.cli import main
+
+sys.exit(main())

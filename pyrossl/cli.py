@@ -1,0 +1,159 @@
+"""Command line: ``pyrossl train|eval|list|data``.
+
+Exit codes: 0 on success, 2 on bad input (one line on stderr, no traceback), 1 on an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pyrossl.errors import PyrosslError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit code 2, like every other bad input."""
+
+    def error(self, message):
+        raise PyrosslError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pyrossl", description="A Pyro model zoo of deep generative classifiers.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a recipe into a run directory")
+    t.add_argument("recipe", nargs="?", help="TOML recipe (runs/*.toml); optional with --resume")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 --set guide=enum")
+    t.add_argument("--out", help="run directory (default: outputs/<recipe>-seed<seed>)")
+    t.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR")
+    t.add_argument("--device", help="auto | cpu | cuda (overrides the recipe)")
+    t.add_argument("--seed", type=int, help="random seed (overrides the recipe)")
+    t.add_argument("--threads", type=int, help="CPU threads for torch")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a run directory on its test set")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--which", choices=["best", "last"], default="best")
+    e.add_argument("--iwae", type=int, default=0, metavar="K", help="also estimate log p(x) with K importance samples")
+    e.add_argument("--device", default="cpu")
+
+    sub.add_parser("list", help="models, their guides, and datasets")
+
+    d = sub.add_parser("data", help="datasets: download or inspect")
+    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    dl = dsub.add_parser("download", help="fetch a dataset's official files into the cache and check their MD5 sums")
+    dl.add_argument("name", choices=["mnist", "fashion-mnist"])
+    dl.add_argument("--dest", help="folder (default: the user cache)")
+    dl.add_argument("--base-url", help="a mirror of the official files")
+    info = dsub.add_parser("info", help="load a dataset and print its size, shape and classes")
+    info.add_argument("name")
+    info.add_argument("--data-dir")
+    info.add_argument("--path", help="the .npz file, for the npz dataset")
+    return p
+
+
+def cmd_train(args) -> int:
+    from pyrossl import runs
+    from pyrossl.config import load_config
+    from pyrossl.train import train
+
+    overrides = list(args.overrides)
+    for flag in ("device", "seed", "threads"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{flag}={getattr(args, flag)!r}" if flag == "device" else f"{flag}={getattr(args, flag)}")
+    if args.quiet:
+        overrides.append("train.progress=false")
+    if args.resume:
+        out = Path(args.resume)
+        if not runs.is_run(out):
+            raise PyrosslError(f"cannot resume: {out} is not a run directory (no {runs.CONFIG})")
+        config = load_config(args.recipe or out / runs.CONFIG, overrides)
+    else:
+        if not args.recipe:
+            raise PyrosslError("train needs a recipe (or --resume DIR)")
+        config = load_config(args.recipe, overrides)
+        out = Path(args.out) if args.out else Path("outputs") / f"{Path(args.recipe).stem}-seed{config.seed}"
+    summary = train(config, out, resume=bool(args.resume))
+    print(format_summary(summary))
+    print(f"run directory: {out}")
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """A small Markdown table of the best and last epochs' test metrics."""
+    best, last = summary["best"], summary["last"]
+    keys = [k for k in best if k.startswith("test_") and isinstance(best[k], (int, float))]
+    lines = [
+        f"{summary['model']} / {summary['guide']} on {summary['dataset']} (seed {summary['seed']}): "
+        f"{summary['epochs']} epochs in {summary['seconds']:.1f} s, best epoch {summary['best_epoch']} by {summary['selection_metric']}",
+        "",
+        "| metric | best epoch | last epoch |",
+        "|---|---|---|",
+    ]
+    for k in keys:
+        lines.append(f"| {k} | {best[k]:.4f} | {last.get(k, float('nan')):.4f} |")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from pyrossl.runs import load_run
+
+    run = load_run(args.run, which=args.which, device=args.device)
+    x, y = run.tensors("test")
+    metrics = {f"test_{k}": v for k, v in run.model.evaluate(x, y, run.config.train.eval_batch_size).items()}
+    if args.iwae:
+        metrics["test_log_likelihood"] = run.model.log_likelihood(x, args.iwae).mean().item()
+    print(json.dumps({"run": str(run.path), "which": args.which, **metrics}, indent=2))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from pyrossl.data import dataset_names
+    from pyrossl.registry import MODELS
+
+    print("models (guides; * = default):")
+    for name, cls in MODELS.items():
+        guides = ", ".join(g + ("*" if g == cls.default_guide else "") for g in cls.guides)
+        print(f"  {name:10s} {cls.description}\n  {'':10s} guides: {guides}")
+    print("datasets:")
+    print("  " + ", ".join(dataset_names()))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from pyrossl.data import download, load_dataset
+
+    if args.data_command == "download":
+        path = download(args.name, dest=args.dest, base_url=args.base_url)
+        print(f"{args.name}: files in {path}")
+        return 0
+    options = {"path": args.path} if args.path else {}
+    ds = load_dataset(args.name, data_dir=args.data_dir, **options)
+    test = 0 if ds.test_index is None else ds.test_index.numel()
+    names = ds.attributes if ds.multilabel else ds.classes
+    print(f"{ds.name}: {len(ds)} images of shape {tuple(ds.image_shape)} ({test} official test), "
+          f"{ds.num_classes} {'attributes' if ds.multilabel else 'classes'}: {', '.join(map(str, names))}; from {ds.source}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except PyrosslError as exc:
+        print(f"pyrossl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyrossl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Run configuration: a TOML recipe plus ``key=value`` overrides, checked against dataclasses.
+
+A recipe looks like::
+
+    model = "vae"            # a zoo entry (``pyrossl list``)
+    guide = "diag-normal"    # one of the guides that fit it; omitted -> the model's default
+    seed = 0
+
+    [data]                   # DataConfig
+    name = "mnist5k"
+    labels_per_class = 0
+
+    [train]                  # TrainConfig
+    epochs = 20
+
+    [options]                # the model's and guide's own settings (its Options dataclass)
+    z_dim = 16
+
+Every key is checked: an unknown one is a :class:`~pyrossl.errors.ConfigError` that names the
+closest valid key, and values are coerced to the declared type or rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyrossl.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, and how it is split (see :func:`pyrossl.data.make_split`)."""
+
+    name: str = "digits"
+    data_dir: str | None = None  # folder holding the dataset's files (mnist, fashion-mnist)
+    path: str | None = None  # the .npz file of the ``npz`` dataset
+    labels_per_class: int | None = None  # None: every training example labelled; 0: none
+    label_fraction: float | None = None
+    validation: float = 0.1  # a fraction (< 1) or a count (>= 1) held out for model selection
+    test: float = 0.2  # used only when the dataset has no official test set
+    limit_per_class: int | None = None
+    binarize: bool = False  # dynamic binarisation: x ~ Bernoulli(pixel) afresh for every batch
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop's settings (see :mod:`pyrossl.train`)."""
+
+    epochs: int = 10
+    batch_size: int = 128  # examples per step (unlabelled batch when the model uses labels)
+    labelled_batch_size: int | None = None  # None: same as batch_size
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw | sgd
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    eval_batch_size: int = 1000
+    iwae_samples: int = 0  # k of the IWAE log-likelihood estimate at the end; 0 turns it off
+    progress: bool = True
+    on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+
+
+@dataclass
+class Config:
+    model: str = "vae"
+    guide: str | None = None
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "train": TrainConfig}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+
+
+def unknown_key(key: str, valid: list[str], what: str = "key") -> ConfigError:
+    """The error for a name that is not in ``valid`` (a config key, a model...), naming the closest valid one."""
+    return ConfigError(f"unknown {what} '{key}'{_suggest(key, valid)}")
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` converted to the type ``annotation`` declares, or a ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"'{key}' cannot be {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (inner, *_) = typing.get_args(annotation) or (Any,)
+        items = [coerce(v, inner, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if annotation is Any or origin is dict:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, not {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"'{key}' must be an integer, not {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, not {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, not {value!r}")
+        return value
+    return value
+
+
+def build_dataclass(cls, values: dict, where: str = ""):
+    """An instance of dataclass ``cls`` from ``values``: unknown keys and bad types are ConfigErrors."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise unknown_key(f"{where}{key}", [f"{where}{k}" for k in types_])
+        kwargs[key] = coerce(value, types_[key], f"{where}{key}")
+    return cls(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value read as a TOML literal (``3``, ``1e-3``, ``true``, ``[256, 128]``), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``key=value`` (dotted key: ``train.epochs=5``) to the raw recipe dict, in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' is not of the form key=value")
+    key, text = assignment.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override key '{key}' is malformed")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    node[parts[-1]] = parse_value(text.strip())
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The raw dict of a TOML recipe; a syntax error names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Check a raw recipe dict and return a :class:`Config` (model options checked by the registry)."""
+    raw = dict(raw)
+    kwargs: dict[str, Any] = {}
+    top = _field_types(Config)
+    for key, value in raw.items():
+        if key not in top:
+            raise unknown_key(key, list(top))
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' must be a [{key}] section")
+            kwargs[key] = build_dataclass(_SECTIONS[key], value, where=f"{key}.")
+        elif key == "options":
+            if not isinstance(value, dict):
+                raise ConfigError("'options' must be an [options] section")
+            kwargs[key] = dict(value)
+        else:
+            kwargs[key] = coerce(value, top[key], key)
+    return Config(**kwargs)
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """A checked :class:`Config` from a recipe file (or a raw dict ``base``) and ``key=value`` overrides."""
+    raw = read_recipe(recipe) if recipe is not None else dict(base or {})
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return config_from_dict(raw)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dumps(config: Config) -> str:
+    """The fully resolved config as TOML (``None`` values are left out: they are the defaults)."""
+    data = config.to_dict()
+    lines = []
+    for key, value in data.items():
+        if not isinstance(value, dict) and value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for section in ("data", "train", "options"):
+        lines.append(f"\n[{section}]")
+        for key, value in data[section].items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

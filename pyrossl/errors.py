@@ -1,0 +1,29 @@
+"""Typed errors for input a user can fix.
+
+Every error here is a mistake in what the user gave (a recipe, a file, a flag), never a bug:
+the CLI prints its message on one line and exits with code 2; the Python API raises it.
+"""
+
+
+class PyrosslError(Exception):
+    """Bad input the user can fix. The message is one line that says what to do."""
+
+
+class ConfigError(PyrosslError):
+    """A recipe or override is malformed, names an unknown key, or has an invalid value."""
+
+
+class DataError(PyrosslError):
+    """A dataset file is missing, corrupt, or holds values the model cannot take."""
+
+
+class DatasetNotFound(DataError):
+    """No files for a dataset were found in any of the places searched."""
+
+
+class CheckpointError(PyrosslError):
+    """A checkpoint or run directory is missing, unsafe to load, or does not match the config."""
+
+
+class TrainingError(PyrosslError):
+    """Training cannot go on (for instance a non-finite loss); the message names the last good checkpoint."""

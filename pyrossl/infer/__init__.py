@@ -1,0 +1,1 @@
+"""Objectives and estimators shared by the zoo's models."""

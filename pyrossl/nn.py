@@ -1,0 +1,112 @@
+"""Network building blocks shared by the zoo: MLPs and image encoders/decoders. No model logic here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pyrossl.errors import ConfigError
+
+ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown activation '{name}' (valid: {', '.join(ACTIVATIONS)})") from None
+
+
+class MLP(nn.Sequential):
+    """Linear layers of the given sizes with an activation between them (none after the last)."""
+
+    def __init__(self, sizes: Sequence[int], act: str = "relu"):
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+            if i:
+                layers.append(activation(act))
+            layers.append(nn.Linear(n_in, n_out))
+        super().__init__(*layers)
+
+
+class Concat(nn.Module):
+    """Concatenate inputs on the last dimension, broadcasting their batch dimensions.
+
+    Enumerated or vectorised particles add leading batch dimensions to some inputs only
+    (``y`` enumerated over classes, ``x`` not): they are broadcast before concatenation.
+    """
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        shape = torch.broadcast_shapes(*(t.shape[:-1] for t in inputs))
+        return torch.cat([t.expand(shape + t.shape[-1:]) for t in inputs], dim=-1)
+
+
+class GaussianHead(nn.Module):
+    """An MLP whose output is the location and (softplus) scale of a diagonal Gaussian."""
+
+    def __init__(self, sizes: Sequence[int], act: str = "relu", min_scale: float = 1e-4):
+        super().__init__()
+        self.body = MLP(list(sizes[:-1]), act)
+        self.act = activation(act) if len(sizes) > 2 else nn.Identity()
+        self.loc = nn.Linear(sizes[-2], sizes[-1])
+        self.scale = nn.Linear(sizes[-2], sizes[-1])
+        self.min_scale = min_scale
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.act(self.body(h))
+        return self.loc(h), nn.functional.softplus(self.scale(h)) + self.min_scale
+
+
+class ConvEncoder(nn.Module):
+    """Two stride-2 convolutions (32, 64 channels) and a dense layer: [B, C, H, W] -> [B, out]."""
+
+    def __init__(self, image_shape: Sequence[int], out_features: int, hidden: int = 256, act: str = "relu"):
+        super().__init__()
+        c, h, w = image_shape
+        check_conv_shape(image_shape)
+        self.net = nn.Sequential(
+            nn.Conv2d(c, 32, 4, 2, 1), activation(act),
+            nn.Conv2d(32, 64, 4, 2, 1), activation(act),
+            nn.Flatten(),
+            nn.Linear(64 * (h // 4) * (w // 4), hidden), activation(act),
+            nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """The mirror of :class:`ConvEncoder`: [..., in] -> [..., C, H, W] logits (leading dims kept)."""
+
+    def __init__(self, in_features: int, image_shape: Sequence[int], hidden: int = 256, act: str = "relu"):
+        super().__init__()
+        c, h, w = image_shape
+        check_conv_shape(image_shape)
+        self.shape = (64, h // 4, w // 4)
+        self.dense = nn.Sequential(
+            nn.Linear(in_features, hidden), activation(act),
+            nn.Linear(hidden, math.prod(self.shape)), activation(act),
+        )
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(64, 32, 4, 2, 1), activation(act),
+            nn.ConvTranspose2d(32, c, 4, 2, 1),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        h = self.dense(z.reshape(-1, z.shape[-1])).reshape(-1, *self.shape)
+        out = self.deconv(h)
+        return out.reshape(*lead, *out.shape[1:])
+
+
+def check_conv_shape(image_shape: Sequence[int]) -> None:
+    """The convolutional nets halve the image twice: height and width must be multiples of 4."""
+    if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4 or image_shape[1] < 8:
+        raise ConfigError(
+            f"the convolutional network needs images of at least 8x8 with height and width divisible by 4, "
+            f"not {'x'.join(map(str, image_shape))}: use options.net = \"mlp\""
+        )

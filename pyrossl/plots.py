@@ -1,0 +1,347 @@
+"""Figures for runs and notebooks: image grids, learning curves, confusion matrices, latent PCA.
+
+Figures are built as ``matplotlib.figure.Figure`` objects drawn by the Agg canvas, never through
+``pyplot``: importing or calling this module neither changes a notebook's backend nor registers
+figures with pyplot's figure manager, so nothing is left open. Every ``save``/``plot`` function
+creates the parent folders of ``path``, writes a PNG and returns the path as a ``pathlib.Path``.
+
+Images are ``[N, C, H, W]`` tensors or arrays with values in [0, 1] and ``C`` equal to 1 or 3,
+the layout of :class:`pyrossl.data.dataset.Dataset`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+ArrayLike = torch.Tensor | npt.ArrayLike
+PathLike = str | os.PathLike
+
+__all__ = [
+    "image_grid",
+    "plot_confusion",
+    "plot_curves",
+    "plot_latent_pca",
+    "plot_reconstructions",
+    "save_image_grid",
+]
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _images(images: ArrayLike, name: str = "images") -> np.ndarray:
+    """``images`` as a float array ``[N, C, H, W]``; ``[N, H, W]`` is read as one channel."""
+    a = _to_numpy(images).astype(np.float64, copy=False)
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{name} must have shape [N, C, H, W] with C = 1 or 3 (or [N, H, W]), "
+            f"got {tuple(a.shape)}"
+        )
+    if a.shape[0] == 0:
+        raise ValueError(f"{name} is empty: no images to draw")
+    return a
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: PathLike, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders created) and release its artists."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=dpi, bbox_inches="tight")
+    # The figure was never registered with pyplot; clearing drops its artists at once rather than
+    # whenever the garbage collector gets to them.
+    fig.clear()
+    return out
+
+
+def image_grid(images: ArrayLike, nrow: int, padding: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """Tile images into one array, ``nrow`` images per row (as ``torchvision.utils.make_grid``).
+
+    With ``N`` images of size ``H x W``, ``cols = min(nrow, N)`` and ``rows = ceil(N / cols)``, the
+    grid has height ``rows * (H + padding) + padding`` and width ``cols * (W + padding) + padding``;
+    image ``i`` has its top-left pixel at ``(padding + (i // cols) * (H + padding),
+    padding + (i % cols) * (W + padding))``. Padding and empty cells hold ``pad_value``.
+    Returns ``[H', W']`` for one channel, ``[H', W', 3]`` for three.
+    """
+    a = _images(images)
+    if nrow < 1:
+        raise ValueError(f"nrow must be at least 1, got {nrow}")
+    if padding < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
+    n, c, h, w = a.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = np.full(
+        (c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, dtype=a.dtype
+    )
+    for i in range(n):
+        top = padding + (i // cols) * (h + padding)
+        left = padding + (i % cols) * (w + padding)
+        grid[:, top : top + h, left : left + w] = a[i]
+    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
+
+
+def _draw_grid(ax: Axes, grid: np.ndarray) -> None:
+    grid = np.clip(grid, 0.0, 1.0)
+    if grid.ndim == 2:
+        ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+
+
+def save_image_grid(
+    images: ArrayLike,
+    path: PathLike,
+    nrow: int = 10,
+    title: str | None = None,
+    row_labels: Sequence[str] | None = None,
+) -> Path:
+    """Save :func:`image_grid` of ``images`` as a PNG, with ``row_labels[r]`` left of row ``r``.
+
+    ``row_labels`` (for instance class names, one per row of a class-conditional sample grid) must
+    have one entry per grid row, ``ceil(N / min(nrow, N))``.
+    """
+    a = _images(images)
+    padding = 1
+    grid = image_grid(a, nrow, padding=padding)
+    n, _, h, _ = a.shape
+    rows = math.ceil(n / min(nrow, n))
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"row_labels has {len(row_labels)} entries but the grid has {rows} rows")
+    inches_per_pixel = 0.5 / 28  # half an inch per MNIST digit keeps 10 x 10 grids readable
+    height, width = grid.shape[:2]
+    fig = _new_figure(max(2.0, width * inches_per_pixel), max(1.0, height * inches_per_pixel))
+    ax = fig.add_subplot()
+    _draw_grid(ax, grid)
+    ax.set_xticks([])
+    if row_labels is not None:
+        ax.set_yticks([padding + r * (h + padding) + (h - 1) / 2 for r in range(rows)])
+        ax.set_yticklabels([str(label) for label in row_labels])
+        ax.tick_params(axis="y", length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    else:
+        ax.axis("off")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def _finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real scalar, otherwise ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def plot_curves(
+    records: Sequence[Mapping[str, Any]],
+    keys: Sequence[str] | str,
+    path: PathLike,
+    xkey: str = "epoch",
+    title: str | None = None,
+) -> Path:
+    """Plot ``records[i][key]`` against ``records[i][xkey]``, one line per key in ``keys``.
+
+    ``records`` are dicts such as the lines of ``metrics.jsonl``. A record without ``key``, or whose
+    value is not a finite number (``None``, ``NaN``, a list), is skipped for that line only; a key
+    found in no record gets no line. A record without ``xkey`` is placed at its position in
+    ``records``. With no values at all the figure says so instead of failing.
+    """
+    if isinstance(keys, str):
+        keys = [keys]
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    drawn = 0
+    for key in keys:
+        xs, ys = [], []
+        for position, record in enumerate(records):
+            y = _finite_number(record.get(key))
+            if y is None:
+                continue
+            x = _finite_number(record.get(xkey, position))
+            xs.append(position if x is None else x)
+            ys.append(y)
+        if ys:
+            ax.plot(xs, ys, marker="o" if len(ys) < 30 else None, markersize=3, label=key)
+            drawn += 1
+    if drawn:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, f"no values for {', '.join(keys)}", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel(xkey)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_confusion(
+    cm: ArrayLike, classes: Sequence[str] | None, path: PathLike, normalize: bool = True
+) -> Path:
+    """Heat map of a confusion matrix (rows: true class, columns: predicted class).
+
+    With ``normalize`` each row is divided by its total, ``cm[i, j] / sum_j cm[i, j]``, and cells
+    show percentages (a row with no examples shows zeros); otherwise cells show the counts.
+    ``classes`` names the rows and columns (indices when ``None``).
+    """
+    counts = _to_numpy(cm)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"cm must be a square matrix, got shape {tuple(counts.shape)}")
+    k = counts.shape[0]
+    names = [str(i) for i in range(k)] if classes is None else [str(c) for c in classes]
+    if len(names) != k:
+        raise ValueError(f"classes has {len(names)} names but cm is {k} x {k}")
+    counts = counts.astype(np.float64)
+    if normalize:
+        totals = counts.sum(axis=1, keepdims=True)
+        values = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+        vmax = 1.0
+    else:
+        values = counts
+        vmax = max(float(values.max()), 1.0)
+    side = max(3.0, 0.5 * k + 1.5)
+    fig = _new_figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("fraction of the true class" if normalize else "examples")
+    long_names = max(map(len, names)) > 3
+    ax.set_xticks(range(k), names, rotation=45 if long_names else 0,
+                  ha="right" if long_names else "center")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fontsize = 8 if k <= 12 else 5
+    for i in range(k):
+        for j in range(k):
+            text = f"{100 * values[i, j]:.0f}%" if normalize else f"{int(counts[i, j])}"
+            colour = "white" if values[i, j] > 0.5 * vmax else "black"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize)
+    ax.set_title("confusion matrix" + (" (row %)" if normalize else " (counts)"))
+    return _save(fig, path)
+
+
+def _pca_2d(z: np.ndarray) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Project ``z`` on its first two principal components; also their explained-variance ratios."""
+    if z.shape[1] == 2:
+        return z, None
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=2)
+    projected = pca.fit_transform(z)
+    ratio = pca.explained_variance_ratio_
+    return projected, (float(ratio[0]), float(ratio[1]))
+
+
+def plot_latent_pca(
+    z: ArrayLike,
+    labels: ArrayLike,
+    path: PathLike | None,
+    classes: Sequence[str] | None = None,
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Path | None:
+    """Scatter the latent codes ``z [N, D]`` on their first two principal components, by label.
+
+    ``D > 2`` is reduced with PCA (scikit-learn), ``D == 2`` is drawn as it is. Points are coloured
+    by ``labels [N]`` (integer classes), with a legend naming each class by ``classes[label]``.
+
+    With ``ax`` the scatter goes on that axes (a caller's figure, for instance in a notebook); the
+    figure is saved to ``path`` only when one is given, and is left open for its owner. Without
+    ``ax`` a new figure is drawn and saved to ``path``, which is then required.
+    """
+    codes = _to_numpy(z).astype(np.float64, copy=False)
+    y = _to_numpy(labels)
+    if codes.ndim != 2 or codes.shape[1] < 2:
+        raise ValueError(f"z must have shape [N, D] with D >= 2, got {tuple(codes.shape)}")
+    if y.ndim != 1 or y.shape[0] != codes.shape[0]:
+        raise ValueError(
+            f"labels must have shape [N] matching z's N = {codes.shape[0]}, got {tuple(y.shape)}"
+        )
+    if ax is None and path is None:
+        raise ValueError("plot_latent_pca needs a path to save to when no ax is given")
+    points, ratio = _pca_2d(codes)
+
+    fig = None
+    if ax is None:
+        fig = _new_figure(5.5, 4.5)
+        ax = fig.add_subplot()
+    values = np.unique(y)
+    cmap = colormaps["tab10" if values.size <= 10 else "tab20"]
+    for index, value in enumerate(values):
+        mask = y == value
+        name = str(value)
+        if classes is not None and 0 <= int(value) < len(classes):
+            name = str(classes[int(value)])
+        ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.7, color=cmap(index % cmap.N),
+                   label=name)
+    ax.legend(markerscale=2, fontsize=7, loc="best")
+    if ratio is None:
+        ax.set_xlabel("z[0]")
+        ax.set_ylabel("z[1]")
+    else:
+        ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% of variance)")
+        ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% of variance)")
+    if title:
+        ax.set_title(title)
+
+    if fig is not None:
+        return _save(fig, path)
+    if path is None:
+        return None
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ax.figure.savefig(out, format="png", bbox_inches="tight")
+    return out
+
+
+def plot_reconstructions(x: ArrayLike, x_rec: ArrayLike, path: PathLike, n: int = 10) -> Path:
+    """Save the first ``n`` images of ``x`` in a top row and their reconstructions beneath.
+
+    ``x_rec`` may be flat (``[N, C*H*W]``, as decoders often return it): it is reshaped to ``x``'s
+    image shape when it holds the same number of values per image.
+    """
+    originals = _images(x, "x")
+    rec = _to_numpy(x_rec).astype(np.float64, copy=False)
+    if rec.shape[0] != originals.shape[0]:
+        raise ValueError(
+            f"x and x_rec must hold the same number of images, "
+            f"got {originals.shape[0]} and {rec.shape[0]}"
+        )
+    if rec.shape[1:] != originals.shape[1:]:
+        if rec[0].size != originals[0].size:
+            raise ValueError(
+                f"x_rec has shape {tuple(rec.shape)}, which does not fit x's images "
+                f"{tuple(originals.shape[1:])}"
+            )
+        rec = rec.reshape(originals.shape)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    n = min(n, originals.shape[0])
+    both = np.concatenate([originals[:n], rec[:n]])
+    return save_image_grid(both, path, nrow=n, row_labels=["original", "reconstruction"])

@@ -1,0 +1,201 @@
+"""The run directory: what a training run leaves behind, and how to load it again.
+
+::
+
+    <run>/config.toml      the fully resolved config (re-runs the same experiment)
+    <run>/metrics.jsonl    one JSON line per epoch
+    <run>/summary.json     test metrics of the best (by validation) and of the last epoch
+    <run>/checkpoint.pt    last epoch: parameters, optimiser, RNG states, counters (resume)
+    <run>/best.pt          parameters of the best epoch
+    <run>/figures/         PNG figures
+
+Checkpoints hold plain tensors and containers only; they are written to a temporary file, flushed
+and renamed (a crash never leaves a half-written one) and read with ``weights_only=True`` (loading
+one never runs code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyrossl.config import Config, dumps, load_config
+from pyrossl.errors import CheckpointError, PyrosslError
+
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+FIGURES = "figures"
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    If anything fails (a full disk, a kill), ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``."""
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A checkpoint's dict, loaded with ``weights_only=True``: a file that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise CheckpointError(f"{path} is not a safe pyrossl checkpoint (refused to unpickle: {first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir: Path, records: list[dict]) -> None:
+    atomic_write_text(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    atomic_write_text(Path(run_dir) / CONFIG, dumps(config))
+
+
+def read_config(run_dir: Path) -> Config:
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG})")
+    return load_config(run_dir / CONFIG)
+
+
+def is_run(run_dir: Path) -> bool:
+    return (Path(run_dir) / CONFIG).is_file()
+
+
+@dataclass
+class Run:
+    """A finished (or stopped) run, restored for inspection: its config, data split and model.
+
+    The model holds the parameters of the best epoch (``which="best"``) or of the last one.
+    """
+
+    path: Path
+    config: Config
+    model: torch.nn.Module
+    dataset: object
+    split: object
+    metrics: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of one part of the split: labelled, unlabelled, validation or test."""
+        index = getattr(self.split, part)
+        device = next(self.model.parameters()).device
+        return self.dataset.x[index].to(device), self.dataset.y[index].to(device)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.predict(x)
+
+    @torch.no_grad()
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.latent(x)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.reconstruct(x)
+
+    @torch.no_grad()
+    def sample(self, n: int, y=None) -> torch.Tensor:
+        return self.model.sample(n, y)
+
+
+def load_run(path: str | Path, which: str = "best", device: str = "cpu") -> Run:
+    """Restore a run directory: config, data and split (re-made from the seed), model with parameters.
+
+    ``which`` is ``"best"`` (the epoch with the best validation score) or ``"last"``.
+    """
+    from pyrossl.registry import build_model
+
+    if which not in ("best", "last"):
+        raise PyrosslError(f"which must be 'best' or 'last', not {which!r}")
+    path = Path(path)
+    config = read_config(path)
+    dataset = load_dataset_for(config)
+    split = split_for(config, dataset)
+    model = build_model(config, dataset.meta())
+    state_file = path / (BEST if which == "best" else CHECKPOINT)
+    if which == "best" and not state_file.exists():
+        state_file = path / CHECKPOINT
+    state = load_checkpoint(state_file)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).exists() else {}
+    return Run(path, config, model, dataset, split, read_metrics(path), summary)
+
+
+def load_dataset_for(config: Config):
+    """The dataset a config names, with its data options."""
+    from pyrossl.data import load_dataset
+
+    options = {"path": config.data.path} if config.data.path else {}
+    return load_dataset(config.data.name, data_dir=config.data.data_dir, **options)
+
+
+def split_for(config: Config, dataset):
+    """The split a config asks for; the same on every call with the same seed."""
+    from pyrossl.data import make_split
+
+    d = config.data
+    as_count = lambda v: int(v) if v >= 1 else float(v)  # noqa: E731 (counts and fractions share a field)
+    return make_split(
+        dataset,
+        labels_per_class=d.labels_per_class,
+        label_fraction=d.label_fraction,
+        validation=as_count(d.validation),
+        test=as_count(d.test),
+        seed=config.seed,
+        limit_per_class=d.limit_per_class,
+    )

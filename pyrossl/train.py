@@ -1,0 +1,368 @@
+"""The one training loop of the zoo.
+
+Every entry is an ``nn.Module`` whose ``forward`` is its loss (see :mod:`pyrossl.zoo`); this loop
+optimises it with ``torch.optim``, one step per batch of index tensors over in-memory data:
+
+    for each epoch:  entry.start_epoch  ->  SVI steps (unlabelled batch [+ labelled batch])
+                     ->  entry.end_epoch (non-SVI stages)  ->  evaluation on validation and test
+                     ->  metrics.jsonl line, best.pt when validation improves, checkpoint.pt
+
+A checkpoint holds every RNG state the loop draws from, taken at the end of an epoch, so a run
+resumed from it ends with the same numbers as an uninterrupted run with the same seed (on CPU).
+The summary reports the test metrics of the epoch with the best validation score (as Pyro's
+SS-VAE example does) and of the last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pyrossl import runs
+from pyrossl.config import Config, dumps
+from pyrossl.data import batch_indices, binarize
+from pyrossl.errors import CheckpointError, ConfigError, TrainingError
+from pyrossl.registry import build_model, resolve
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}' (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for, but CUDA is not available here (use --device auto or cpu)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    pyro.set_rng_seed(seed)  # torch, numpy and random
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every RNG state training draws from, as plain tensors and containers (``weights_only`` loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "data": generator.get_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainingData:
+    """The dataset on the training device, and the split's index tensors."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    split: object
+    binarize: bool
+
+    def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        index = getattr(self.split, name).to(self.x.device)
+        return self.x[index], self.y[index]
+
+
+def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
+    t = config.train
+    choices = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    if t.optimizer not in choices:
+        raise ConfigError(f"unknown optimizer '{t.optimizer}' (valid: {', '.join(choices)})")
+    return choices[t.optimizer](params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def check_train_config(config: Config) -> None:
+    t = config.train
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs must be at least 1, not {t.epochs}")
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, not {getattr(t, key)}")
+    if t.labelled_batch_size is not None and t.labelled_batch_size < 1:
+        raise ConfigError(f"train.labelled_batch_size must be at least 1, not {t.labelled_batch_size}")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr must be positive, not {t.lr}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', not '{t.on_nonfinite}'")
+
+
+class Trainer:
+    """Trains one config into one run directory (``resume=True`` continues from its checkpoint)."""
+
+    def __init__(self, config: Config, out: str | Path, resume: bool = False):
+        self.config = resolve(config)
+        check_train_config(self.config)
+        self.out = Path(out)
+        self.resume = resume
+        if resume:
+            self._check_resumable()
+        elif (self.out / runs.CHECKPOINT).exists():
+            raise CheckpointError(f"{self.out} already holds a run: resume it with --resume {self.out}, or choose another --out")
+
+    def _check_resumable(self) -> None:
+        if not runs.is_run(self.out):
+            raise CheckpointError(f"cannot resume: {self.out} is not a run directory (no {runs.CONFIG})")
+        saved = runs.read_config(self.out)
+        if dumps(saved) != dumps(self.config):
+            saved_d, new_d = _flat(saved.to_dict()), _flat(self.config.to_dict())
+            diff = [k for k in sorted(set(saved_d) | set(new_d)) if saved_d.get(k) != new_d.get(k)]
+            raise CheckpointError(f"cannot resume {self.out}: its config differs in {', '.join(diff)}")
+
+    # ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        self.device = resolve_device(c.device)
+        seed_everything(c.seed)
+        self.dataset = runs.load_dataset_for(c)
+        self.split = runs.split_for(c, self.dataset)
+        if self.split.unlabelled.numel() + self.split.labelled.numel() == 0:
+            raise ConfigError("the split leaves no training examples")
+        self.data = TrainingData(self.dataset.x.to(self.device), self.dataset.y.to(self.device), self.split, c.data.binarize)
+        self.model = build_model(c, self.dataset.meta()).to(self.device)
+        self.optimizer = make_optimizer(c, self.model.parameters())
+        self.generator = torch.Generator().manual_seed(c.seed)
+        self.epoch = 0
+        self.step = 0
+        self.seconds = 0.0
+        self.skipped = 0
+        self.best_epoch = 0
+        self.best_score = -math.inf
+        if self.resume and (self.out / runs.CHECKPOINT).exists():
+            self._restore()
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            runs.write_config(self.out, c)
+            runs.write_metrics(self.out, [])
+
+    def _restore(self) -> None:
+        state = runs.load_checkpoint(self.out / runs.CHECKPOINT, map_location=self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"], self.generator)
+            counters = state["counters"]
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{self.out / runs.CHECKPOINT} does not match this model ({str(exc).splitlines()[0]})") from None
+        self.epoch, self.step, self.skipped = int(counters["epoch"]), int(counters["step"]), int(counters["skipped"])
+        self.seconds = float(counters["seconds"])
+        self.best_epoch, self.best_score = int(counters["best_epoch"]), float(counters["best_score"])
+        # epochs after the checkpoint never happened, as far as the resumed run is concerned
+        runs.write_metrics(self.out, [r for r in runs.read_metrics(self.out) if r["epoch"] <= self.epoch])
+
+    def _checkpoint(self) -> None:
+        counters = {
+            "epoch": self.epoch, "step": self.step, "skipped": self.skipped, "seconds": self.seconds,
+            "best_epoch": self.best_epoch, "best_score": self.best_score,
+        }
+        runs.atomic_save(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+             "rng": rng_state(self.generator), "counters": counters},
+            self.out / runs.CHECKPOINT,
+        )
+
+    # ------------------------------------------------------------------------------------
+    def _batches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """(unlabelled, labelled) index pairs of one epoch, drawn from the data generator."""
+        t, split, g = self.config.train, self.split, self.generator
+        if not self.model.uses_labels:
+            train = torch.cat([split.unlabelled, split.labelled]).sort().values
+            return [(b, None) for b in batch_indices(train, t.batch_size, g)]
+        unlabelled = batch_indices(split.unlabelled, t.batch_size, g)
+        lab_bs = t.labelled_batch_size or t.batch_size
+        labelled = batch_indices(split.labelled, lab_bs, g)
+        if not unlabelled:
+            return [(None, b) for b in labelled]
+        if not labelled:
+            return [(b, None) for b in unlabelled]
+        while len(labelled) < len(unlabelled):  # cycle the (small) labelled set, reshuffled each pass
+            labelled += batch_indices(split.labelled, lab_bs, g)
+        return list(zip(unlabelled, labelled[: len(unlabelled)]))
+
+    def _inputs(self, index: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if index is None:
+            return None, None
+        index = index.to(self.device)
+        x = self.data.x[index]
+        if self.data.binarize:
+            x = binarize(x)
+        return x, self.data.y[index]
+
+    def _step(self, unlab, lab) -> float | None:
+        x, _ = self._inputs(unlab)
+        x_lab, y_lab = self._inputs(lab)
+        loss = self.model(x, x_lab, y_lab)
+        self.step += 1
+        if not torch.isfinite(loss):
+            return self._nonfinite("loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config.train.clip_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._nonfinite("gradient")
+        self.optimizer.step()
+        return loss.item()
+
+    def _nonfinite(self, what: str) -> None:
+        if self.config.train.on_nonfinite == "skip":
+            self.skipped += 1
+            return None
+        last = f"{self.out / runs.CHECKPOINT} (epoch {self.epoch})" if self.epoch else "none (it failed in the first epoch)"
+        raise TrainingError(
+            f"non-finite {what} at epoch {self.epoch + 1}, step {self.step}; last good checkpoint: {last}; "
+            f"lower train.lr, set train.clip_norm, or set train.on_nonfinite=skip"
+        )
+
+    def _evaluate(self, parts=("validation", "test")) -> dict:
+        self.model.eval()
+        metrics = {}
+        prefix = {"validation": "val_", "test": "test_"}
+        for part in parts:
+            x, y = self.data.part(part)
+            if x.shape[0]:
+                metrics.update({prefix[part] + k: v for k, v in self.model.evaluate(x, y, self.config.train.eval_batch_size).items()})
+        return metrics
+
+    # ------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train for the remaining epochs, then write the summary and figures; returns the summary."""
+        self.setup()
+        c = self.config
+        select = "val_" + self.model.selection_metric
+        bar = tqdm(range(self.epoch + 1, c.train.epochs + 1), desc=f"{c.model}/{self.model.guide_name}",
+                   disable=not c.train.progress, initial=self.epoch, total=c.train.epochs, unit="epoch")
+        for epoch in bar:
+            start = time.perf_counter()
+            self.model.train()
+            logs = dict(self.model.start_epoch(epoch))
+            losses = [self._step(u, l) for u, l in self._batches()]
+            losses = [v for v in losses if v is not None]
+            self.epoch = epoch
+            logs.update(self.model.end_epoch(epoch, lambda: self._training_tensors()))
+            train_seconds = time.perf_counter() - start
+            metrics = self._evaluate()
+            self.seconds += time.perf_counter() - start
+            record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
+                      "train_seconds": train_seconds, **logs, **metrics}
+            if self.skipped:
+                record["skipped_steps"] = self.skipped
+            score = metrics.get(select, -math.inf if self.split.validation.numel() else 0.0)
+            if score > self.best_score or (not self.split.validation.numel()):
+                self.best_epoch, self.best_score = epoch, score
+                runs.atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.out / runs.BEST)
+            runs.append_metrics(self.out, record)
+            self._checkpoint()
+            bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
+        bar.close()
+        return self.finish()
+
+    def _training_tensors(self) -> dict:
+        train = torch.cat([self.split.unlabelled, self.split.labelled]).to(self.device)
+        return {"x": self.data.x[train], "y": self.data.y[train], "labelled": self.split.labelled.to(self.device)}
+
+    def finish(self) -> dict:
+        """Evaluate the best and the last epoch on the test set; write summary.json and the figures."""
+        c = self.config
+        records = runs.read_metrics(self.out)
+        last_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        result = {"last": self._final_metrics()}
+        best = runs.load_checkpoint(self.out / runs.BEST, map_location=self.device)
+        self.model.load_state_dict(best["model"])
+        result["best"] = self._final_metrics()
+        summary = {
+            "model": c.model, "guide": c.guide, "dataset": c.data.name, "seed": c.seed,
+            "epochs": self.epoch, "best_epoch": self.best_epoch, "selection_metric": "val_" + self.model.selection_metric,
+            "seconds": round(self.seconds, 3), "steps": self.step, "device": str(self.device),
+            "split": self.split.sizes(),
+            **result["best"],
+            "best": result["best"],
+            "last": result["last"],
+        }
+        if self.skipped:
+            summary["skipped_steps"] = self.skipped
+        runs.atomic_write_text(self.out / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
+        self.figures(records)
+        self.model.load_state_dict(last_state)
+        return summary
+
+    def _final_metrics(self) -> dict:
+        metrics = self._evaluate()
+        k = self.config.train.iwae_samples
+        if k:
+            x, _ = self.data.part("test")
+            try:
+                ll = self.model.log_likelihood(x, k)
+            except NotImplementedError:
+                pass
+            else:
+                metrics["test_log_likelihood"] = ll.mean().item()
+                metrics["iwae_samples"] = k
+        return metrics
+
+    def figures(self, records: list[dict]) -> list[Path]:
+        """Learning curves, the latent space, and the model's own figures (best epoch's parameters)."""
+        from pyrossl import plots
+
+        folder = self.out / runs.FIGURES
+        paths = []
+        keys = [k for k in records[0] if k.startswith(("val_", "test_")) and isinstance(records[0][k], (int, float))] if records else []
+        if records:
+            paths.append(plots.plot_curves(records, ["loss"], folder / "loss.png", title="training loss"))
+            paths.append(plots.plot_curves(records, keys, folder / "metrics.png", title="held-out metrics"))
+        x, y = self.data.part("test") if self.split.test.numel() else self.data.part("validation")
+        x, y = x[:2000], y[:2000]
+        self.model.eval()
+        try:
+            z = self.model.latent(x)
+        except NotImplementedError:
+            z = None
+        if z is not None and not self.dataset.multilabel:
+            paths.append(plots.plot_latent_pca(z.cpu(), y.cpu(), folder / "latent_pca.png", classes=self.dataset.classes,
+                                               title=f"posterior means of q(z|x), {self.dataset.name}"))
+        paths += self.model.figures(folder, x, y)
+        return paths
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def train(config: Config, out: str | Path, resume: bool = False) -> dict:
+    """Train ``config`` into the run directory ``out``; returns the summary (also in ``summary.json``)."""
+    return Trainer(config, out, resume=resume).fit()

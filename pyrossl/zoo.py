@@ -1,0 +1,107 @@
+"""What every zoo entry is: a Pyro model, a guide, and the loss that trains them, in one ``nn.Module``.
+
+The trainer sees only this interface. ``forward`` *is* the training loss (the design's "one loss
+module"): ``torch.optim`` optimises ``entry.parameters()``, ``entry.state_dict()`` is the checkpoint,
+and ``DistributedDataParallel`` can wrap the entry unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pyrossl.config import build_dataclass
+
+
+class ZooModel(nn.Module):
+    """Base class of the zoo's entries.
+
+    Subclasses set the class attributes and implement :meth:`forward` and :meth:`evaluate`;
+    everything else has a sensible default. ``meta`` is :meth:`pyrossl.data.Dataset.meta`: all a model
+    may know about the data (image shape, number of classes, names).
+    """
+
+    #: name in the registry and in recipes
+    name: ClassVar[str]
+    #: dataclass of the model's and guides' settings (the recipe's ``[options]``)
+    Options: ClassVar[type]
+    #: guide name -> one-line description; the registry checks ``guide =`` against it
+    guides: ClassVar[dict[str, str]]
+    default_guide: ClassVar[str]
+    #: whether the trainer feeds labelled batches (``x_lab``, ``y_lab``) to :meth:`forward`
+    uses_labels: ClassVar[bool] = False
+    #: the validation metric (higher is better) that picks the best epoch
+    selection_metric: ClassVar[str] = "elbo"
+    #: one line for `pyrossl list`
+    description: ClassVar[str] = ""
+
+    def __init__(self, meta: dict, options: Any, guide: str):
+        super().__init__()
+        self.meta = dict(meta)
+        self.options = options
+        self.guide_name = guide
+
+    @classmethod
+    def make_options(cls, values: dict) -> Any:
+        """The model's Options from a recipe's ``[options]`` table (unknown keys are errors)."""
+        return build_dataclass(cls.Options, values, where="options.")
+
+    @classmethod
+    def options_dict(cls, options: Any) -> dict:
+        return dataclasses.asdict(options)
+
+    # --- training -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, x_lab: torch.Tensor | None = None, y_lab: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss to minimise for one step, per example (a scalar)."""
+        raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> dict:
+        """Called before each epoch (1-based): update schedules; returns values to log (e.g. temperature)."""
+        return {}
+
+    def end_epoch(self, epoch: int, encode_data: Callable[[], dict]) -> dict:
+        """Called after each epoch's steps: a non-SVI stage (a mixture fit, say) may run here.
+
+        ``encode_data()`` gives the training tensors on demand. Returns values to log.
+        """
+        return {}
+
+    # --- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:
+        """Metrics on a held-out set (names without a prefix; the trainer adds ``val_``/``test_``)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def log_likelihood(self, x: torch.Tensor, num_samples: int, batch_size: int = 100) -> torch.Tensor:
+        """Per-example importance-weighted estimate of log p(x) (nats); models without one raise."""
+        raise NotImplementedError(f"{self.name} has no likelihood estimate")
+
+    # --- inspection -----------------------------------------------------------------------
+    @torch.no_grad()
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior mean of the continuous latent code."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded posterior mean, as pixel probabilities with x's shape."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` images from the generative model (of classes ``y`` where the model is conditional)."""
+        raise NotImplementedError
+
+    def figures(self, folder, x: torch.Tensor, y: torch.Tensor) -> list:
+        """The model's own figures of a trained run, written into ``folder``; returns their paths."""
+        return []
+
+
+def batched(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_size: int) -> list:
+    """``fn`` applied to consecutive slices of ``x`` of at most ``batch_size`` rows."""
+    return [fn(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]

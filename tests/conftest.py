@@ -1,0 +1,31 @@
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _validation_and_threads():
+    pyro.enable_validation(True)
+    pyro.clear_param_store()
+    yield
+    pyro.enable_validation(False)
+
+
+def tiny_config(**overrides):
+    """A VAE on sklearn's digits that trains in about a second."""
+    from pyrossl.config import config_from_dict
+
+    raw = {
+        "model": "vae",
+        "seed": 0,
+        "data": {"name": "digits", "labels_per_class": 0, "validation": 0.1, "test": 0.2},
+        "train": {"epochs": 3, "batch_size": 128, "lr": 3e-3, "progress": False},
+        "options": {"z_dim": 4, "hidden": [32]},
+    }
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (raw.setdefault(section, {}) if section else raw)[name] = value
+    return config_from_dict(raw)
+
+
+torch.set_num_threads(1)

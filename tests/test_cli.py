@@ -1,0 +1,105 @@
+"""The CLI: success paths, and one line with exit code 2 for every bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pyrossl.cli import main
+
+RECIPE = """
+model = "vae"
+[data]
+name = "digits"
+labels_per_class = 0
+[train]
+epochs = 1
+batch_size = 256
+progress = false
+[options]
+z_dim = 2
+hidden = [16]
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(RECIPE)
+    return path
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_eval_and_resume(tmp_path, recipe, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(["train", recipe, "--out", out_dir, "--set", "train.epochs=2", "--seed", "1"], capsys)
+    assert code == 0, err
+    assert "| test_elbo |" in out and f"run directory: {out_dir}" in out
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["seed"] == 1 and summary["epochs"] == 2
+    code, out, err = run_cli(["eval", out_dir, "--iwae", "3"], capsys)
+    assert code == 0, err
+    assert {"test_elbo", "test_log_likelihood"} <= set(json.loads(out))
+    code, out, err = run_cli(["train", "--resume", out_dir], capsys)  # already finished: re-summarises
+    assert code == 0, err
+
+
+def test_list_names_models_guides_and_datasets(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    for word in ("vae", "diag-normal*", "digits", "mnist5k", "fashion-mnist", "npz"):
+        assert word in out
+
+
+def test_data_info(capsys):
+    code, out, _ = run_cli(["data", "info", "digits"], capsys)
+    assert code == 0 and "1797 images of shape (1, 8, 8)" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "{recipe}", "--set", "train.epoch=3"], "did you mean 'train.epochs'"),
+        (["train", "{recipe}", "--set", "model=vea"], "unknown model 'vea' (did you mean 'vae'?)"),
+        (["train", "{recipe}", "--set", "guide=diag-norm"], "guide 'diag-norm' does not fit model 'vae'"),
+        (["train", "{recipe}", "--set", "data.name=fashion-mnst"], "did you mean 'fashion-mnist'"),
+        (["train", "{recipe}", "--set", "options.z_dimm=3"], "did you mean 'options.z_dim'"),
+        (["train", "{recipe}", "--set", "train.batch_size=0"], "batch_size must be at least 1"),
+        (["train", "{bad_toml}"], "line 2"),
+        (["train", "{tmp}/missing.toml"], "does not exist"),
+        (["train", "{recipe}", "--set", "data.name=mnist", "--set", "data.data_dir={tmp}/nothing"], "nothing"),
+        (["train", "--resume", "{tmp}"], "not a run directory"),
+        (["train"], "needs a recipe"),
+        (["eval", "{tmp}"], "not a run directory"),
+        (["frobnicate"], "invalid choice"),
+        (["data", "download", "cifar"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message, recipe, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "vae"\n[train\n')
+    args = [a.format(recipe=recipe, bad_toml=bad, tmp=tmp_path) for a in args]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("pyrossl: error: "), err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, recipe, capsys, monkeypatch):
+    monkeypatch.setenv("PYROSSL_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("PYROSSL_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_cli(["train", recipe, "--set", "data.name=mnist", "--out", tmp_path / "r"], capsys)
+    assert code == 2
+    assert "pyrossl data download mnist" in err and str(tmp_path / "cache") in err
+
+
+def test_module_entry_point_exit_code():
+    result = subprocess.run([sys.executable, "-m", "pyrossl", "train", "--set"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
