@@ -6,10 +6,12 @@ import difflib
 
 from pyrossl.config import Config, unknown_key
 from pyrossl.errors import ConfigError
+from pyrossl.models.classifier import Classifier
+from pyrossl.models.m2 import M2
 from pyrossl.models.vae import VAE
 from pyrossl.zoo import ZooModel
 
-MODELS: dict[str, type[ZooModel]] = {cls.name: cls for cls in (VAE,)}
+MODELS: dict[str, type[ZooModel]] = {cls.name: cls for cls in (VAE, M2, Classifier)}
 
 
 def model_class(name: str) -> type[ZooModel]:

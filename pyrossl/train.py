@@ -196,10 +196,12 @@ class Trainer:
         if not self.model.uses_labels:
             train = torch.cat([split.unlabelled, split.labelled]).sort().values
             return [(b, None) for b in batch_indices(train, t.batch_size, g)]
-        unlabelled = batch_indices(split.unlabelled, t.batch_size, g)
+        unlabelled = batch_indices(split.unlabelled, t.batch_size, g) if self.model.uses_unlabelled else []
         lab_bs = t.labelled_batch_size or t.batch_size
         labelled = batch_indices(split.labelled, lab_bs, g)
         if not unlabelled:
+            if not labelled:
+                raise ConfigError(f"model '{self.config.model}' needs labelled examples: set data.labels_per_class or data.label_fraction")
             return [(None, b) for b in labelled]
         if not labelled:
             return [(b, None) for b in unlabelled]

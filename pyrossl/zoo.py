@@ -34,6 +34,8 @@ class ZooModel(nn.Module):
     default_guide: ClassVar[str]
     #: whether the trainer feeds labelled batches (``x_lab``, ``y_lab``) to :meth:`forward`
     uses_labels: ClassVar[bool] = False
+    #: whether it trains on unlabelled batches too (False: labelled batches only)
+    uses_unlabelled: ClassVar[bool] = True
     #: the validation metric (higher is better) that picks the best epoch
     selection_metric: ClassVar[str] = "elbo"
     #: one line for `pyrossl list`

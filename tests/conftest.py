@@ -25,6 +25,8 @@ def tiny_config(**overrides):
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
         (raw.setdefault(section, {}) if section else raw)[name] = value
+    if raw["model"] != "vae" and "options" not in overrides:
+        raw["options"] = {}
     return config_from_dict(raw)
 
 

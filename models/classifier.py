@@ -1,0 +1,76 @@
+"""The supervised-only baseline: q(y|x)'s network trained on the labelled examples alone.
+
+As a Pyro model it is y ~ Cat(softmax(f(x))) observed, with an empty guide: the ELBO is the
+log-likelihood sum_n log p(y_n | x_n), i.e. minus the cross-entropy. Every semi-supervised number of
+the zoo is read against it: same network (:func:`pyrossl.guides.label.make_classifier`), same labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import Trace_ELBO
+from torch import nn
+
+from pyrossl.evaluate import classification_metrics
+from pyrossl.guides.label import make_classifier
+from pyrossl.zoo import ZooModel
+
+
+@dataclass
+class ClassifierOptions:
+    hidden: list[int] = field(default_factory=lambda: [500])
+    act: str = "softplus"
+    net: str = "mlp"
+
+
+class ClassifierModel(nn.Module):
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        logits = self.network(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+
+
+class NoLatentGuide(nn.Module):
+    """A model with no latent variable needs a guide that samples nothing."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        pass
+
+
+class Classifier(ZooModel):
+    name = "classifier"
+    description = "supervised-only baseline: the network of q(y|x) trained on the labelled examples"
+    Options = ClassifierOptions
+    guides = {"none": "no latent variables"}
+    default_guide = "none"
+    uses_labels = True
+    uses_unlabelled = False
+    selection_metric = "accuracy"
+
+    def __init__(self, meta: dict, options: ClassifierOptions, guide: str = "none"):
+        super().__init__(meta, options, guide)
+        network = make_classifier(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.net)
+        self.loss = Trace_ELBO()(ClassifierModel(network), NoLatentGuide())
+
+    def forward(self, x, x_lab=None, y_lab=None):
+        return self.loss(x_lab, y_lab) / x_lab.shape[0]
+
+    @torch.no_grad()
+    def class_logits(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        return torch.cat([self.loss.model.network(xb) for xb in torch.split(x, batch_size)])
+
+    @torch.no_grad()
+    def predict(self, x):
+        return self.class_logits(x).argmax(-1)
+
+    @torch.no_grad()
+    def evaluate(self, x, y, batch_size=1000):
+        return classification_metrics(self.class_logits(x, batch_size).argmax(-1).cpu(), y.cpu(), self.meta["num_classes"])

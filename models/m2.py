@@ -1,0 +1,218 @@
+"""M2, the semi-supervised VAE of Kingma, Rezende, Mohamed & Welling (2014).
+
+Generative model, for each image x:
+
+    y ~ Cat(1/K),   z ~ N(0, I),   x ~ Bernoulli(sigmoid(f_theta(y, z)))
+
+with the guide q(y|x) q(z|x, y); q(y|x) is the classifier. The objective (their eq. 9) sums
+
+- for a labelled pair (x, y):   -L(x, y) = -E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z) - log q(z|x,y)]
+- for an unlabelled x:          -U(x) = -E_q(y|x)[-L(x, y)] - H(q(y|x))
+- the auxiliary classification loss on labelled pairs:  -alpha * log q(y|x)
+
+each averaged over its batch. How y is drawn in U(x) is the guide's business
+(:mod:`pyrossl.guides.label`): summed out exactly (``enum``), relaxed (``gumbel``, ``st-gumbel``,
+``logistic-normal``) or sampled (``sample``); a labelled y is always scored exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import TraceMeanField_ELBO
+from torch import nn
+
+from pyrossl import plots
+from pyrossl.evaluate import classification_metrics, confusion_matrix, iwae_log_likelihood
+from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide, LabelGuide
+from pyrossl.infer.iwae import importance_log_weights
+from pyrossl.models.vae import pixel_likelihood
+from pyrossl.nn import MLP, ConvDecoder, activation
+from pyrossl.zoo import ZooModel
+
+
+@dataclass
+class M2Options:
+    z_dim: int = 50
+    hidden: list[int] = field(default_factory=lambda: [500])
+    act: str = "softplus"
+    net: str = "mlp"  # mlp | conv (28x28 images and the like)
+    aux_weight: float = 50.0  # alpha of the auxiliary loss -alpha * log q(y|x) on labelled data; 0 turns it off
+    temperature_start: float = 1.0  # gumbel, st-gumbel: t_e = max(end, start * exp(-anneal * (e - 1)))
+    temperature_end: float = 0.5
+    temperature_anneal: float = 0.05
+    sigma: float = 1.0  # logistic-normal noise scale
+    sharpness: float = 1.0  # logistic-normal
+
+
+class LabelledDecoder(nn.Module):
+    """(y, z) -> pixel logits; the first layer is W_z z + W_y y (the concatenation, without copying)."""
+
+    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp"):
+        super().__init__()
+        self.from_z = nn.Linear(z_dim, hidden[-1])
+        self.from_y = nn.Linear(num_classes, hidden[-1], bias=False)
+        self.act = activation(act)
+        if net == "conv":
+            self.net = ConvDecoder(hidden[-1], image_shape, hidden=hidden[-1], act=act)
+        else:
+            self.net = MLP([*reversed(hidden), int(torch.tensor(image_shape).prod())], act)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        out = self.net(self.act(self.from_z(z) + self.from_y(y)))
+        return out.reshape(*out.shape[: z.dim() - 1], -1)
+
+
+class M2Model(nn.Module):
+    """p(y) p(z) p(x|y, z). ``y`` is a one-hot (or relaxed one-hot) vector; ``x=None`` samples."""
+
+    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp"):
+        super().__init__()
+        self.register_buffer("prior_logits", torch.zeros(num_classes), persistent=False)
+        self.register_buffer("z_loc", torch.zeros(z_dim), persistent=False)
+        self.decoder = LabelledDecoder(image_shape, num_classes, z_dim, hidden, act, net)
+
+    def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, num: int | None = None):
+        n = x.shape[0] if x is not None else (y.shape[0] if y is not None else num)
+        with pyro.plate("data", n):
+            # relaxed guides put simplex points at this site: they are scored by the categorical KL
+            # (pyrossl.infer.relaxed), so the one-hot support is not checked here
+            prior = dist.OneHotCategorical(logits=self.prior_logits.expand(n, -1), validate_args=False)
+            y = pyro.sample("y", prior, obs=y)
+            loc = self.z_loc.expand(n, -1)
+            z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+            logits = self.decoder(y, z)
+            return pyro.sample("x", pixel_likelihood(logits), obs=None if x is None else x.flatten(1))
+
+
+class M2(ZooModel):
+    name = "m2"
+    description = "M2 semi-supervised VAE (Kingma et al. 2014) with swappable label guides"
+    Options = M2Options
+    guides = {
+        "enum": "q(y|x) enumerated in parallel: the exact sum over classes (TraceEnum_ELBO)",
+        "gumbel": "Gumbel-softmax relaxed y, annealed temperature, categorical KL",
+        "st-gumbel": "straight-through Gumbel-softmax: hard one-hot forward, relaxed gradient",
+        "logistic-normal": "y = softmax(sharpness * (logits + sigma * eps))",
+        "sample": "discrete sample with score-function gradient (ablation baseline)",
+    }
+    default_guide = "enum"
+    uses_labels = True
+    selection_metric = "accuracy"
+
+    def __init__(self, meta: dict, options: M2Options, guide: str = "enum"):
+        super().__init__(meta, options, guide)
+        o = options
+        shape, k = meta["image_shape"], meta["num_classes"]
+        extra = {}
+        if guide in ("gumbel", "st-gumbel"):
+            extra = {"temperature": o.temperature_start}
+        elif guide == "logistic-normal":
+            extra = {"sigma": o.sigma, "sharpness": o.sharpness}
+        guide_cls = LABEL_GUIDES[guide]
+        self.model = M2Model(shape, k, o.z_dim, o.hidden, o.act, o.net)
+        self.guide = guide_cls(shape, k, o.z_dim, o.hidden, o.act, o.net, **extra)
+        # U(x) is estimated as the guide says; L(x, y) has no label to draw, and with z Gaussian in
+        # both model and guide its KL is analytic, whatever the guide
+        self.unlabelled_elbo = guide_cls.make_elbo()
+        self.labelled_elbo = TraceMeanField_ELBO()
+
+    def one_hot(self, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(y, self.meta["num_classes"]).to(torch.get_default_dtype())
+
+    def forward(self, x, x_lab=None, y_lab=None):
+        terms = []
+        if x is not None:
+            terms.append(self.unlabelled_elbo.differentiable_loss(self.model, self.guide, x) / x.shape[0])
+        if x_lab is not None:
+            y = self.one_hot(y_lab)
+            terms.append(self.labelled_elbo.differentiable_loss(self.model, self.guide, x_lab, y) / x_lab.shape[0])
+            if self.options.aux_weight:
+                logits = self.guide.classifier(x_lab)
+                terms.append(self.options.aux_weight * nn.functional.cross_entropy(logits, y_lab))
+        return sum(terms)
+
+    def temperature(self, epoch: int) -> float:
+        o = self.options
+        return max(o.temperature_end, o.temperature_start * math.exp(-o.temperature_anneal * (epoch - 1)))
+
+    def start_epoch(self, epoch):
+        if isinstance(self.guide, GumbelSoftmaxGuide):
+            self.guide.temperature = self.temperature(epoch)
+            return {"temperature": self.guide.temperature}
+        return {}
+
+    # --- classifier ---------------------------------------------------------------------
+    @torch.no_grad()
+    def class_logits(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        return torch.cat([self.guide.classifier(xb) for xb in torch.split(x, batch_size)])
+
+    @torch.no_grad()
+    def predict(self, x):
+        return self.class_logits(x).argmax(-1)
+
+    @torch.no_grad()
+    def predict_proba(self, x):
+        return self.class_logits(x).softmax(-1)
+
+    @torch.no_grad()
+    def evaluate(self, x, y, batch_size=1000):
+        return classification_metrics(self.class_logits(x, batch_size).argmax(-1).cpu(), y.cpu(), self.meta["num_classes"])
+
+    # --- generative side ----------------------------------------------------------------
+    @torch.no_grad()
+    def log_likelihood(self, x, num_samples, batch_size=100):
+        """log p(x) = log sum_y p(y) p(x|y): the sum over classes is exact, each p(x|y) an IWAE bound over z."""
+        out = []
+        for xb in torch.split(x, batch_size):
+            per_class = []
+            for c in range(self.meta["num_classes"]):
+                y = self.one_hot(torch.full((xb.shape[0],), c, device=xb.device))
+                log_w = importance_log_weights(self.model, self.guide, xb, y, num_samples=num_samples)
+                per_class.append(iwae_log_likelihood(log_w))
+            out.append(torch.stack(per_class).logsumexp(0))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def latent(self, x):
+        """The mean of q(z|x, y) at the predicted class."""
+        return self.guide.z_encoder(x, self.one_hot(self.predict(x)))[0]
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        y = self.one_hot(self.predict(x))
+        z = self.guide.z_encoder(x, y)[0]
+        return torch.sigmoid(self.model.decoder(y, z)).reshape(x.shape)
+
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        device = self.model.z_loc.device
+        if y is None:
+            y = torch.randint(self.meta["num_classes"], (n,), device=device)
+        z = torch.randn(n, self.options.z_dim, device=device)
+        return torch.sigmoid(self.model.decoder(self.one_hot(y.to(device)), z)).reshape(n, *self.meta["image_shape"])
+
+    @torch.no_grad()
+    def class_conditional_samples(self, columns: int = 10) -> torch.Tensor:
+        """One row per class, one column per z ~ N(0, I): the style is held down a column."""
+        k = self.meta["num_classes"]
+        device = self.model.z_loc.device
+        z = torch.randn(columns, self.options.z_dim, device=device).repeat(k, 1)
+        y = torch.arange(k, device=device).repeat_interleave(columns)
+        return torch.sigmoid(self.model.decoder(self.one_hot(y), z)).reshape(k * columns, *self.meta["image_shape"])
+
+    def figures(self, folder, x, y):
+        folder = Path(folder)
+        classes = [str(c) for c in self.meta["classes"]] or [str(c) for c in range(self.meta["num_classes"])]
+        cm = confusion_matrix(self.predict(x).cpu(), y.cpu(), self.meta["num_classes"])
+        return [
+            plots.save_image_grid(self.class_conditional_samples().cpu(), folder / "class_samples.png", nrow=10,
+                                  title="p(x|y,z): one class per row, one z per column", row_labels=classes),
+            plots.plot_confusion(cm, classes, folder / "confusion.png"),
+            plots.plot_reconstructions(x[:10].cpu(), self.reconstruct(x[:10]).cpu(), folder / "reconstructions.png"),
+        ]

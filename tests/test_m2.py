@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from pyrossl.models.m2 import M2, M2Options
+from pyrossl.train import train
+
+META = {"image_shape": (1, 8, 8), "num_classes": 3, "classes": ("a", "b", "c")}
+
+
+def test_parameters_live_in_the_module():
+    import pyro
+
+    model = M2(META, M2Options(z_dim=2, hidden=[16]), "enum")
+    model(torch.rand(4, 1, 8, 8)).backward()
+    assert len(pyro.get_param_store()) == 0
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert names == {"model", "guide"}
+
+
+def test_inspection_shapes():
+    model = M2(META, M2Options(z_dim=2, hidden=[16]), "gumbel")
+    x = torch.rand(6, 1, 8, 8)
+    assert model.predict(x).shape == (6,) and torch.allclose(model.predict_proba(x).sum(-1), torch.ones(6))
+    assert model.latent(x).shape == (6, 2) and model.reconstruct(x).shape == x.shape
+    assert model.sample(4, torch.tensor([0, 1, 2, 0])).shape == (4, 1, 8, 8)
+    grid = model.class_conditional_samples(columns=5)
+    assert grid.shape == (15, 1, 8, 8)
+
+
+def test_log_likelihood_sums_classes_exactly():
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16]), "enum")
+    x = torch.rand(5, 1, 8, 8)
+    ll = model.log_likelihood(x, 200, batch_size=2)
+    assert ll.shape == (5,) and torch.isfinite(ll).all()
+    with torch.no_grad():
+        elbo = torch.tensor([-model.unlabelled_elbo.loss(model.model, model.guide, x[i:i + 1]) for i in range(5) for _ in range(200)]).reshape(5, 200).mean(1)
+    assert (ll > elbo - 0.5).all()  # an IWAE bound with 200 samples sits above the ELBO
+
+
+def _digits_config(model, guide, **extra):
+    return tiny_config(model=model, guide=guide, **{
+        "data.labels_per_class": 5, "train.epochs": 30, "train.batch_size": 64, "train.labelled_batch_size": 50,
+        "options": {"hidden": [64]} if model == "classifier" else {"hidden": [64], "z_dim": 8, "aux_weight": 10.0},
+        **extra,
+    })
+
+
+def test_m2_beats_the_supervised_only_baseline_on_digits(tmp_path):
+    """Same 50 labels, same classifier network: the unlabelled digits must help."""
+    m2 = train(_digits_config("m2", "enum"), tmp_path / "m2")
+    # the baseline sees only labelled batches: give it the same number of steps and more
+    baseline = train(_digits_config("classifier", "none", **{"train.epochs": 400}), tmp_path / "clf")
+    assert m2["steps"] <= baseline["steps"]
+    # measured (seed 0, CPU): M2 0.844, baseline 0.802 after 400 steps
+    assert m2["test_accuracy"] > baseline["test_accuracy"] + 0.02, (m2["test_accuracy"], baseline["test_accuracy"])
+    assert m2["test_accuracy"] > 0.8

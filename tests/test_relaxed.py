@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import OneHotCategorical, RelaxedOneHotCategorical, kl_divergence
+
+from pyrossl.infer.relaxed import ConcreteLabel, LogisticNormalLabel
+
+
+def test_concrete_log_prob_matches_torch_where_torch_is_finite():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4)
+    for t in (2.0, 0.7):
+        ours = ConcreteLabel(t, logits)
+        y = ours.rsample()
+        reference = RelaxedOneHotCategorical(torch.tensor(t), logits=logits).log_prob(y)
+        assert torch.allclose(ours.log_prob(y), reference, atol=1e-3, rtol=1e-4)
+
+
+def test_concrete_is_finite_where_torch_underflows():
+    """Pyro issue 3304: at low temperature a sample coordinate underflows to 0 and torch gives NaN."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10) * 5
+    ours = ConcreteLabel(0.01, logits)
+    y = ours.rsample()
+    assert (y == 0).any()  # the case that breaks torch's density
+    assert torch.isfinite(ours.log_prob(y)).all()
+
+
+def test_concrete_density_integrates_to_one_on_two_classes():
+    """K = 2: the density of y_1 on (0, 1) must integrate to 1 (the simplex is one-dimensional)."""
+    d = ConcreteLabel(1.5, torch.tensor([0.3, -0.4]))  # t > 1: the density vanishes at the edges
+    y1 = torch.linspace(1e-4, 1 - 1e-4, 20001, dtype=torch.float64)
+    y = torch.stack([y1, 1 - y1], -1).float()
+    # density w.r.t. the Lebesgue measure on the first coordinate
+    integral = torch.trapezoid(d.log_prob(y).double().exp(), y1)
+    assert integral.item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_logistic_normal_density_integrates_to_one_on_two_classes():
+    d = LogisticNormalLabel(torch.tensor([0.5, -0.2]), sigma=0.8, sharpness=1.5)
+    y1 = torch.linspace(1e-6, 1 - 1e-6, 200001, dtype=torch.float64)
+    y = torch.stack([y1, 1 - y1], -1).float()
+    integral = torch.trapezoid(d.log_prob(y).double().exp(), y1)
+    assert integral.item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_logistic_normal_log_prob_matches_a_direct_change_of_variables():
+    """K = 3: v = log(y_1:2 / y_3) / s ~ N(mu, sigma^2 (I + 11^T)); Jacobian of v -> y_1:2 by autograd."""
+    torch.manual_seed(1)
+    logits, sigma, sharp = torch.randn(3, dtype=torch.float64), 0.7, 1.3
+    d = LogisticNormalLabel(logits, sigma, sharp)
+    y = d.rsample()
+    mu = logits[:2] - logits[2]
+    cov = sigma**2 * (torch.eye(2, dtype=torch.float64) + 1)
+    to_v = lambda y12: torch.log(y12 / (1 - y12.sum())) / sharp  # noqa: E731
+    jac = torch.autograd.functional.jacobian(to_v, y[:2])
+    expected = torch.distributions.MultivariateNormal(mu, cov).log_prob(to_v(y[:2])) + torch.logdet(jac)
+    assert torch.allclose(d.log_prob(y), expected, atol=1e-8)
+
+
+@pytest.mark.parametrize("make", [lambda l: ConcreteLabel(0.5, l), lambda l: ConcreteLabel(0.5, l, straight_through=True),
+                                  lambda l: LogisticNormalLabel(l, 1.0, 2.0)])
+def test_kl_to_a_categorical_is_the_categorical_kl(make):
+    logits = torch.randn(5, 4)
+    prior = OneHotCategorical(logits=torch.zeros(5, 4))
+    expected = kl_divergence(OneHotCategorical(logits=logits), prior)
+    assert torch.allclose(kl_divergence(make(logits), prior), expected, atol=1e-6)
+
+
+def test_straight_through_is_one_hot_forward_with_a_gradient():
+    logits = torch.randn(8, 5, requires_grad=True)
+    y = ConcreteLabel(0.5, logits, straight_through=True).rsample()
+    assert torch.allclose(y.sum(-1), torch.ones(8))
+    assert torch.allclose(y, torch.nn.functional.one_hot(y.argmax(-1), 5).float(), atol=1e-6)
+    (y * torch.arange(5.0)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_samples_are_on_the_simplex_and_expand():
+    d = LogisticNormalLabel(torch.randn(4), 1.0, 1.0).expand((3, 2))
+    y = d.rsample((7,))
+    assert y.shape == (7, 3, 2, 4) and torch.allclose(y.sum(-1), torch.ones(7, 3, 2))
+    assert ConcreteLabel(1.0, torch.randn(4)).expand((3,)).batch_shape == (3,)
+    assert math.isclose(ConcreteLabel(1.0, torch.zeros(3)).mean.sum().item(), 1.0, rel_tol=1e-6)
