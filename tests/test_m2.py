@@ -41,18 +41,18 @@ def test_log_likelihood_sums_classes_exactly():
 
 def _digits_config(model, guide, **extra):
     return tiny_config(model=model, guide=guide, **{
-        "data.labels_per_class": 5, "train.epochs": 30, "train.batch_size": 64, "train.labelled_batch_size": 50,
+        "data.labels_per_class": 3, "train.epochs": 30, "train.batch_size": 64, "train.labelled_batch_size": 50,
         "options": {"hidden": [64]} if model == "classifier" else {"hidden": [64], "z_dim": 8, "aux_weight": 10.0},
         **extra,
     })
 
 
 def test_m2_beats_the_supervised_only_baseline_on_digits(tmp_path):
-    """Same 50 labels, same classifier network: the unlabelled digits must help."""
+    """Same 30 labels, same classifier network: the unlabelled digits must help."""
     m2 = train(_digits_config("m2", "enum"), tmp_path / "m2")
     # the baseline sees only labelled batches: give it the same number of steps and more
-    baseline = train(_digits_config("classifier", "none", **{"train.epochs": 400}), tmp_path / "clf")
+    baseline = train(_digits_config("classifier", "none", **{"train.epochs": 1000}), tmp_path / "clf")
     assert m2["steps"] <= baseline["steps"]
-    # measured (seed 0, CPU): M2 0.844, baseline 0.802 after 400 steps
-    assert m2["test_accuracy"] > baseline["test_accuracy"] + 0.02, (m2["test_accuracy"], baseline["test_accuracy"])
+    # measured on CPU: M2 0.841 / 0.852, baseline 0.760 / 0.774 after 1000 steps (seeds 0 / 1)
+    assert m2["test_accuracy"] > baseline["test_accuracy"] + 0.05, (m2["test_accuracy"], baseline["test_accuracy"])
     assert m2["test_accuracy"] > 0.8
