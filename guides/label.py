@@ -77,10 +77,11 @@ class LabelGuide(nn.Module):
     #: the Pyro ELBO class this guide is trained with
     elbo_class: ClassVar[type[ELBO]] = TraceMeanField_ELBO
 
-    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp"):
+    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp",
+                 classifier_net: str | None = None):
         super().__init__()
         self.num_classes = num_classes
-        self.classifier = make_classifier(image_shape, num_classes, hidden, act, net)
+        self.classifier = make_classifier(image_shape, num_classes, hidden, act, classifier_net or net)
         self.z_encoder = ConditionalGaussianEncoder(image_shape, num_classes, z_dim, hidden, act, net)
 
     @classmethod

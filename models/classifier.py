@@ -25,6 +25,7 @@ class ClassifierOptions:
     hidden: list[int] = field(default_factory=lambda: [500])
     act: str = "softplus"
     net: str = "mlp"
+    classifier_net: str | None = None  # as M2's option: overrides net
 
 
 class ClassifierModel(nn.Module):
@@ -57,7 +58,7 @@ class Classifier(ZooModel):
 
     def __init__(self, meta: dict, options: ClassifierOptions, guide: str = "none"):
         super().__init__(meta, options, guide)
-        network = make_classifier(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.net)
+        network = make_classifier(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.classifier_net or options.net)
         self.loss = Trace_ELBO()(ClassifierModel(network), NoLatentGuide())
 
     def forward(self, x, x_lab=None, y_lab=None):

@@ -61,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float | None = None
     eval_batch_size: int = 1000
+    eval_every: int = 1  # evaluate (and select the best epoch) every n epochs, and after the last
     iwae_samples: int = 0  # k of the IWAE log-likelihood estimate at the end; 0 turns it off
     progress: bool = True
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does

@@ -102,7 +102,7 @@ def check_train_config(config: Config) -> None:
     t = config.train
     if t.epochs < 1:
         raise ConfigError(f"train.epochs must be at least 1, not {t.epochs}")
-    for key in ("batch_size", "eval_batch_size"):
+    for key in ("batch_size", "eval_batch_size", "eval_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1, not {getattr(t, key)}")
     if t.labelled_batch_size is not None and t.labelled_batch_size < 1:
@@ -272,14 +272,15 @@ class Trainer:
             self.epoch = epoch
             logs.update(self.model.end_epoch(epoch, lambda: self._training_tensors()))
             train_seconds = time.perf_counter() - start
-            metrics = self._evaluate()
+            evaluate = epoch % c.train.eval_every == 0 or epoch == c.train.epochs
+            metrics = self._evaluate() if evaluate else {}
             self.seconds += time.perf_counter() - start
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
                       "train_seconds": train_seconds, **logs, **metrics}
             if self.skipped:
                 record["skipped_steps"] = self.skipped
             score = metrics.get(select, -math.inf if self.split.validation.numel() else 0.0)
-            if score > self.best_score or (not self.split.validation.numel()):
+            if evaluate and (score > self.best_score or not self.split.validation.numel()):
                 self.best_epoch, self.best_score = epoch, score
                 runs.atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.out / runs.BEST)
             runs.append_metrics(self.out, record)

@@ -129,3 +129,10 @@ def test_cuda_requested_without_cuda(tmp_path):
         pytest.skip("CUDA is available here")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         train(tiny_config(device="cuda"), tmp_path / "run")
+
+
+def test_eval_every_evaluates_every_n_epochs_and_the_last(tmp_path):
+    summary = train(tiny_config(**{"train.epochs": 5, "train.eval_every": 2}), tmp_path / "run")
+    records = runs.read_metrics(tmp_path / "run")
+    assert [("val_elbo" in r) for r in records] == [False, True, False, True, True]
+    assert summary["best_epoch"] in (2, 4, 5)
