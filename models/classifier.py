@@ -15,9 +15,8 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
 
-from pyrossl.evaluate import classification_metrics
 from pyrossl.guides.label import make_classifier
-from pyrossl.zoo import ZooModel
+from pyrossl.zoo import LabelClassifier, ZooModel
 
 
 @dataclass
@@ -46,7 +45,7 @@ class NoLatentGuide(nn.Module):
         pass
 
 
-class Classifier(ZooModel):
+class Classifier(LabelClassifier, ZooModel):
     name = "classifier"
     description = "supervised-only baseline: the network of q(y|x) trained on the labelled examples"
     Options = ClassifierOptions
@@ -64,14 +63,6 @@ class Classifier(ZooModel):
     def forward(self, x, x_lab=None, y_lab=None):
         return self.loss(x_lab, y_lab) / x_lab.shape[0]
 
-    @torch.no_grad()
-    def class_logits(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        return torch.cat([self.loss.model.network(xb) for xb in torch.split(x, batch_size)])
-
-    @torch.no_grad()
-    def predict(self, x):
-        return self.class_logits(x).argmax(-1)
-
-    @torch.no_grad()
-    def evaluate(self, x, y, batch_size=1000):
-        return classification_metrics(self.class_logits(x, batch_size).argmax(-1).cpu(), y.cpu(), self.meta["num_classes"])
+    @property
+    def classifier_network(self) -> nn.Module:
+        return self.loss.model.network

@@ -28,12 +28,12 @@ from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
 from pyrossl import plots
-from pyrossl.evaluate import classification_metrics, confusion_matrix, iwae_log_likelihood
+from pyrossl.evaluate import confusion_matrix, iwae_log_likelihood
 from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide, LabelGuide
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.models.vae import pixel_likelihood
 from pyrossl.nn import MLP, ConvDecoder, activation
-from pyrossl.zoo import ZooModel
+from pyrossl.zoo import LabelClassifier, ZooModel
 
 
 @dataclass
@@ -91,7 +91,7 @@ class M2Model(nn.Module):
             return pyro.sample("x", pixel_likelihood(logits), obs=None if x is None else x.flatten(1))
 
 
-class M2(ZooModel):
+class M2(LabelClassifier, ZooModel):
     name = "m2"
     description = "M2 semi-supervised VAE (Kingma et al. 2014) with swappable label guides"
     Options = M2Options
@@ -148,22 +148,9 @@ class M2(ZooModel):
             return {"temperature": self.guide.temperature}
         return {}
 
-    # --- classifier ---------------------------------------------------------------------
-    @torch.no_grad()
-    def class_logits(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        return torch.cat([self.guide.classifier(xb) for xb in torch.split(x, batch_size)])
-
-    @torch.no_grad()
-    def predict(self, x):
-        return self.class_logits(x).argmax(-1)
-
-    @torch.no_grad()
-    def predict_proba(self, x):
-        return self.class_logits(x).softmax(-1)
-
-    @torch.no_grad()
-    def evaluate(self, x, y, batch_size=1000):
-        return classification_metrics(self.class_logits(x, batch_size).argmax(-1).cpu(), y.cpu(), self.meta["num_classes"])
+    @property
+    def classifier_network(self) -> nn.Module:
+        return self.guide.classifier
 
     # --- generative side ----------------------------------------------------------------
     @torch.no_grad()

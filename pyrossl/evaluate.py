@@ -37,10 +37,11 @@ __all__ = [
     "iwae_log_likelihood",
     "nmi",
     "per_class_accuracy",
+    "to_numpy",
 ]
 
 
-def _to_numpy(x: ArrayLike) -> np.ndarray:
+def to_numpy(x: ArrayLike) -> np.ndarray:
     """A numpy view (or copy) of a tensor, array or nested sequence."""
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
@@ -49,7 +50,7 @@ def _to_numpy(x: ArrayLike) -> np.ndarray:
 
 def _labels(x: ArrayLike, name: str) -> np.ndarray:
     """``x`` as a 1-D int64 array; floats are accepted only when they hold whole numbers."""
-    a = _to_numpy(x)
+    a = to_numpy(x)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array of labels, got shape {tuple(a.shape)}")
     if a.dtype.kind == "f":
@@ -216,7 +217,7 @@ def attribute_accuracy(
     ``torch.round``). ``target`` holds 0/1 values of the same shape. Returns
     ``(mean_a acc_a, [acc_1, ..., acc_A])`` with ``acc_a = mean_n(pred_na == target_na)``.
     """
-    p, t = _to_numpy(pred), _to_numpy(target)
+    p, t = to_numpy(pred), to_numpy(target)
     if p.ndim != 2:
         raise ValueError(f"pred must have shape [N, A], got {tuple(p.shape)}")
     if p.shape != t.shape:

@@ -25,6 +25,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pyrossl.evaluate import to_numpy
+
 ArrayLike = torch.Tensor | npt.ArrayLike
 PathLike = str | os.PathLike
 
@@ -38,15 +40,9 @@ __all__ = [
 ]
 
 
-def _to_numpy(x: ArrayLike) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _images(images: ArrayLike, name: str = "images") -> np.ndarray:
     """``images`` as a float array ``[N, C, H, W]``; ``[N, H, W]`` is read as one channel."""
-    a = _to_numpy(images).astype(np.float64, copy=False)
+    a = to_numpy(images).astype(np.float64, copy=False)
     if a.ndim == 3:
         a = a[:, None]
     if a.ndim != 4 or a.shape[1] not in (1, 3):
@@ -209,7 +205,7 @@ def plot_confusion(
     show percentages (a row with no examples shows zeros); otherwise cells show the counts.
     ``classes`` names the rows and columns (indices when ``None``).
     """
-    counts = _to_numpy(cm)
+    counts = to_numpy(cm)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
         raise ValueError(f"cm must be a square matrix, got shape {tuple(counts.shape)}")
     k = counts.shape[0]
@@ -275,8 +271,8 @@ def plot_latent_pca(
     figure is saved to ``path`` only when one is given, and is left open for its owner. Without
     ``ax`` a new figure is drawn and saved to ``path``, which is then required.
     """
-    codes = _to_numpy(z).astype(np.float64, copy=False)
-    y = _to_numpy(labels)
+    codes = to_numpy(z).astype(np.float64, copy=False)
+    y = to_numpy(labels)
     if codes.ndim != 2 or codes.shape[1] < 2:
         raise ValueError(f"z must have shape [N, D] with D >= 2, got {tuple(codes.shape)}")
     if y.ndim != 1 or y.shape[0] != codes.shape[0]:
@@ -327,7 +323,7 @@ def plot_reconstructions(x: ArrayLike, x_rec: ArrayLike, path: PathLike, n: int 
     image shape when it holds the same number of values per image.
     """
     originals = _images(x, "x")
-    rec = _to_numpy(x_rec).astype(np.float64, copy=False)
+    rec = to_numpy(x_rec).astype(np.float64, copy=False)
     if rec.shape[0] != originals.shape[0]:
         raise ValueError(
             f"x and x_rec must hold the same number of images, "

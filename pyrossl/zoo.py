@@ -104,6 +104,33 @@ class ZooModel(nn.Module):
         return []
 
 
+class LabelClassifier:
+    """Mixin for entries with a classifier network q(y|x) (``classifier_network``): predictions and accuracy."""
+
+    @property
+    def classifier_network(self) -> nn.Module:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def class_logits(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        return torch.cat([self.classifier_network(xb) for xb in torch.split(x, batch_size)])
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.class_logits(x).argmax(-1)
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self.class_logits(x).softmax(-1)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:
+        from pyrossl.evaluate import classification_metrics
+
+        pred = self.class_logits(x, batch_size).argmax(-1)
+        return classification_metrics(pred.cpu(), y.cpu(), self.meta["num_classes"])
+
+
 def batched(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_size: int) -> list:
     """``fn`` applied to consecutive slices of ``x`` of at most ``batch_size`` rows."""
     return [fn(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
