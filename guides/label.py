@@ -42,21 +42,24 @@ def make_classifier(image_shape: Sequence[int], num_classes: int, hidden: Sequen
     return nn.Sequential(nn.Flatten(), MLP([num_features, *hidden, num_classes], act))
 
 
-class ConditionalGaussianEncoder(nn.Module):
-    """q(z|x, y) = N(mu(x, y), diag sigma(x, y)^2).
+def make_features(image_shape: Sequence[int], hidden: Sequence[int], act: str, net: str) -> tuple[nn.Module, int]:
+    """The input stage of an encoder: flat pixels (MLP) or conv features; returns it and its width."""
+    if net == "conv":
+        return ConvEncoder(image_shape, hidden[0], hidden=hidden[0], act=act), hidden[0]
+    return nn.Flatten(), int(torch.tensor(image_shape).prod())
 
-    The first layer acts on the concatenation [features(x), y]; it is computed as W_x f(x) + W_y y,
-    the same map, so that with y enumerated over K classes ([K, 1, K]) the costly W_x f(x) is
-    computed once and broadcast, not K times.
+
+class ConditionalGaussianEncoder(nn.Module):
+    """q(z|x, y) = N(mu(x, y), diag sigma(x, y)^2) on top of a feature stage f(x).
+
+    The first layer acts on the concatenation [f(x), y]; it is computed as W_x f(x) + W_y y, the
+    same map, so that with y enumerated over K classes ([K, 1, K]) the costly W_x f(x) is computed
+    once and broadcast, not K times.
     """
 
-    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden: Sequence[int], act: str, net: str):
+    def __init__(self, features: nn.Module, num_features: int, num_classes: int, z_dim: int, hidden: Sequence[int], act: str):
         super().__init__()
-        if net == "conv":
-            self.features = ConvEncoder(image_shape, hidden[0], hidden=hidden[0], act=act)
-        else:
-            self.features = nn.Flatten()
-        num_features = hidden[0] if net == "conv" else int(torch.tensor(image_shape).prod())
+        self.features = features
         self.from_x = nn.Linear(num_features, hidden[0])
         self.from_y = nn.Linear(num_classes, hidden[0], bias=False)
         layers = [activation(act)]
@@ -78,11 +81,19 @@ class LabelGuide(nn.Module):
     elbo_class: ClassVar[type[ELBO]] = TraceMeanField_ELBO
 
     def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp",
-                 classifier_net: str | None = None):
+                 classifier_net: str | None = None, shared_trunk: bool = False):
         super().__init__()
         self.num_classes = num_classes
-        self.classifier = make_classifier(image_shape, num_classes, hidden, act, classifier_net or net)
-        self.z_encoder = ConditionalGaussianEncoder(image_shape, num_classes, z_dim, hidden, act, net)
+        if shared_trunk:
+            # one feature layer h(x) under both q(y|x) and q(z|x, y): the ELBO of every unlabelled
+            # image trains the classifier's features, not only its output through the label site
+            features, width = make_features(image_shape, hidden, act, classifier_net or net)
+            trunk = nn.Sequential(features, nn.Linear(width, hidden[0]), activation(act))
+            self.classifier = nn.Sequential(trunk, nn.Linear(hidden[0], num_classes))
+            self.z_encoder = ConditionalGaussianEncoder(trunk, hidden[0], num_classes, z_dim, hidden, act)
+        else:
+            self.classifier = make_classifier(image_shape, num_classes, hidden, act, classifier_net or net)
+            self.z_encoder = ConditionalGaussianEncoder(*make_features(image_shape, hidden, act, net), num_classes, z_dim, hidden, act)
 
     @classmethod
     def make_elbo(cls) -> ELBO:

@@ -43,6 +43,7 @@ class M2Options:
     act: str = "softplus"
     net: str = "mlp"  # mlp | conv (28x28 images and the like)
     classifier_net: str | None = None  # the network of q(y|x) alone: mlp | conv; None: as net
+    shared_trunk: bool = False  # q(y|x) and q(z|x, y) share their first layer h(x)
     aux_weight: float = 50.0  # alpha of the auxiliary loss -alpha * log q(y|x) on labelled data; 0 turns it off
     temperature_start: float = 1.0  # gumbel, st-gumbel: t_e = max(end, start * exp(-anneal * (e - 1)))
     temperature_end: float = 0.5
@@ -117,7 +118,8 @@ class M2(LabelClassifier, ZooModel):
             extra = {"sigma": o.sigma, "sharpness": o.sharpness}
         guide_cls = LABEL_GUIDES[guide]
         self.model = M2Model(shape, k, o.z_dim, o.hidden, o.act, o.net)
-        self.guide = guide_cls(shape, k, o.z_dim, o.hidden, o.act, o.net, classifier_net=o.classifier_net, **extra)
+        self.guide = guide_cls(shape, k, o.z_dim, o.hidden, o.act, o.net, classifier_net=o.classifier_net,
+                               shared_trunk=o.shared_trunk, **extra)
         # U(x) is estimated as the guide says; L(x, y) has no label to draw, and with z Gaussian in
         # both model and guide its KL is analytic, whatever the guide
         self.unlabelled_elbo = guide_cls.make_elbo()

@@ -73,7 +73,7 @@ def test_enumeration_computes_the_exact_expectation_over_classes():
 
 
 def test_conditional_encoder_equals_concatenation():
-    enc = ConditionalGaussianEncoder((1, 4, 4), 3, 2, [8], "relu", "mlp")
+    enc = ConditionalGaussianEncoder(torch.nn.Flatten(), 16, 3, 2, [8], "relu")
     x, y = torch.rand(5, 1, 4, 4), torch.eye(3)[[0, 1, 2, 1, 0]]
     w = torch.cat([enc.from_x.weight, enc.from_y.weight], 1)
     h = torch.relu(torch.cat([x.flatten(1), y], 1) @ w.T + enc.from_x.bias)
@@ -81,3 +81,16 @@ def test_conditional_encoder_equals_concatenation():
     assert torch.allclose(loc, enc.loc(h), atol=1e-6)
     # enumerated y ([K, 1, K]) broadcasts against x: [K, B, z]
     assert enc(x, torch.eye(3).reshape(3, 1, 3))[0].shape == (3, 5, 2)
+
+
+def test_shared_trunk_is_one_module_under_both_networks():
+    model = M2(META, M2Options(z_dim=2, hidden=[16], shared_trunk=True), "enum")
+    trunk = model.guide.classifier[0]
+    assert model.guide.z_encoder.features is trunk
+    x, y = _batch()
+    model(x, x[:4], y[:4]).backward()
+    assert trunk[1].weight.grad is not None and trunk[1].weight.grad.abs().sum() > 0
+    state = model.state_dict()
+    fresh = M2(META, M2Options(z_dim=2, hidden=[16], shared_trunk=True), "enum")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.predict(x), model.predict(x))
