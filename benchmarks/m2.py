@@ -142,12 +142,13 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="benchmarks/results/m2.json")
     p.add_argument("--timing-steps", type=int, default=20)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--timing-only", action="store_true", help="only the step timing, no training")
     p.add_argument("--baseline-steps", type=int, default=2000, help="steps of the supervised-only classifier")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     stem = Path(args.recipe).stem
     rows = []
-    for guide in args.guides.split(","):
+    for guide in [] if args.timing_only else args.guides.split(","):
         accs, stats, best_epochs = [], [], []
         for seed in seeds:
             out = Path(args.runs) / f"{stem}-{guide}-seed{seed}"
@@ -163,7 +164,7 @@ def main(argv=None) -> dict:
             "seconds_per_epoch": statistics.mean(s["seconds_per_epoch"] for s in stats),
             "examples_per_second": statistics.mean(s["examples_per_second"] for s in stats),
         })
-    if not args.no_baseline:
+    if not (args.no_baseline or args.timing_only):
         accs = []
         reference = load_config(args.recipe, args.overrides)
         for seed in seeds:

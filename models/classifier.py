@@ -16,6 +16,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 
 from pyrossl.guides.label import make_classifier
+from pyrossl.nn import check_network_options
 from pyrossl.zoo import LabelClassifier, ZooModel
 
 
@@ -25,6 +26,9 @@ class ClassifierOptions:
     act: str = "softplus"
     net: str = "mlp"
     classifier_net: str | None = None  # as M2's option: overrides net
+
+    def __post_init__(self):
+        check_network_options(self)
 
 
 class ClassifierModel(nn.Module):

@@ -28,11 +28,12 @@ from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
 from pyrossl import plots
+from pyrossl.errors import ConfigError
 from pyrossl.evaluate import confusion_matrix, iwae_log_likelihood
 from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide, LabelGuide
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.models.vae import pixel_likelihood
-from pyrossl.nn import MLP, ConvDecoder, activation
+from pyrossl.nn import check_network_options, MLP, ConvDecoder, activation
 from pyrossl.zoo import LabelClassifier, ZooModel
 
 
@@ -50,6 +51,13 @@ class M2Options:
     temperature_anneal: float = 0.05
     sigma: float = 1.0  # logistic-normal noise scale
     sharpness: float = 1.0  # logistic-normal
+
+    def __post_init__(self):
+        check_network_options(self)
+        if self.aux_weight < 0 or not 0 < self.temperature_end <= self.temperature_start or self.temperature_anneal < 0:
+            raise ConfigError("options: aux_weight and temperature_anneal must be >= 0, and 0 < temperature_end <= temperature_start")
+        if not (self.sigma > 0 and self.sharpness > 0):
+            raise ConfigError("options.sigma and options.sharpness must be positive")
 
 
 class LabelledDecoder(nn.Module):

@@ -26,7 +26,7 @@ from pyrossl import plots
 from pyrossl.evaluate import iwae_log_likelihood
 from pyrossl.guides.normal import DiagonalNormalGuide
 from pyrossl.infer.iwae import importance_log_weights
-from pyrossl.nn import ConvDecoder, MLP
+from pyrossl.nn import check_network_options, ConvDecoder, MLP
 from pyrossl.zoo import ZooModel, batched
 
 
@@ -37,6 +37,9 @@ class VAEOptions:
     act: str = "relu"
     net: str = "mlp"  # mlp | conv (images of at least 8x8, sides divisible by 4)
     beta: float = 1.0  # weight of the KL term (1: the ELBO)
+
+    def __post_init__(self):
+        check_network_options(self)
 
 
 class BernoulliDecoder(nn.Module):
@@ -109,8 +112,13 @@ class VAE(ZooModel):
 
     @torch.no_grad()
     def evaluate(self, x, y, batch_size=1000):
+        """The ELBO (beta = 1, whatever beta trains with) and the reconstruction cross-entropy, per example."""
         n = x.shape[0]
-        elbo = sum(-self.loss(xb).item() for xb in torch.split(x, batch_size)) / n
+        beta, self.model.beta = self.model.beta, 1.0
+        try:
+            elbo = sum(-self.loss(xb).item() for xb in torch.split(x, batch_size)) / n
+        finally:
+            self.model.beta = beta
         bce = sum(
             nn.functional.binary_cross_entropy(self.reconstruct(xb), xb, reduction="sum").item()
             for xb in torch.split(x, batch_size)

@@ -102,11 +102,16 @@ def format_summary(summary: dict) -> str:
 def cmd_eval(args) -> int:
     from pyrossl.runs import load_run
 
+    if args.iwae < 0:
+        raise PyrosslError(f"--iwae must be 0 (off) or a positive number of samples, not {args.iwae}")
     run = load_run(args.run, which=args.which, device=args.device)
     x, y = run.tensors("test")
     metrics = {f"test_{k}": v for k, v in run.model.evaluate(x, y, run.config.train.eval_batch_size).items()}
     if args.iwae:
-        metrics["test_log_likelihood"] = run.model.log_likelihood(x, args.iwae).mean().item()
+        try:
+            metrics["test_log_likelihood"] = run.model.log_likelihood(x, args.iwae).mean().item()
+        except NotImplementedError:
+            raise PyrosslError(f"model '{run.config.model}' has no likelihood estimate (drop --iwae)") from None
     print(json.dumps({"run": str(run.path), "which": args.which, **metrics}, indent=2))
     return 0
 

@@ -103,6 +103,24 @@ class ConvDecoder(nn.Module):
         return out.reshape(*lead, *out.shape[1:])
 
 
+NETS = ("mlp", "conv")
+
+
+def check_network_options(options) -> None:
+    """The network settings models share (``net``, ``classifier_net``, ``hidden``, ``z_dim``), checked."""
+    for key in ("net", "classifier_net"):
+        value = getattr(options, key, None)
+        if value is not None and value not in NETS:
+            raise ConfigError(f"options.{key} must be one of {', '.join(NETS)}, not '{value}'")
+    hidden = getattr(options, "hidden", None)
+    if hidden is not None and (not hidden or min(hidden) < 1):
+        raise ConfigError(f"options.hidden must list at least one layer width, each at least 1, not {list(hidden)}")
+    if getattr(options, "z_dim", 1) < 1:
+        raise ConfigError(f"options.z_dim must be at least 1, not {options.z_dim}")
+    if getattr(options, "act", "relu") not in ACTIVATIONS:
+        raise ConfigError(f"options.act must be one of {', '.join(ACTIVATIONS)}, not '{options.act}'")
+
+
 def check_conv_shape(image_shape: Sequence[int]) -> None:
     """The convolutional nets halve the image twice: height and width must be multiples of 4."""
     if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4 or image_shape[1] < 8:

@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,15 +77,25 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
         raise CheckpointError(f"{path} is not a safe pyrossl checkpoint (refused to unpickle: {first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    except Exception as exc:  # garbage bytes fail in many ways inside the unpickler: all mean "not a checkpoint"
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {detail})") from None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a line cut short by a kill: its epoch has no checkpoint either
+                break
+            raise CheckpointError(f"{path}: line {i + 1} is not JSON") from None
+    return records
 
 
 def write_metrics(run_dir: Path, records: list[dict]) -> None:
@@ -171,7 +180,9 @@ def load_run(path: str | Path, which: str = "best", device: str = "cpu") -> Run:
         state_file = path / CHECKPOINT
     state = load_checkpoint(state_file)
     model.load_state_dict(state["model"])
-    model.to(device).eval()
+    from pyrossl.train import resolve_device
+
+    model.to(resolve_device(device)).eval()
     summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).exists() else {}
     return Run(path, config, model, dataset, split, read_metrics(path), summary)
 

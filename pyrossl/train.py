@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyrossl import runs
-from pyrossl.config import Config, dumps
+from pyrossl.config import Config
 from pyrossl.data import batch_indices, binarize
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError
 from pyrossl.registry import build_model, resolve
@@ -109,8 +109,18 @@ def check_train_config(config: Config) -> None:
         raise ConfigError(f"train.labelled_batch_size must be at least 1, not {t.labelled_batch_size}")
     if not t.lr > 0:
         raise ConfigError(f"train.lr must be positive, not {t.lr}")
+    if t.iwae_samples < 0:
+        raise ConfigError(f"train.iwae_samples must be 0 (off) or positive, not {t.iwae_samples}")
+    if t.clip_norm is not None and not t.clip_norm > 0:
+        raise ConfigError(f"train.clip_norm must be positive (or left out), not {t.clip_norm}")
+    if config.threads is not None and config.threads < 1:
+        raise ConfigError(f"threads must be at least 1, not {config.threads}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', not '{t.on_nonfinite}'")
+
+
+#: settings of where and how visibly a run computes, not of what it computes: they may change on resume
+RUNTIME_KEYS = {"device", "threads", "train.progress", "train.eval_batch_size"}
 
 
 class Trainer:
@@ -129,10 +139,9 @@ class Trainer:
     def _check_resumable(self) -> None:
         if not runs.is_run(self.out):
             raise CheckpointError(f"cannot resume: {self.out} is not a run directory (no {runs.CONFIG})")
-        saved = runs.read_config(self.out)
-        if dumps(saved) != dumps(self.config):
-            saved_d, new_d = _flat(saved.to_dict()), _flat(self.config.to_dict())
-            diff = [k for k in sorted(set(saved_d) | set(new_d)) if saved_d.get(k) != new_d.get(k)]
+        saved_d, new_d = _flat(runs.read_config(self.out).to_dict()), _flat(self.config.to_dict())
+        diff = [k for k in sorted(set(saved_d) | set(new_d)) if saved_d.get(k) != new_d.get(k) and k not in RUNTIME_KEYS]
+        if diff:
             raise CheckpointError(f"cannot resume {self.out}: its config differs in {', '.join(diff)}")
 
     # ------------------------------------------------------------------------------------
@@ -146,7 +155,13 @@ class Trainer:
         self.split = runs.split_for(c, self.dataset)
         if self.split.unlabelled.numel() + self.split.labelled.numel() == 0:
             raise ConfigError("the split leaves no training examples")
-        self.data = TrainingData(self.dataset.x.to(self.device), self.dataset.y.to(self.device), self.split, c.data.binarize)
+        x = self.dataset.x
+        if c.data.binarize:
+            # held-out images are binarised once, from the seed, so every epoch scores the same images
+            held_out = torch.cat([self.split.validation, self.split.test])
+            x = x.clone()
+            x[held_out] = binarize(x[held_out], torch.Generator().manual_seed(c.seed))
+        self.data = TrainingData(x.to(self.device), self.dataset.y.to(self.device), self.split, c.data.binarize)
         self.model = build_model(c, self.dataset.meta()).to(self.device)
         self.optimizer = make_optimizer(c, self.model.parameters())
         self.generator = torch.Generator().manual_seed(c.seed)
@@ -164,7 +179,8 @@ class Trainer:
             runs.write_metrics(self.out, [])
 
     def _restore(self) -> None:
-        state = runs.load_checkpoint(self.out / runs.CHECKPOINT, map_location=self.device)
+        # RNG states must stay CPU tensors; load_state_dict moves parameters and optimiser state
+        state = runs.load_checkpoint(self.out / runs.CHECKPOINT, map_location="cpu")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -261,8 +277,13 @@ class Trainer:
         self.setup()
         c = self.config
         select = "val_" + self.model.selection_metric
-        bar = tqdm(range(self.epoch + 1, c.train.epochs + 1), desc=f"{c.model}/{self.model.guide_name}",
-                   disable=not c.train.progress, initial=self.epoch, total=c.train.epochs, unit="epoch")
+        with tqdm(range(self.epoch + 1, c.train.epochs + 1), desc=f"{c.model}/{self.model.guide_name}",
+                  disable=not c.train.progress, initial=self.epoch, total=c.train.epochs, unit="epoch") as bar:
+            self._epochs(bar, select)
+        return self.finish()
+
+    def _epochs(self, bar, select: str) -> None:
+        c = self.config
         for epoch in bar:
             start = time.perf_counter()
             self.model.train()
@@ -280,14 +301,14 @@ class Trainer:
             if self.skipped:
                 record["skipped_steps"] = self.skipped
             score = metrics.get(select, -math.inf if self.split.validation.numel() else 0.0)
+            if math.isnan(score):
+                score = -math.inf
             if evaluate and (score > self.best_score or not self.split.validation.numel()):
                 self.best_epoch, self.best_score = epoch, score
                 runs.atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.out / runs.BEST)
             runs.append_metrics(self.out, record)
             self._checkpoint()
             bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
-        bar.close()
-        return self.finish()
 
     def _training_tensors(self) -> dict:
         train = torch.cat([self.split.unlabelled, self.split.labelled]).to(self.device)
@@ -299,9 +320,11 @@ class Trainer:
         records = runs.read_metrics(self.out)
         last_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         result = {"last": self._final_metrics()}
-        best = runs.load_checkpoint(self.out / runs.BEST, map_location=self.device)
-        self.model.load_state_dict(best["model"])
-        result["best"] = self._final_metrics()
+        if (self.out / runs.BEST).exists():
+            self.model.load_state_dict(runs.load_checkpoint(self.out / runs.BEST, map_location=self.device)["model"])
+            result["best"] = self._final_metrics()
+        else:  # no epoch had a finite validation score
+            result["best"] = result["last"]
         summary = {
             "model": c.model, "guide": c.guide, "dataset": c.data.name, "seed": c.seed,
             "epochs": self.epoch, "best_epoch": self.best_epoch, "selection_metric": "val_" + self.model.selection_metric,

@@ -46,8 +46,21 @@ def test_train_eval_and_resume(tmp_path, recipe, capsys):
     code, out, err = run_cli(["eval", out_dir, "--iwae", "3"], capsys)
     assert code == 0, err
     assert {"test_elbo", "test_log_likelihood"} <= set(json.loads(out))
-    code, out, err = run_cli(["train", "--resume", out_dir], capsys)  # already finished: re-summarises
+    code, out, err = run_cli(["train", "--resume", out_dir, "--quiet", "--threads", "1"], capsys)  # finished: re-summarises
     assert code == 0, err
+    code, _, err = run_cli(["train", "--resume", out_dir, "--set", "train.lr=0.5"], capsys)
+    assert code == 2 and "differs in train.lr" in err
+
+
+def test_eval_of_a_model_without_a_likelihood(tmp_path, recipe, capsys):
+    out_dir = tmp_path / "clf"
+    args = ["train", recipe, "--out", out_dir, "--set", "model=classifier", "--set", "options={}", "--set", "data.labels_per_class=5"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["eval", out_dir, "--iwae", "5"], capsys)
+    assert code == 2 and "has no likelihood estimate" in err
+    code, _, err = run_cli(["eval", out_dir, "--iwae", "-1"], capsys)
+    assert code == 2 and "--iwae must be" in err
 
 
 def test_list_names_models_guides_and_datasets(capsys):
@@ -77,11 +90,17 @@ def test_data_info(capsys):
         (["train", "--resume", "{tmp}"], "not a run directory"),
         (["train"], "needs a recipe"),
         (["eval", "{tmp}"], "not a run directory"),
+        (["train", "{recipe}", "--set", "options.net=cnn"], "options.net must be one of mlp, conv"),
+        (["train", "{recipe}", "--set", "options.hidden=[]"], "options.hidden must list at least one layer"),
+        (["train", "{recipe}", "--set", "options.z_dim=0"], "z_dim must be at least 1"),
+        (["train", "{recipe}", "--threads", "-1"], "threads must be at least 1"),
+        (["train", "{recipe}", "--set", "train.iwae_samples=-1"], "iwae_samples must be 0"),
         (["frobnicate"], "invalid choice"),
         (["data", "download", "cifar"], "invalid choice"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(args, message, recipe, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_code_2(args, message, recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default run directories land in tmp_path/outputs
     bad = tmp_path / "bad.toml"
     bad.write_text('model = "vae"\n[train\n')
     args = [a.format(recipe=recipe, bad_toml=bad, tmp=tmp_path) for a in args]

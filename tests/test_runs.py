@@ -56,9 +56,17 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
 
 def test_garbage_and_missing_checkpoints(tmp_path):
-    (tmp_path / "g.pt").write_bytes(os.urandom(64))
-    with pytest.raises(CheckpointError, match="not a"):
-        runs.load_checkpoint(tmp_path / "g.pt")
+    import random
+
+    rng = random.Random(0)
+    good = tmp_path / "good.pt"
+    runs.atomic_save({"w": torch.ones(3)}, good)
+    blob = good.read_bytes()
+    cases = [bytes(rng.randrange(256) for _ in range(64)) for _ in range(50)] + [blob[: len(blob) // 2], b"", b"PK\x03\x04"]
+    for i, data in enumerate(cases):
+        (tmp_path / "g.pt").write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a"):
+            runs.load_checkpoint(tmp_path / "g.pt")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         runs.load_checkpoint(tmp_path / "none.pt")
 

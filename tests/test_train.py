@@ -136,3 +136,33 @@ def test_eval_every_evaluates_every_n_epochs_and_the_last(tmp_path):
     records = runs.read_metrics(tmp_path / "run")
     assert [("val_elbo" in r) for r in records] == [False, True, False, True, True]
     assert summary["best_epoch"] in (2, 4, 5)
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    train(tiny_config(**{"train.epochs": 2}), tmp_path / "run")
+    with open(tmp_path / "run" / runs.METRICS, "a") as f:
+        f.write('{"epoch": 3, "loss": 1.2')  # the process died mid-write
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "run")] == [1, 2]
+    train(tiny_config(**{"train.epochs": 2}), tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_binarised_runs_score_fixed_binary_held_out_images(tmp_path):
+    from pyrossl.train import Trainer
+
+    trainer = Trainer(tiny_config(**{"data.binarize": True}), tmp_path / "run")
+    trainer.setup()
+    x, _ = trainer.data.part("test")
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    again = Trainer(tiny_config(**{"data.binarize": True}), tmp_path / "run2")
+    again.setup()
+    assert torch.equal(again.data.part("test")[0], x)
+
+
+def test_no_finite_validation_score_falls_back_to_the_last_epoch(tmp_path, monkeypatch):
+    from pyrossl.models.vae import VAE
+
+    evaluate = VAE.evaluate
+    monkeypatch.setattr(VAE, "evaluate", lambda self, x, y, batch_size=1000: {**evaluate(self, x, y, batch_size), "elbo": float("nan")})
+    summary = train(tiny_config(**{"train.epochs": 2}), tmp_path / "run")
+    assert summary["best"] == summary["last"]
