@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pyrossl-installed
-# a local wheel folder (this machine keeps the torch CPU wheel there); harmless where absent
+# the torch CPU wheel: from a local wheel folder where the machine has one, else PyTorch's CPU index
+# (PyPI's torch wheel for Linux depends on several GB of CUDA packages)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+TORCH_SOURCE := $(if $(wildcard /opt/wheels),$(FIND_LINKS),--index-url https://download.pytorch.org/whl/cpu)
 
 .PHONY: install demo test clean
 
@@ -13,7 +15,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt "torch==2.13.0"
+	$(BIN)/python -m pip install -q $(TORCH_SOURCE) "torch==2.13.0"
 	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 

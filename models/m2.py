@@ -10,7 +10,9 @@ with the guide q(y|x) q(z|x, y); q(y|x) is the classifier. The objective (their 
 - for an unlabelled x:          -U(x) = -E_q(y|x)[-L(x, y)] - H(q(y|x))
 - the auxiliary classification loss on labelled pairs:  -alpha * log q(y|x)
 
-each averaged over its batch. How y is drawn in U(x) is the guide's business
+each averaged over its batch (eq. 9 sums them over the dataset; here each step adds the batch means,
+so ``aux_weight`` is per labelled example and the labelled ELBO is not swamped by the unlabelled one).
+How y is drawn in U(x) is the guide's business
 (:mod:`pyrossl.guides.label`): summed out exactly (``enum``), relaxed (``gumbel``, ``st-gumbel``,
 ``logistic-normal``) or sampled (``sample``); a labelled y is always scored exactly.
 """
