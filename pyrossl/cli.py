@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto | cpu | cuda (overrides the recipe)")
     t.add_argument("--seed", type=int, help="random seed (overrides the recipe)")
     t.add_argument("--threads", type=int, help="CPU threads for torch")
+    t.add_argument("--data-dir", help="folder holding the dataset's files (sets data.data_dir)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="evaluate a run directory on its test set")
@@ -67,6 +68,8 @@ def cmd_train(args) -> int:
             overrides.append(f"{flag}={getattr(args, flag)!r}" if flag == "device" else f"{flag}={getattr(args, flag)}")
     if args.quiet:
         overrides.append("train.progress=false")
+    if args.data_dir:
+        overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
     if args.resume:
         out = Path(args.resume)
         if not runs.is_run(out):

@@ -87,6 +87,7 @@ def test_data_info(capsys):
         (["train", "{bad_toml}"], "line 2"),
         (["train", "{tmp}/missing.toml"], "does not exist"),
         (["train", "{recipe}", "--set", "data.name=mnist", "--set", "data.data_dir={tmp}/nothing"], "nothing"),
+        (["train", "{recipe}", "--set", "data.name=fashion-mnist", "--data-dir", "{tmp}/elsewhere"], "elsewhere"),
         (["train", "--resume", "{tmp}"], "not a run directory"),
         (["train"], "needs a recipe"),
         (["eval", "{tmp}"], "not a run directory"),
