@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
+from pyro import poutine
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch import nn
@@ -84,6 +85,7 @@ class LabelGuide(nn.Module):
                  classifier_net: str | None = None, shared_trunk: bool = False):
         super().__init__()
         self.num_classes = num_classes
+        self.z_kl_weight = 1.0  # beta of the z term; the model's z site must carry the same weight
         if shared_trunk:
             # one feature layer h(x) under both q(y|x) and q(z|x, y): the ELBO of every unlabelled
             # image trains the classifier's features, not only its output through the label site
@@ -107,7 +109,8 @@ class LabelGuide(nn.Module):
             if y is None:
                 y = self.label_site(self.classifier(x))
             loc, scale = self.z_encoder(x, y)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            with poutine.scale(scale=self.z_kl_weight):
+                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
 class EnumeratedLabelGuide(LabelGuide):

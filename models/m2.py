@@ -26,6 +26,7 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
@@ -47,6 +48,7 @@ class M2Options:
     net: str = "mlp"  # mlp | conv (28x28 images and the like)
     classifier_net: str | None = None  # the network of q(y|x) alone: mlp | conv; None: as net
     shared_trunk: bool = False  # q(y|x) and q(z|x, y) share their first layer h(x)
+    z_kl_weight: float = 1.0  # beta > 1 squeezes z, so the decoder has to take the class from y
     aux_weight: float = 50.0  # alpha of the auxiliary loss -alpha * log q(y|x) on labelled data; 0 turns it off
     temperature_start: float = 1.0  # gumbel, st-gumbel: t_e = max(end, start * exp(-anneal * (e - 1)))
     temperature_end: float = 0.5
@@ -85,6 +87,7 @@ class M2Model(nn.Module):
 
     def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp"):
         super().__init__()
+        self.z_kl_weight = 1.0  # beta of the z term (log p(z) - log q(z|x,y)); the guide carries the same
         self.register_buffer("prior_logits", torch.zeros(num_classes), persistent=False)
         self.register_buffer("z_loc", torch.zeros(z_dim), persistent=False)
         self.decoder = LabelledDecoder(image_shape, num_classes, z_dim, hidden, act, net)
@@ -97,7 +100,8 @@ class M2Model(nn.Module):
             prior = dist.OneHotCategorical(logits=self.prior_logits.expand(n, -1), validate_args=False)
             y = pyro.sample("y", prior, obs=y)
             loc = self.z_loc.expand(n, -1)
-            z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+            with poutine.scale(scale=self.z_kl_weight):
+                z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
             logits = self.decoder(y, z)
             return pyro.sample("x", pixel_likelihood(logits), obs=None if x is None else x.flatten(1))
 
@@ -132,6 +136,7 @@ class M2(LabelClassifier, ZooModel):
                                shared_trunk=o.shared_trunk, **extra)
         # U(x) is estimated as the guide says; L(x, y) has no label to draw, and with z Gaussian in
         # both model and guide its KL is analytic, whatever the guide
+        self.model.z_kl_weight = self.guide.z_kl_weight = o.z_kl_weight
         self.unlabelled_elbo = guide_cls.make_elbo()
         self.labelled_elbo = TraceMeanField_ELBO()
 

@@ -56,3 +56,20 @@ def test_m2_beats_the_supervised_only_baseline_on_digits(tmp_path):
     # measured on CPU: M2 0.841 / 0.852, baseline 0.760 / 0.774 after 1000 steps (seeds 0 / 1)
     assert m2["test_accuracy"] > baseline["test_accuracy"] + 0.05, (m2["test_accuracy"], baseline["test_accuracy"])
     assert m2["test_accuracy"] > 0.8
+
+
+def test_z_kl_weight_scales_the_z_term_only():
+    """Labelled loss with beta = 3 minus with beta = 1 (same noise) is 2 KL(q(z|x,y) || N(0, I))."""
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16]), "enum")
+    x, y = torch.rand(4, 1, 8, 8), model.one_hot(torch.tensor([0, 1, 2, 0]))
+    losses = {}
+    for beta in (1.0, 3.0):
+        model.model.z_kl_weight = model.guide.z_kl_weight = beta
+        torch.manual_seed(1)
+        losses[beta] = model.labelled_elbo.loss(model.model, model.guide, x, y)
+    loc, scale = model.guide.z_encoder(x, y)
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)).sum()
+    assert losses[3.0] - losses[1.0] == pytest.approx(2 * kl.item(), rel=1e-4)
+    built = M2(META, M2Options(z_dim=2, hidden=[16], z_kl_weight=4.0), "gumbel")
+    assert built.model.z_kl_weight == built.guide.z_kl_weight == 4.0
