@@ -19,6 +19,7 @@ Results go to a Markdown table on stdout and to JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -99,12 +100,12 @@ def time_steps(recipe: str, overrides: list[str], steps: int, warmup: int = 3) -
     for name in ("enum", "gumbel"):
         torch.manual_seed(0)
         entries[name] = build_model(load_config(recipe, overrides + [f"guide={name}"]), data.meta())
-    entries["plain"] = entries["enum"]
-    losses = {
-        "enum": lambda e, x, xl, yl: e(x, xl, yl),
-        "gumbel": lambda e, x, xl, yl: e(x, xl, yl),
-        "plain": plain_enumerated_loss,
-    }
+    entries["plain"] = copy.deepcopy(entries["enum"])  # same weights, its own parameters and optimiser
+
+    def svi_loss(entry, x, xl, yl):
+        return entry(x, xl, yl)
+
+    losses = {"enum": svi_loss, "gumbel": svi_loss, "plain": plain_enumerated_loss}
     optims = {n: torch.optim.Adam(e.parameters(), lr=config.train.lr) for n, e in entries.items()}
     times = {n: [] for n in losses}
     for step in range(warmup + steps):

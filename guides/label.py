@@ -21,9 +21,8 @@ its observed one-hot y exactly, whatever the guide.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import ClassVar
-
 import pyro
 import pyro.distributions as dist
 from pyro import poutine
@@ -39,7 +38,7 @@ def make_classifier(image_shape: Sequence[int], num_classes: int, hidden: Sequen
     """The network of q(y|x): x -> class logits (MLP on flat pixels, or the conv encoder)."""
     if net == "conv":
         return ConvEncoder(image_shape, num_classes, hidden=hidden[0], act=act)
-    num_features = int(torch.tensor(image_shape).prod())
+    num_features = math.prod(image_shape)
     return nn.Sequential(nn.Flatten(), MLP([num_features, *hidden, num_classes], act))
 
 
@@ -47,7 +46,7 @@ def make_features(image_shape: Sequence[int], hidden: Sequence[int], act: str, n
     """The input stage of an encoder: flat pixels (MLP) or conv features; returns it and its width."""
     if net == "conv":
         return ConvEncoder(image_shape, hidden[0], hidden=hidden[0], act=act), hidden[0]
-    return nn.Flatten(), int(torch.tensor(image_shape).prod())
+    return nn.Flatten(), math.prod(image_shape)
 
 
 class ConditionalGaussianEncoder(nn.Module):
@@ -78,9 +77,6 @@ class ConditionalGaussianEncoder(nn.Module):
 class LabelGuide(nn.Module):
     """q(y|x) q(z|x, y); subclasses say how an unobserved y is drawn (:meth:`label_site`)."""
 
-    #: the Pyro ELBO class this guide is trained with
-    elbo_class: ClassVar[type[ELBO]] = TraceMeanField_ELBO
-
     def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp",
                  classifier_net: str | None = None, shared_trunk: bool = False):
         super().__init__()
@@ -99,7 +95,8 @@ class LabelGuide(nn.Module):
 
     @classmethod
     def make_elbo(cls) -> ELBO:
-        return cls.elbo_class()
+        """The Pyro ELBO that estimates the unlabelled term with this guide."""
+        return TraceMeanField_ELBO()
 
     def label_site(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -115,8 +112,6 @@ class LabelGuide(nn.Module):
 
 class EnumeratedLabelGuide(LabelGuide):
     """y summed out exactly: every class in parallel, weighted by q(y|x) (Kingma et al. 2014, eq. 7)."""
-
-    elbo_class = TraceEnum_ELBO
 
     @classmethod
     def make_elbo(cls) -> ELBO:
@@ -159,7 +154,9 @@ class LogisticNormalGuide(LabelGuide):
 class SampledLabelGuide(LabelGuide):
     """y ~ q(y|x) sampled, with the score-function (REINFORCE) gradient: high variance, an ablation baseline."""
 
-    elbo_class = Trace_ELBO
+    @classmethod
+    def make_elbo(cls) -> ELBO:
+        return Trace_ELBO()
 
     def label_site(self, logits):
         return pyro.sample("y", dist.OneHotCategorical(logits=logits))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -18,7 +20,7 @@ class DiagonalNormalGuide(nn.Module):
 
     def __init__(self, image_shape, z_dim: int, hidden=(256,), act: str = "relu", net: str = "mlp"):
         super().__init__()
-        num_features = int(torch.tensor(image_shape).prod())
+        num_features = math.prod(image_shape)
         if net == "conv":
             self.features = ConvEncoder(image_shape, hidden[0], hidden=hidden[0], act=act)
             self.head = GaussianHead([hidden[0], hidden[0], z_dim], act)

@@ -33,7 +33,7 @@ from torch import nn
 from pyrossl import plots
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import confusion_matrix, iwae_log_likelihood
-from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide, LabelGuide
+from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.models.vae import pixel_likelihood
 from pyrossl.nn import check_network_options, MLP, ConvDecoder, activation
@@ -75,7 +75,7 @@ class LabelledDecoder(nn.Module):
         if net == "conv":
             self.net = ConvDecoder(hidden[-1], image_shape, hidden=hidden[-1], act=act)
         else:
-            self.net = MLP([*reversed(hidden), int(torch.tensor(image_shape).prod())], act)
+            self.net = MLP([*reversed(hidden), math.prod(image_shape)], act)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         out = self.net(self.act(self.from_z(z) + self.from_y(y)))
@@ -184,6 +184,11 @@ class M2(LabelClassifier, ZooModel):
         return torch.cat(out)
 
     @torch.no_grad()
+    def decode(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Pixel probabilities of p(x|y, z) as images [n, C, H, W]."""
+        return torch.sigmoid(self.model.decoder(y, z)).reshape(z.shape[0], *self.meta["image_shape"])
+
+    @torch.no_grad()
     def latent(self, x):
         """The mean of q(z|x, y) at the predicted class."""
         return self.guide.z_encoder(x, self.one_hot(self.predict(x)))[0]
@@ -192,7 +197,7 @@ class M2(LabelClassifier, ZooModel):
     def reconstruct(self, x):
         y = self.one_hot(self.predict(x))
         z = self.guide.z_encoder(x, y)[0]
-        return torch.sigmoid(self.model.decoder(y, z)).reshape(x.shape)
+        return self.decode(y, z)
 
     @torch.no_grad()
     def sample(self, n, y=None):
@@ -200,7 +205,7 @@ class M2(LabelClassifier, ZooModel):
         if y is None:
             y = torch.randint(self.meta["num_classes"], (n,), device=device)
         z = torch.randn(n, self.options.z_dim, device=device)
-        return torch.sigmoid(self.model.decoder(self.one_hot(y.to(device)), z)).reshape(n, *self.meta["image_shape"])
+        return self.decode(self.one_hot(y.to(device)), z)
 
     @torch.no_grad()
     def class_conditional_samples(self, columns: int = 10) -> torch.Tensor:
@@ -209,7 +214,7 @@ class M2(LabelClassifier, ZooModel):
         device = self.model.z_loc.device
         z = torch.randn(columns, self.options.z_dim, device=device).repeat(k, 1)
         y = torch.arange(k, device=device).repeat_interleave(columns)
-        return torch.sigmoid(self.model.decoder(self.one_hot(y), z)).reshape(k * columns, *self.meta["image_shape"])
+        return self.decode(self.one_hot(y), z)
 
     def figures(self, folder, x, y):
         folder = Path(folder)

@@ -12,6 +12,7 @@ Bernoulli log-likelihood as a cross-entropy (or binarised per batch with ``data.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from pyrossl.evaluate import iwae_log_likelihood
 from pyrossl.guides.normal import DiagonalNormalGuide
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.nn import check_network_options, ConvDecoder, MLP
-from pyrossl.zoo import ZooModel, batched
+from pyrossl.zoo import ZooModel
 
 
 @dataclass
@@ -51,7 +52,7 @@ class BernoulliDecoder(nn.Module):
         if net == "conv":
             self.net = ConvDecoder(z_dim, image_shape, hidden=hidden[0], act=act)
         else:
-            self.net = MLP([z_dim, *reversed(hidden), int(torch.tensor(image_shape).prod())], act)
+            self.net = MLP([z_dim, *reversed(hidden), math.prod(image_shape)], act)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.net(z)
@@ -131,7 +132,12 @@ class VAE(ZooModel):
             log_w = importance_log_weights(self.model, self.guide, xb, num_samples=num_samples)
             return iwae_log_likelihood(log_w)
 
-        return torch.cat(batched(one, x, batch_size))
+        return torch.cat([one(xb) for xb in torch.split(x, batch_size)])
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixel probabilities of p(x|z) as images [n, C, H, W]."""
+        return torch.sigmoid(self.model.decoder(z)).reshape(z.shape[0], *self.meta["image_shape"])
 
     @torch.no_grad()
     def latent(self, x):
@@ -139,12 +145,12 @@ class VAE(ZooModel):
 
     @torch.no_grad()
     def reconstruct(self, x):
-        return torch.sigmoid(self.model.decoder(self.latent(x))).reshape(x.shape)
+        return self.decode(self.latent(x))
 
     @torch.no_grad()
     def sample(self, n, y=None):
         z = torch.randn(n, self.options.z_dim, device=next(self.parameters()).device)
-        return torch.sigmoid(self.model.decoder(z)).reshape(n, *self.meta["image_shape"])
+        return self.decode(z)
 
     def figures(self, folder, x, y):
         folder = Path(folder)

@@ -90,14 +90,14 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _suggest(name: str, valid: list[str]) -> str:
+def suggest(name: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
 
 
 def unknown_key(key: str, valid: list[str], what: str = "key") -> ConfigError:
     """The error for a name that is not in ``valid`` (a config key, a model...), naming the closest valid one."""
-    return ConfigError(f"unknown {what} '{key}'{_suggest(key, valid)}")
+    return ConfigError(f"unknown {what} '{key}'{suggest(key, valid)}")
 
 
 def coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -32,18 +32,6 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
-class Concat(nn.Module):
-    """Concatenate inputs on the last dimension, broadcasting their batch dimensions.
-
-    Enumerated or vectorised particles add leading batch dimensions to some inputs only
-    (``y`` enumerated over classes, ``x`` not): they are broadcast before concatenation.
-    """
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        shape = torch.broadcast_shapes(*(t.shape[:-1] for t in inputs))
-        return torch.cat([t.expand(shape + t.shape[-1:]) for t in inputs], dim=-1)
-
-
 class GaussianHead(nn.Module):
     """An MLP whose output is the location and (softplus) scale of a diagonal Gaussian."""
 

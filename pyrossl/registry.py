@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
-
-from pyrossl.config import Config, unknown_key
+from pyrossl.config import Config, suggest, unknown_key
 from pyrossl.errors import ConfigError
 from pyrossl.models.classifier import Classifier
 from pyrossl.models.m2 import M2
@@ -26,9 +24,7 @@ def resolve_guide(cls: type[ZooModel], guide: str | None) -> str:
     if guide is None:
         return cls.default_guide
     if guide not in cls.guides:
-        close = difflib.get_close_matches(guide, list(cls.guides), n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"guide '{guide}' does not fit model '{cls.name}' ({hint}its guides: {', '.join(cls.guides)})")
+        raise ConfigError(f"guide '{guide}' does not fit model '{cls.name}'{suggest(guide, list(cls.guides))}")
     return guide
 
 

@@ -130,7 +130,3 @@ class LabelClassifier:
         pred = self.class_logits(x, batch_size).argmax(-1)
         return classification_metrics(pred.cpu(), y.cpu(), self.meta["num_classes"])
 
-
-def batched(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_size: int) -> list:
-    """``fn`` applied to consecutive slices of ``x`` of at most ``batch_size`` rows."""
-    return [fn(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]

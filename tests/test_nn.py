@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pyrossl.errors import ConfigError
-from pyrossl.nn import MLP, Concat, ConvDecoder, ConvEncoder, GaussianHead, check_conv_shape
+from pyrossl.nn import MLP, ConvDecoder, ConvEncoder, GaussianHead, check_conv_shape
 
 
 def test_mlp_layers():
@@ -14,12 +14,6 @@ def test_mlp_layers():
 def test_gaussian_head_scale_is_positive():
     loc, scale = GaussianHead([4, 8, 2])(torch.randn(10, 4) * 100)
     assert loc.shape == scale.shape == (10, 2) and (scale > 0).all()
-
-
-def test_concat_broadcasts_leading_dimensions():
-    y = torch.eye(3).reshape(3, 1, 3)  # enumerated: [classes, 1, K]
-    x = torch.zeros(4, 5)
-    assert Concat()(x, y).shape == (3, 4, 8)
 
 
 def test_conv_shapes_round_trip():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.distributions import OneHotCategorical, TorchDistribution
+from pyro.distributions import TorchDistribution
 from torch.distributions import constraints, kl_divergence, register_kl
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -44,10 +44,6 @@ class _RelaxedLabel(TorchDistribution):
     @property
     def mean(self) -> torch.Tensor:
         return self.probs
-
-    def categorical(self) -> OneHotCategorical:
-        """The categorical this relaxes."""
-        return OneHotCategorical(logits=self.logits)
 
     def _log_value(self, value: torch.Tensor) -> torch.Tensor:
         return value.clamp_min(_TINY).log()
