@@ -291,9 +291,9 @@ class Trainer:
             losses = [self._step(u, l) for u, l in self._batches()]
             losses = [v for v in losses if v is not None]
             self.epoch = epoch
-            logs.update(self.model.end_epoch(epoch, lambda: self._training_tensors()))
-            train_seconds = time.perf_counter() - start
             evaluate = epoch % c.train.eval_every == 0 or epoch == c.train.epochs
+            logs.update(self.model.end_epoch(epoch, lambda: self._training_tensors(), evaluating=evaluate))
+            train_seconds = time.perf_counter() - start
             metrics = self._evaluate() if evaluate else {}
             self.seconds += time.perf_counter() - start
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
@@ -311,8 +311,11 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
 
     def _training_tensors(self) -> dict:
-        train = torch.cat([self.split.unlabelled, self.split.labelled]).to(self.device)
-        return {"x": self.data.x[train], "y": self.data.y[train], "labelled": self.split.labelled.to(self.device)}
+        """Every training image (``x``), and the labelled ones with their labels: unlabelled labels never leave here."""
+        split = self.split
+        labelled = split.labelled.to(self.device)
+        train = torch.cat([split.unlabelled.to(self.device), labelled])
+        return {"x": self.data.x[train], "x_labelled": self.data.x[labelled], "y_labelled": self.data.y[labelled]}
 
     def finish(self) -> dict:
         """Evaluate the best and the last epoch on the test set; write summary.json and the figures."""

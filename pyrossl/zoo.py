@@ -65,10 +65,13 @@ class ZooModel(nn.Module):
         """Called before each epoch (1-based): update schedules; returns values to log (e.g. temperature)."""
         return {}
 
-    def end_epoch(self, epoch: int, encode_data: Callable[[], dict]) -> dict:
+    def end_epoch(self, epoch: int, encode_data: Callable[[], dict], evaluating: bool = True) -> dict:
         """Called after each epoch's steps: a non-SVI stage (a mixture fit, say) may run here.
 
-        ``encode_data()`` gives the training tensors on demand. Returns values to log.
+        ``encode_data()`` gives the training tensors on demand: ``x`` (every training image) and
+        ``x_labelled``, ``y_labelled`` (the labelled ones). ``evaluating`` says whether the model is
+        evaluated after this epoch (``train.eval_every``; always after the last one), so a costly
+        stage that only evaluation needs can wait. Returns values to log.
         """
         return {}
 

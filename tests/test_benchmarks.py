@@ -45,3 +45,20 @@ def test_plain_enumerated_loss_matches_the_svi_loss():
         lab = TraceMeanField_ELBO(num_particles=20000, vectorize_particles=True)
         svi = unl.loss(entry.model, entry.guide, x) / 2 + lab.loss(entry.model, entry.guide, xl, entry.one_hot(yl)) / 2
     assert plain.item() == __import__("pytest").approx(svi, rel=3e-3)
+
+
+def test_gae_benchmark_runs_and_writes_json_and_the_contrast_figure(tmp_path, capsys):
+    bench = _load("gae")
+    recipe = tmp_path / "gae-digits.toml"
+    recipe.write_text(
+        'model = "gae"\n[data]\nname = "digits"\nvalidation = 0.1\ntest = 0.2\n'
+        '[train]\nepochs = 2\nbatch_size = 64\n[options]\nz_dim = 4\nhidden = [32]\ncomponents = 2\n'
+    )
+    out = tmp_path / "gae.json"
+    result = bench.main(["--recipes", str(recipe), "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
+                         "--out", str(out), "--vae-epochs", "1", "--figure", str(tmp_path / "interp.png")])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["dataset"] == "digits" and len(row["per_seed"]) == 2 and 0 <= row["test_accuracy"] <= 1
+    assert "novelty_rate_other" not in row  # digits (8x8) has no other dataset of its shape
+    assert (tmp_path / "interp.png").stat().st_size > 0 and result["figure"]
+    assert "| digits (2 seeds) |" in capsys.readouterr().out
