@@ -48,7 +48,7 @@ class GAEOptions:
     net: str = "mlp"  # mlp | conv
     components: int = 6  # mixture components per class
     covariance: str = "full"  # full | diag | tied | spherical
-    reg_covar: float = 1e-4  # added to the covariances' diagonal (codes are standardised)
+    reg_covar: float = 1e-2  # added to the covariances' diagonal (codes are standardised)
     n_init: int = 1  # EM restarts per mixture
     novelty_quantile: float = 0.01  # threshold: the log p(z) this fraction of training codes falls below
     single_mixture: bool = True  # also fit one mixture of num_classes components to all codes (no labels)

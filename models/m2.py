@@ -225,4 +225,6 @@ class M2(LabelClassifier, ZooModel):
                                   title="p(x|y,z): one class per row, one z per column", row_labels=classes),
             plots.plot_confusion(cm, classes, folder / "confusion.png"),
             plots.plot_reconstructions(x[:10].cpu(), self.reconstruct(x[:10]).cpu(), folder / "reconstructions.png"),
+            plots.plot_latent_pca(self.latent(x[:1000]).cpu(), y[:1000].cpu(), folder / "latent_tsne.png", classes=classes,
+                                  title="t-SNE of the means of q(z|x, y = predicted class)", method="tsne"),
         ]

@@ -254,6 +254,14 @@ def _pca_2d(z: np.ndarray) -> tuple[np.ndarray, tuple[float, float] | None]:
     return projected, (float(ratio[0]), float(ratio[1]))
 
 
+def _tsne_2d(z: np.ndarray) -> np.ndarray:
+    """A seeded 2-D t-SNE embedding of ``z`` (scikit-learn; PCA initialisation)."""
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, max(1.0, (z.shape[0] - 1) / 3))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(z)
+
+
 def plot_latent_pca(
     z: ArrayLike,
     labels: ArrayLike,
@@ -261,10 +269,12 @@ def plot_latent_pca(
     classes: Sequence[str] | None = None,
     title: str | None = None,
     ax: Axes | None = None,
+    method: str = "pca",
 ) -> Path | None:
     """Scatter the latent codes ``z [N, D]`` on their first two principal components, by label.
 
-    ``D > 2`` is reduced with PCA (scikit-learn), ``D == 2`` is drawn as it is. Points are coloured
+    ``D > 2`` is reduced with PCA (scikit-learn), ``D == 2`` is drawn as it is; ``method="tsne"``
+    draws a t-SNE embedding instead (any D >= 2; seeded). Points are coloured
     by ``labels [N]`` (integer classes), with a legend naming each class by ``classes[label]``.
 
     With ``ax`` the scatter goes on that axes (a caller's figure, for instance in a notebook); the
@@ -281,7 +291,9 @@ def plot_latent_pca(
         )
     if ax is None and path is None:
         raise ValueError("plot_latent_pca needs a path to save to when no ax is given")
-    points, ratio = _pca_2d(codes)
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"method must be 'pca' or 'tsne', not {method!r}")
+    points, ratio = _pca_2d(codes) if method == "pca" else (_tsne_2d(codes), None)
 
     fig = None
     if ax is None:
@@ -297,7 +309,10 @@ def plot_latent_pca(
         ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.7, color=cmap(index % cmap.N),
                    label=name)
     ax.legend(markerscale=2, fontsize=7, loc="best")
-    if ratio is None:
+    if method == "tsne":
+        ax.set_xlabel("t-SNE 1")
+        ax.set_ylabel("t-SNE 2")
+    elif ratio is None:
         ax.set_xlabel("z[0]")
         ax.set_ylabel("z[1]")
     else:

@@ -56,6 +56,8 @@ def test_m2_beats_the_supervised_only_baseline_on_digits(tmp_path):
     # measured on CPU: M2 0.841 / 0.852, baseline 0.760 / 0.774 after 1000 steps (seeds 0 / 1)
     assert m2["test_accuracy"] > baseline["test_accuracy"] + 0.05, (m2["test_accuracy"], baseline["test_accuracy"])
     assert m2["test_accuracy"] > 0.8
+    for name in ("class_samples", "latent_pca", "latent_tsne", "confusion"):
+        assert (tmp_path / "m2" / "figures" / f"{name}.png").stat().st_size > 0
 
 
 def test_z_kl_weight_scales_the_z_term_only():

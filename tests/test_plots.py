@@ -107,6 +107,18 @@ def test_plot_latent_pca(tmp_path):
         plots.plot_latent_pca(z, labels[:5], tmp_path / "bad.png")
 
 
+def test_plot_latent_tsne_keeps_separated_classes_apart(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    z = torch.randn(60, 8, generator=g) * 0.3 + 10 * torch.nn.functional.one_hot(labels, 8)
+    assert_png(plots.plot_latent_pca(z, labels, tmp_path / "tsne.png", method="tsne"))
+    points = plots._tsne_2d(z.double().numpy())
+    nearest = torch.cdist(torch.from_numpy(points), torch.from_numpy(points)).fill_diagonal_(float("inf")).argmin(1)
+    assert (labels[nearest] == labels).all()
+    with pytest.raises(ValueError, match="method"):
+        plots.plot_latent_pca(z, labels, tmp_path / "bad.png", method="umap")
+
+
 def test_plot_latent_pca_on_a_given_axes(tmp_path):
     fig = Figure()
     ax = fig.add_subplot()
