@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from pyrossl import plots, runs
+from pyrossl import plots
 from pyrossl.config import config_from_dict, load_config
 from pyrossl.data import load_dataset
 from pyrossl.models.gae import class_pairs, latent_interpolation
 from pyrossl.runs import load_run
-from pyrossl.train import train
+from pyrossl.train import train_to_completion
 
 PUBLISHED = {"fashion-mnist": 0.8538, "mnist5k": 0.9766}  # the post; its MNIST figure is on full MNIST
 OTHER = {"fashion-mnist": "mnist5k", "mnist5k": "fashion-mnist"}
@@ -35,12 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_one(recipe: str, overrides: list[str], out: Path) -> dict:
     """Train (or finish, or just read) one run directory; returns its summary."""
-    config = load_config(recipe, overrides + ["train.progress=false"])
-    if (out / runs.SUMMARY).exists():
-        summary = json.loads((out / runs.SUMMARY).read_text())
-        if summary["epochs"] == config.train.epochs:
-            return summary
-    return train(config, out, resume=(out / runs.CHECKPOINT).exists())
+    return train_to_completion(load_config(recipe, overrides + ["train.progress=false"]), out)
 
 
 def other_images(name: str, shape, limit: int = 5000) -> torch.Tensor | None:
@@ -95,9 +90,7 @@ def train_contrast_vae(gae_run, epochs: int, out: Path):
         "train": {"epochs": epochs, "batch_size": c.train.batch_size, "lr": c.train.lr, "progress": False, "iwae_samples": 0},
         "options": {"z_dim": o["z_dim"], "hidden": o["hidden"], "act": o["act"], "net": o["net"]},
     }
-    config = config_from_dict(raw)
-    if not (out / runs.SUMMARY).exists():
-        train(config, out, resume=(out / runs.CHECKPOINT).exists())
+    train_to_completion(config_from_dict(raw), out)
     return load_run(out)
 
 

@@ -32,19 +32,14 @@ import torch.nn.functional as F
 from pyrossl import runs
 from pyrossl.config import load_config
 from pyrossl.registry import build_model
-from pyrossl.train import train
+from pyrossl.train import train_to_completion
 
 GUIDES = "enum,gumbel,st-gumbel,logistic-normal,sample"
 
 
 def run_one(recipe: str, overrides: list[str], out: Path) -> dict:
     """Train (or finish, or just read) one run directory; returns its summary."""
-    config = load_config(recipe, overrides + ["train.progress=false"])
-    if (out / runs.SUMMARY).exists():
-        summary = json.loads((out / runs.SUMMARY).read_text())
-        if summary["epochs"] == config.train.epochs:
-            return summary
-    return train(config, out, resume=(out / runs.CHECKPOINT).exists())
+    return train_to_completion(load_config(recipe, overrides + ["train.progress=false"]), out)
 
 
 def epoch_stats(out: Path, summary: dict) -> dict:

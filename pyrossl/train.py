@@ -395,3 +395,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def train(config: Config, out: str | Path, resume: bool = False) -> dict:
     """Train ``config`` into the run directory ``out``; returns the summary (also in ``summary.json``)."""
     return Trainer(config, out, resume=resume).fit()
+
+
+def train_to_completion(config: Config, out: str | Path) -> dict:
+    """The summary of ``out`` trained to ``config.train.epochs``: read when complete, else resumed or started.
+
+    What benchmarks and ablations use, so that re-running them finishes only what is missing.
+    """
+    import json
+
+    out = Path(out)
+    if (out / runs.SUMMARY).exists():
+        summary = json.loads((out / runs.SUMMARY).read_text())
+        if summary["epochs"] == config.train.epochs:
+            return summary
+    return train(config, out, resume=(out / runs.CHECKPOINT).exists())

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 from pyrossl import runs
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError
-from pyrossl.train import Trainer, train
+from pyrossl.train import Trainer, train, train_to_completion
 
 
 def _params(run_dir, name=runs.CHECKPOINT):
@@ -166,3 +166,14 @@ def test_no_finite_validation_score_falls_back_to_the_last_epoch(tmp_path, monke
     monkeypatch.setattr(VAE, "evaluate", lambda self, x, y, batch_size=1000: {**evaluate(self, x, y, batch_size), "elbo": float("nan")})
     summary = train(tiny_config(**{"train.epochs": 2}), tmp_path / "run")
     assert summary["best"] == summary["last"]
+
+
+def test_train_to_completion_reads_a_finished_run_and_finishes_an_unfinished_one(tmp_path):
+    config = tiny_config(**{"train.epochs": 2})
+    first = train_to_completion(config, tmp_path / "run")
+    stamp = (tmp_path / "run" / runs.CHECKPOINT).stat().st_mtime_ns
+    assert train_to_completion(config, tmp_path / "run") == first  # read, not retrained
+    assert (tmp_path / "run" / runs.CHECKPOINT).stat().st_mtime_ns == stamp
+    (tmp_path / "run" / runs.SUMMARY).unlink()  # as if killed before the summary was written
+    again = train_to_completion(config, tmp_path / "run")
+    assert again["epochs"] == 2 and again["best"]["test_elbo"] == first["best"]["test_elbo"]
