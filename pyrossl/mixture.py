@@ -191,3 +191,118 @@ class GaussianMixtureClassifier(nn.Module):
             rows = (y == c).nonzero().flatten()
             x[rows.to(device)] = self.mixtures.sample(rows.numel(), c, generator=generator)
         return x, y.to(device)
+
+
+class PyroGaussianMixture(nn.Module):
+    """A Gaussian mixture written as a Pyro model, fitted by EM with the E-step done by enumeration.
+
+        c_n ~ Cat(pi),   z_n ~ N(mu_{c_n}, Sigma_{c_n})        (full covariances)
+
+    The E-step asks Pyro for the posterior of the enumerated site ``c`` given the points
+    (``TraceEnum_ELBO.compute_marginals``: exact, all components in parallel); the M-step is the
+    closed-form maximum-likelihood update of pi, mu and Sigma under those responsibilities, with
+    ``reg_covar`` added to each covariance's diagonal. Initialisation is seeded k-means++ with a few
+    Lloyd steps; with ``n_init`` > 1 the restart with the highest log-likelihood wins. The
+    log-likelihood is the same program's ``TraceEnum_ELBO`` with an empty guide, which is exact:
+    log p(z) = log sum_c p(c) p(z|c). Parameters are buffers: a fitted mixture is a ``state_dict``.
+    """
+
+    def __init__(self, n_components: int, dim: int, reg_covar: float = 1e-6, max_iter: int = 200, tol: float = 1e-4,
+                 n_init: int = 1, seed: int = 0):
+        super().__init__()
+        check_mixture_options(n_components, "full", reg_covar)
+        self.reg_covar, self.max_iter, self.tol, self.n_init, self.seed = reg_covar, max_iter, tol, n_init, seed
+        k, d = n_components, dim
+        self.register_buffer("log_weights", torch.full((k,), -math.log(k)))
+        self.register_buffer("means", torch.zeros(k, d))
+        self.register_buffer("scale_tril", torch.eye(d).expand(k, d, d).clone())
+        self.n_iter = 0
+
+    @property
+    def n_components(self) -> int:
+        return self.log_weights.shape[0]
+
+    # --- the Pyro program -------------------------------------------------------------------
+    def model(self, z: torch.Tensor) -> None:
+        import pyro
+        import pyro.distributions as dist
+
+        with pyro.plate("data", z.shape[0]):
+            c = pyro.sample("c", dist.Categorical(logits=self.log_weights), infer={"enumerate": "parallel"})
+            pyro.sample("z", dist.MultivariateNormal(self.means[c], scale_tril=self.scale_tril[c]), obs=z)
+
+    def guide(self, z: torch.Tensor) -> None:
+        """Nothing to sample: c is enumerated in the model."""
+
+    def _elbo(self):
+        from pyro.infer import TraceEnum_ELBO
+
+        return TraceEnum_ELBO(max_plate_nesting=1)
+
+    @torch.no_grad()
+    def log_likelihood(self, z: torch.Tensor) -> float:
+        """sum_n log p(z_n), exact (the enumerated ELBO with an empty guide)."""
+        return -self._elbo().loss(self.model, self.guide, z)
+
+    @torch.no_grad()
+    def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        """p(c | z_n) for every point: [n, K] (Pyro's exact marginal of the enumerated site)."""
+        return self._elbo().compute_marginals(self.model, self.guide, z)["c"].probs
+
+    @torch.no_grad()
+    def predict(self, z: torch.Tensor) -> torch.Tensor:
+        return self.responsibilities(z).argmax(-1)
+
+    # --- EM -----------------------------------------------------------------------------------
+    def _kmeans_init(self, z: torch.Tensor, g: torch.Generator, lloyd_steps: int = 10) -> torch.Tensor:
+        """Hard assignments from seeded k-means++ and a few Lloyd steps."""
+        n, k = z.shape[0], self.n_components
+        centres = z[torch.randint(n, (1,), generator=g)]
+        for _ in range(1, k):
+            d2 = torch.cdist(z, centres).min(1).values.pow(2)
+            centres = torch.cat([centres, z[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
+        for _ in range(lloyd_steps):
+            labels = torch.cdist(z, centres).argmin(1)
+            for j in range(k):
+                members = z[labels == j]
+                if members.shape[0]:
+                    centres[j] = members.mean(0)
+        return torch.nn.functional.one_hot(torch.cdist(z, centres).argmin(1), k).to(z.dtype)
+
+    def _m_step(self, z: torch.Tensor, resp: torch.Tensor) -> None:
+        n, d = z.shape
+        counts = resp.sum(0) + 10 * torch.finfo(z.dtype).eps
+        means = resp.T @ z / counts[:, None]
+        diff = z[None] - means[:, None]  # [K, n, d]
+        cov = torch.einsum("kn,kni,knj->kij", resp.T, diff, diff) / counts[:, None, None]
+        cov = cov + self.reg_covar * torch.eye(d, dtype=z.dtype)
+        self.log_weights.copy_((counts / n).log().to(self.log_weights))
+        self.means.copy_(means.to(self.means))
+        self.scale_tril.copy_(torch.linalg.cholesky(cov).to(self.scale_tril))
+
+    @torch.no_grad()
+    def fit(self, z: torch.Tensor) -> PyroGaussianMixture:
+        """Maximum-likelihood fit of the mixture to the points ``z`` [n, d] by EM; returns self."""
+        if z.shape[0] < self.n_components:
+            raise ConfigError(f"{z.shape[0]} points cannot fit a mixture of {self.n_components} components")
+        device, dtype = self.means.device, self.means.dtype
+        self.double().cpu()
+        z64 = z.detach().cpu().double()
+        g = torch.Generator().manual_seed(self.seed)
+        best, best_ll, best_iter = None, -math.inf, 0
+        for _ in range(self.n_init):
+            self._m_step(z64, self._kmeans_init(z64, g))
+            ll = self.log_likelihood(z64) / z64.shape[0]
+            for iteration in range(1, self.max_iter + 1):
+                self._m_step(z64, self.responsibilities(z64))
+                new_ll = self.log_likelihood(z64) / z64.shape[0]
+                converged = abs(new_ll - ll) < self.tol
+                ll = new_ll
+                if converged:
+                    break
+            if ll > best_ll:
+                best, best_ll, best_iter = {k: v.clone() for k, v in self.state_dict().items()}, ll, iteration
+        self.load_state_dict(best)
+        self.n_iter = best_iter
+        self.to(device, dtype)
+        return self
