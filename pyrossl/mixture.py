@@ -201,8 +201,8 @@ class PyroGaussianMixture(nn.Module):
     The E-step asks Pyro for the posterior of the enumerated site ``c`` given the points
     (``TraceEnum_ELBO.compute_marginals``: exact, all components in parallel); the M-step is the
     closed-form maximum-likelihood update of pi, mu and Sigma under those responsibilities, with
-    ``reg_covar`` added to each covariance's diagonal. Initialisation is seeded k-means++ with a few
-    Lloyd steps; with ``n_init`` > 1 the restart with the highest log-likelihood wins. The
+    ``reg_covar`` added to each covariance's diagonal. Initialisation is seeded k-means++ and Lloyd's
+    algorithm run to convergence; with ``n_init`` > 1 the restart with the highest log-likelihood wins. The
     log-likelihood is the same program's ``TraceEnum_ELBO`` with an empty guide, which is exact:
     log p(z) = log sum_c p(c) p(z|c). Parameters are buffers: a fitted mixture is a ``state_dict``.
     """
@@ -254,20 +254,24 @@ class PyroGaussianMixture(nn.Module):
         return self.responsibilities(z).argmax(-1)
 
     # --- EM -----------------------------------------------------------------------------------
-    def _kmeans_init(self, z: torch.Tensor, g: torch.Generator, lloyd_steps: int = 10) -> torch.Tensor:
-        """Hard assignments from seeded k-means++ and a few Lloyd steps."""
+    def _kmeans_init(self, z: torch.Tensor, g: torch.Generator, max_steps: int = 300) -> torch.Tensor:
+        """Hard assignments from seeded k-means++ and Lloyd steps until no point changes cluster."""
         n, k = z.shape[0], self.n_components
         centres = z[torch.randint(n, (1,), generator=g)]
         for _ in range(1, k):
             d2 = torch.cdist(z, centres).min(1).values.pow(2)
             centres = torch.cat([centres, z[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
-        for _ in range(lloyd_steps):
-            labels = torch.cdist(z, centres).argmin(1)
+        labels = torch.cdist(z, centres).argmin(1)
+        for _ in range(max_steps):
             for j in range(k):
                 members = z[labels == j]
                 if members.shape[0]:
                     centres[j] = members.mean(0)
-        return torch.nn.functional.one_hot(torch.cdist(z, centres).argmin(1), k).to(z.dtype)
+            new_labels = torch.cdist(z, centres).argmin(1)
+            if torch.equal(new_labels, labels):
+                break
+            labels = new_labels
+        return torch.nn.functional.one_hot(labels, k).to(z.dtype)
 
     def _m_step(self, z: torch.Tensor, resp: torch.Tensor) -> None:
         n, d = z.shape

@@ -62,3 +62,13 @@ def test_gae_benchmark_runs_and_writes_json_and_the_contrast_figure(tmp_path, ca
     assert "novelty_rate_other" not in row  # digits (8x8) has no other dataset of its shape
     assert (tmp_path / "interp.png").stat().st_size > 0 and result["figure"]
     assert "| digits (2 seeds) |" in capsys.readouterr().out
+
+
+def test_gmm_vae_baselines_run_and_write_json(tmp_path, capsys):
+    bench = _load("gmm_vae")
+    out = tmp_path / "gmm.json"
+    result = bench.main(["--dataset", "digits", "--per-class", "30", "--seeds", "0,1", "--out", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"kmeans-pixels", "gmm-pca18-sklearn", "gmm-pca18-pyro"} and len(result["rows"]) == 3
+    assert all(r["points"] == 300 and 0 < r["cluster_accuracy"] <= 1 for r in rows.values())
+    assert "| gmm-pca18-pyro |" in capsys.readouterr().out
