@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch
 from pyrossl import plots
 from pyrossl.config import config_from_dict, load_config
 from pyrossl.data import load_dataset
+from pyrossl.evaluate import mean_sd
 from pyrossl.models.gae import class_pairs, latent_interpolation
 from pyrossl.runs import load_run
 from pyrossl.train import train_to_completion
@@ -47,10 +47,6 @@ def other_images(name: str, shape, limit: int = 5000) -> torch.Tensor | None:
     if tuple(data.x.shape[1:]) != tuple(shape):
         return None
     return data.x[:limit]
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def benchmark_recipe(recipe: str, seeds: list[int], overrides: list[str], runs_dir: Path) -> tuple[dict, list[Path]]:

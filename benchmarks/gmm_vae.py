@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from pyrossl.data import load_dataset, make_split
-from pyrossl.evaluate import clustering_metrics
+from pyrossl.evaluate import clustering_metrics, mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = "kmeans-pixels,gmm-pca18-sklearn,gmm-pca18-pyro"
@@ -101,9 +100,7 @@ def main(argv=None) -> dict:
         row = {"method": method, "points": len(y), "per_seed": per_seed}
         for key in per_seed[0]:
             if key != "seed":
-                values = [r[key] for r in per_seed]
-                row[key] = statistics.mean(values)
-                row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                row[key], row[key + "_sd"] = mean_sd([r[key] for r in per_seed])
         rows.append(row)
     print(table(rows))
     result = {"rows": rows}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from pyrossl import runs
 from pyrossl.config import load_config
+from pyrossl.evaluate import mean_sd
 from pyrossl.registry import build_model
 from pyrossl.train import train_to_completion
 
@@ -122,10 +123,6 @@ def time_steps(recipe: str, overrides: list[str], steps: int, warmup: int = 3) -
         "enum_over_plain": ms["enum"] / ms["plain"],
         "gumbel_over_enum": ms["gumbel"] / ms["enum"],
     }
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def main(argv=None) -> dict:

@@ -14,6 +14,8 @@ al. 2018), which papers built on Serket report and which can stop short of the o
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -273,3 +275,11 @@ def iwae_log_likelihood(log_weights: ArrayLike) -> torch.Tensor:
     if w.shape[0] == 0:
         raise ValueError("log_weights has K = 0 samples: need at least one per example")
     return torch.logsumexp(w, dim=0) - math.log(w.shape[0])
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of a metric over runs (seeds); the sd of one run is 0."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_sd needs at least one value")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

@@ -278,3 +278,12 @@ def test_other_bad_input():
         ev.iwae_log_likelihood(torch.zeros(3))
     with pytest.raises(ValueError, match="K = 0"):
         ev.iwae_log_likelihood(torch.zeros(0, 3))
+
+
+def test_mean_sd_over_seeds():
+    from pyrossl.evaluate import mean_sd
+
+    assert mean_sd([0.8, 0.9, 1.0]) == pytest.approx((0.9, 0.1))
+    assert mean_sd([0.7]) == (0.7, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_sd([])
