@@ -137,7 +137,13 @@ class GAE(ZooModel):
     @torch.no_grad()
     def codes(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """Standardised codes (the space the mixtures live in)."""
-        return (self.latent(x, batch_size) - self.code_mean) / self.code_scale
+        return self._standardise(self.latent(x, batch_size))
+
+    def _standardise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.code_mean) / self.code_scale
+
+    def _unstandardise(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.code_scale + self.code_mean
 
     @torch.no_grad()
     def fit_mixtures(self, x: torch.Tensor, x_labelled: torch.Tensor, y_labelled: torch.Tensor) -> None:
@@ -154,7 +160,7 @@ class GAE(ZooModel):
             if z.shape[0] > self.options.single_mixture_points:
                 g = torch.Generator().manual_seed(0)
                 z = z[torch.randperm(z.shape[0], generator=g)[: self.options.single_mixture_points].to(z.device)]
-            self.clusters.fit([(z - self.code_mean) / self.code_scale])
+            self.clusters.fit([self._standardise(z)])
         self.train(was_training)
 
     def end_epoch(self, epoch, encode_data, evaluating=True):
@@ -195,15 +201,16 @@ class GAE(ZooModel):
     @torch.no_grad()
     def evaluate(self, x, y, batch_size=1000):
         self._check_fitted()
-        z = self.codes(x, batch_size)
+        raw = self.latent(x, batch_size)
+        z = self._standardise(raw)
         y = y.cpu()
         metrics = classification_metrics(self.classifier.predict(z).cpu(), y, self.meta["num_classes"])
         metrics["novelty_rate"] = self.classifier.is_novel(z).double().mean().item()
         if self.clusters is not None:
             clusters = self.clusters.responsibilities(z).argmax(-1).cpu()
             metrics.update(clustering_metrics(clusters, y, prefix="single_mixture_"))
-        bce = sum(nn.functional.binary_cross_entropy(self.reconstruct(xb), xb, reduction="sum").item()
-                  for xb in torch.split(x, batch_size))
+        bce = sum(nn.functional.binary_cross_entropy(self.decode(zb), xb, reduction="sum").item()
+                  for zb, xb in zip(torch.split(raw, batch_size), torch.split(x, batch_size)))
         metrics["reconstruction_bce"] = bce / x.shape[0]
         return metrics
 
@@ -221,9 +228,6 @@ class GAE(ZooModel):
     @torch.no_grad()
     def reconstruct(self, x):
         return self.decode(self.latent(x))
-
-    def _unstandardise(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.code_scale + self.code_mean
 
     @torch.no_grad()
     def sample(self, n, y=None, generator: torch.Generator | None = None):
