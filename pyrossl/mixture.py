@@ -16,7 +16,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import torch
+from pyro.infer import TraceEnum_ELBO
 from torch import nn
 
 from pyrossl.errors import ConfigError
@@ -216,6 +219,7 @@ class PyroGaussianMixture(nn.Module):
         self.register_buffer("log_weights", torch.full((k,), -math.log(k)))
         self.register_buffer("means", torch.zeros(k, d))
         self.register_buffer("scale_tril", torch.eye(d).expand(k, d, d).clone())
+        self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
         self.n_iter = 0
 
     @property
@@ -224,9 +228,6 @@ class PyroGaussianMixture(nn.Module):
 
     # --- the Pyro program -------------------------------------------------------------------
     def model(self, z: torch.Tensor) -> None:
-        import pyro
-        import pyro.distributions as dist
-
         with pyro.plate("data", z.shape[0]):
             c = pyro.sample("c", dist.Categorical(logits=self.log_weights), infer={"enumerate": "parallel"})
             pyro.sample("z", dist.MultivariateNormal(self.means[c], scale_tril=self.scale_tril[c]), obs=z)
@@ -234,20 +235,15 @@ class PyroGaussianMixture(nn.Module):
     def guide(self, z: torch.Tensor) -> None:
         """Nothing to sample: c is enumerated in the model."""
 
-    def _elbo(self):
-        from pyro.infer import TraceEnum_ELBO
-
-        return TraceEnum_ELBO(max_plate_nesting=1)
-
     @torch.no_grad()
     def log_likelihood(self, z: torch.Tensor) -> float:
         """sum_n log p(z_n), exact (the enumerated ELBO with an empty guide)."""
-        return -self._elbo().loss(self.model, self.guide, z)
+        return -self.elbo.loss(self.model, self.guide, z)
 
     @torch.no_grad()
     def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
         """p(c | z_n) for every point: [n, K] (Pyro's exact marginal of the enumerated site)."""
-        return self._elbo().compute_marginals(self.model, self.guide, z)["c"].probs
+        return self.elbo.compute_marginals(self.model, self.guide, z)["c"].probs
 
     @torch.no_grad()
     def predict(self, z: torch.Tensor) -> torch.Tensor:
