@@ -112,6 +112,12 @@ def write_config(run_dir: Path, config: Config) -> None:
     atomic_write_text(Path(run_dir) / CONFIG, dumps(config))
 
 
+def read_summary(run_dir: Path) -> dict:
+    """The run's ``summary.json``; empty while the run has not finished."""
+    path = Path(run_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def read_config(run_dir: Path) -> Config:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
@@ -183,8 +189,7 @@ def load_run(path: str | Path, which: str = "best", device: str = "cpu") -> Run:
     from pyrossl.train import resolve_device
 
     model.to(resolve_device(device)).eval()
-    summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).exists() else {}
-    return Run(path, config, model, dataset, split, read_metrics(path), summary)
+    return Run(path, config, model, dataset, split, read_metrics(path), read_summary(path))
 
 
 def load_dataset_for(config: Config):

@@ -402,11 +402,8 @@ def train_to_completion(config: Config, out: str | Path) -> dict:
 
     What benchmarks and ablations use, so that re-running them finishes only what is missing.
     """
-    import json
-
     out = Path(out)
-    if (out / runs.SUMMARY).exists():
-        summary = json.loads((out / runs.SUMMARY).read_text())
-        if summary["epochs"] == config.train.epochs:
-            return summary
+    summary = runs.read_summary(out)
+    if summary.get("epochs") == config.train.epochs:
+        return summary
     return train(config, out, resume=(out / runs.CHECKPOINT).exists())
