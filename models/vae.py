@@ -96,9 +96,14 @@ class VAE(ZooModel):
         o = options
         shape = meta["image_shape"]
         self.loss = TraceMeanField_ELBO()(
-            VAEModel(shape, o.z_dim, o.hidden, o.act, o.net, o.beta),
+            VAEModel(shape, o.z_dim, o.hidden, o.act, o.net),
             DiagonalNormalGuide(shape, o.z_dim, o.hidden, o.act, o.net),
         )
+        self.set_beta(o.beta)
+
+    def set_beta(self, beta: float) -> None:
+        """The KL weight, on the model's and the guide's ``z`` alike (the analytic KL takes the guide's)."""
+        self.model.beta = self.guide.kl_weight = beta
 
     @property
     def model(self) -> VAEModel:
@@ -115,11 +120,12 @@ class VAE(ZooModel):
     def evaluate(self, x, y, batch_size=1000):
         """The ELBO (beta = 1, whatever beta trains with) and the reconstruction cross-entropy, per example."""
         n = x.shape[0]
-        beta, self.model.beta = self.model.beta, 1.0
+        beta = self.model.beta
+        self.set_beta(1.0)
         try:
             elbo = sum(-self.loss(xb).item() for xb in torch.split(x, batch_size)) / n
         finally:
-            self.model.beta = beta
+            self.set_beta(beta)
         bce = sum(
             nn.functional.binary_cross_entropy(self.reconstruct(xb), xb, reduction="sum").item()
             for xb in torch.split(x, batch_size)

@@ -74,6 +74,23 @@ def test_beta_scales_training_but_not_the_likelihood():
     assert torch.allclose(a, b)
 
 
+def test_beta_weights_the_analytic_kl_of_the_training_loss():
+    torch.manual_seed(0)
+    model = VAE(META, VAEOptions(z_dim=2, hidden=[10], beta=4.0))
+    x = _x(6)
+    loc, scale = model.guide.encode(x)
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)).sum()
+    torch.manual_seed(1)
+    heavy = model(x) * 6
+    model.set_beta(1.0)
+    torch.manual_seed(1)
+    plain = model(x) * 6
+    assert torch.allclose(heavy - plain, 3 * kl, rtol=1e-4)
+    model.set_beta(4.0)
+    model.evaluate(x, torch.zeros(6))  # scores the ELBO with beta = 1, and puts beta back
+    assert model.model.beta == model.guide.kl_weight == 4.0
+
+
 def test_conv_network_on_28x28():
     model = VAE({"image_shape": (1, 28, 28)}, VAEOptions(z_dim=3, hidden=[32], net="conv"))
     x = torch.rand(5, 1, 28, 28)
