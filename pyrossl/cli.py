@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
 def format_summary(summary: dict) -> str:
     """A small Markdown table of the best and last epochs' test metrics."""
     best, last = summary["best"], summary["last"]
-    keys = [k for k in best if k.startswith("test_") and isinstance(best[k], (int, float))]
+    keys = [k for k in best if k.startswith(("train_", "test_")) and k != "train_seconds" and isinstance(best[k], (int, float))]
     lines = [
         f"{summary['model']} / {summary['guide']} on {summary['dataset']} (seed {summary['seed']}): "
         f"{summary['epochs']} epochs in {summary['seconds']:.1f} s, best epoch {summary['best_epoch']} by {summary['selection_metric']}",
@@ -108,11 +108,14 @@ def cmd_eval(args) -> int:
     if args.iwae < 0:
         raise PyrosslError(f"--iwae must be 0 (off) or a positive number of samples, not {args.iwae}")
     run = load_run(args.run, which=args.which, device=args.device)
-    x, y = run.tensors("test")
-    metrics = {f"test_{k}": v for k, v in run.model.evaluate(x, y, run.config.train.eval_batch_size).items()}
+    part = "test" if run.split.test.numel() or not run.model.evaluate_on_train else "train"
+    x, y = run.tensors(part)
+    if not x.shape[0]:
+        raise PyrosslError(f"run {run.path} has no {part} examples to evaluate")
+    metrics = {f"{part}_{k}": v for k, v in run.model.evaluate(x, y, run.config.train.eval_batch_size).items()}
     if args.iwae:
         try:
-            metrics["test_log_likelihood"] = run.model.log_likelihood(x, args.iwae).mean().item()
+            metrics[f"{part}_log_likelihood"] = run.model.log_likelihood(x, args.iwae).mean().item()
         except NotImplementedError:
             raise PyrosslError(f"model '{run.config.model}' has no likelihood estimate (drop --iwae)") from None
     print(json.dumps({"run": str(run.path), "which": args.which, **metrics}, indent=2))

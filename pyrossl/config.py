@@ -46,6 +46,7 @@ class DataConfig:
     validation: float = 0.1  # a fraction (< 1) or a count (>= 1) held out for model selection
     test: float = 0.2  # used only when the dataset has no official test set
     limit_per_class: int | None = None
+    split_seed: int | None = None  # the seed of the split alone; None: the run's seed
     binarize: bool = False  # dynamic binarisation: x ~ Bernoulli(pixel) afresh for every batch
 
 
@@ -62,6 +63,7 @@ class TrainConfig:
     clip_norm: float | None = None
     eval_batch_size: int = 1000
     eval_every: int = 1  # evaluate (and select the best epoch) every n epochs, and after the last
+    checkpoint_every: int = 1  # write checkpoint.pt every n epochs, after every evaluation, and after the last
     iwae_samples: int = 0  # k of the IWAE log-likelihood estimate at the end; 0 turns it off
     progress: bool = True
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does

@@ -199,22 +199,26 @@ class GaussianMixtureClassifier(nn.Module):
 class PyroGaussianMixture(nn.Module):
     """A Gaussian mixture written as a Pyro model, fitted by EM with the E-step done by enumeration.
 
-        c_n ~ Cat(pi),   z_n ~ N(mu_{c_n}, Sigma_{c_n})        (full covariances)
+        c_n ~ Cat(pi),   z_n ~ N(mu_{c_n}, Sigma_{c_n})        (full or diagonal covariances)
 
     The E-step asks Pyro for the posterior of the enumerated site ``c`` given the points
     (``TraceEnum_ELBO.compute_marginals``: exact, all components in parallel); the M-step is the
     closed-form maximum-likelihood update of pi, mu and Sigma under those responsibilities, with
-    ``reg_covar`` added to each covariance's diagonal. Initialisation is seeded k-means++ and Lloyd's
-    algorithm run to convergence; with ``n_init`` > 1 the restart with the highest log-likelihood wins. The
+    ``reg_covar`` added to each covariance's diagonal. Initialisation is seeded greedy k-means++ (each
+    centre the best of 2 + log K candidates, as scikit-learn's k-means does) and Lloyd's algorithm run
+    to convergence; with ``n_init`` > 1 the restart with the highest log-likelihood wins. The
     log-likelihood is the same program's ``TraceEnum_ELBO`` with an empty guide, which is exact:
     log p(z) = log sum_c p(c) p(z|c). Parameters are buffers: a fitted mixture is a ``state_dict``.
     """
 
     def __init__(self, n_components: int, dim: int, reg_covar: float = 1e-6, max_iter: int = 200, tol: float = 1e-4,
-                 n_init: int = 1, seed: int = 0):
+                 n_init: int = 1, seed: int = 0, covariance_type: str = "full"):
         super().__init__()
-        check_mixture_options(n_components, "full", reg_covar)
+        check_mixture_options(n_components, covariance_type, reg_covar)
+        if covariance_type not in ("full", "diag"):
+            raise ConfigError(f"PyroGaussianMixture has full or diag covariances, not '{covariance_type}'")
         self.reg_covar, self.max_iter, self.tol, self.n_init, self.seed = reg_covar, max_iter, tol, n_init, seed
+        self.covariance_type = covariance_type
         k, d = n_components, dim
         self.register_buffer("log_weights", torch.full((k,), -math.log(k)))
         self.register_buffer("means", torch.zeros(k, d))
@@ -253,10 +257,14 @@ class PyroGaussianMixture(nn.Module):
     def _kmeans_init(self, z: torch.Tensor, g: torch.Generator, max_steps: int = 300) -> torch.Tensor:
         """Hard assignments from seeded k-means++ and Lloyd steps until no point changes cluster."""
         n, k = z.shape[0], self.n_components
+        trials = 2 + int(math.log(k))
         centres = z[torch.randint(n, (1,), generator=g)]
+        d2 = torch.cdist(z, centres).pow(2).min(1).values
         for _ in range(1, k):
-            d2 = torch.cdist(z, centres).min(1).values.pow(2)
-            centres = torch.cat([centres, z[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
+            candidates = z[torch.multinomial(d2 / d2.sum(), trials, replacement=True, generator=g)]
+            new_d2 = torch.minimum(d2[None], torch.cdist(candidates, z).pow(2))  # [trials, n]
+            best = new_d2.sum(1).argmin()
+            centres, d2 = torch.cat([centres, candidates[best, None]]), new_d2[best]
         labels = torch.cdist(z, centres).argmin(1)
         for _ in range(max_steps):
             for j in range(k):
@@ -274,10 +282,14 @@ class PyroGaussianMixture(nn.Module):
         counts = resp.sum(0) + 10 * torch.finfo(z.dtype).eps
         means = resp.T @ z / counts[:, None]
         diff = z[None] - means[:, None]  # [K, n, d]
-        cov = torch.einsum("kn,kni,knj->kij", resp.T, diff, diff) / counts[:, None, None]
-        cov = cov + self.reg_covar * torch.eye(d, dtype=z.dtype)
         self.log_weights.copy_((counts / n).log().to(self.log_weights))
         self.means.copy_(means.to(self.means))
+        if self.covariance_type == "diag":
+            var = torch.einsum("kn,kni->ki", resp.T, diff.pow(2)) / counts[:, None] + self.reg_covar
+            self.scale_tril.copy_(torch.diag_embed(var.sqrt()).to(self.scale_tril))
+            return
+        cov = torch.einsum("kn,kni,knj->kij", resp.T, diff, diff) / counts[:, None, None]
+        cov = cov + self.reg_covar * torch.eye(d, dtype=z.dtype)
         self.scale_tril.copy_(torch.linalg.cholesky(cov).to(self.scale_tril))
 
     @torch.no_grad()

@@ -331,6 +331,21 @@ def plot_latent_pca(
     return out
 
 
+def plot_latent_pair(
+    z_left: ArrayLike,
+    z_right: ArrayLike,
+    labels: ArrayLike,
+    path: PathLike,
+    classes: Sequence[str] | None = None,
+    titles: tuple[str, str] = ("before", "after"),
+) -> Path:
+    """Two latent spaces of the same points side by side, each on its own first two principal components."""
+    fig = _new_figure(11, 4.5)
+    for i, (z, title) in enumerate(zip((z_left, z_right), titles)):
+        plot_latent_pca(z, labels, None, classes=classes, title=title, ax=fig.add_subplot(1, 2, i + 1))
+    return _save(fig, path)
+
+
 def plot_reconstructions(x: ArrayLike, x_rec: ArrayLike, path: PathLike, n: int = 10) -> Path:
     """Save the first ``n`` images of ``x`` in a top row and their reconstructions beneath.
 

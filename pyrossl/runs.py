@@ -145,8 +145,11 @@ class Run:
     summary: dict = field(default_factory=dict)
 
     def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) of one part of the split: labelled, unlabelled, validation or test."""
-        index = getattr(self.split, part)
+        """(x, y) of one part of the split: labelled, unlabelled, validation, test, or train (labelled and unlabelled)."""
+        if part == "train":
+            index = torch.cat([self.split.unlabelled, self.split.labelled])
+        else:
+            index = getattr(self.split, part)
         device = next(self.model.parameters()).device
         return self.dataset.x[index].to(device), self.dataset.y[index].to(device)
 
@@ -201,7 +204,7 @@ def load_dataset_for(config: Config):
 
 
 def split_for(config: Config, dataset):
-    """The split a config asks for; the same on every call with the same seed."""
+    """The split a config asks for; the same on every call with the same seed (``data.split_seed``, else ``seed``)."""
     from pyrossl.data import make_split
 
     d = config.data
@@ -212,6 +215,6 @@ def split_for(config: Config, dataset):
         label_fraction=d.label_fraction,
         validation=as_count(d.validation),
         test=as_count(d.test),
-        seed=config.seed,
+        seed=config.seed if d.split_seed is None else d.split_seed,
         limit_per_class=d.limit_per_class,
     )

@@ -102,7 +102,7 @@ def check_train_config(config: Config) -> None:
     t = config.train
     if t.epochs < 1:
         raise ConfigError(f"train.epochs must be at least 1, not {t.epochs}")
-    for key in ("batch_size", "eval_batch_size", "eval_every"):
+    for key in ("batch_size", "eval_batch_size", "eval_every", "checkpoint_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1, not {getattr(t, key)}")
     if t.labelled_batch_size is not None and t.labelled_batch_size < 1:
@@ -120,7 +120,7 @@ def check_train_config(config: Config) -> None:
 
 
 #: settings of where and how visibly a run computes, not of what it computes: they may change on resume
-RUNTIME_KEYS = {"device", "threads", "train.progress", "train.eval_batch_size"}
+RUNTIME_KEYS = {"device", "threads", "train.progress", "train.eval_batch_size", "train.checkpoint_every"}
 
 
 class Trainer:
@@ -237,7 +237,10 @@ class Trainer:
     def _step(self, unlab, lab) -> float | None:
         x, _ = self._inputs(unlab)
         x_lab, y_lab = self._inputs(lab)
-        loss = self.model(x, x_lab, y_lab)
+        if self.model.wants_index:
+            loss = self.model(x, x_lab, y_lab, index=None if unlab is None else unlab.to(self.device))
+        else:
+            loss = self.model(x, x_lab, y_lab)
         self.step += 1
         if not torch.isfinite(loss):
             return self._nonfinite("loss")
@@ -264,9 +267,11 @@ class Trainer:
     def _evaluate(self, parts=("validation", "test")) -> dict:
         self.model.eval()
         metrics = {}
-        prefix = {"validation": "val_", "test": "test_"}
+        prefix = {"train": "train_", "validation": "val_", "test": "test_"}
+        if self.model.evaluate_on_train:
+            parts = ("train", *parts)
         for part in parts:
-            x, y = self.data.part(part)
+            x, y = self._training_set() if part == "train" else self.data.part(part)
             if x.shape[0]:
                 metrics.update({prefix[part] + k: v for k, v in self.model.evaluate(x, y, self.config.train.eval_batch_size).items()})
         return metrics
@@ -295,6 +300,8 @@ class Trainer:
             logs.update(self.model.end_epoch(epoch, lambda: self._training_tensors(), evaluating=evaluate))
             train_seconds = time.perf_counter() - start
             metrics = self._evaluate() if evaluate else {}
+            if evaluate:
+                self.model.write_outputs(self.out, epoch, lambda index: self.data.y[index.to(self.device)])
             self.seconds += time.perf_counter() - start
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
                       "train_seconds": train_seconds, **logs, **metrics}
@@ -307,15 +314,26 @@ class Trainer:
                 self.best_epoch, self.best_score = epoch, score
                 runs.atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.out / runs.BEST)
             runs.append_metrics(self.out, record)
-            self._checkpoint()
+            if evaluate or epoch % c.train.checkpoint_every == 0:
+                start = time.perf_counter()
+                self._checkpoint()
+                self.seconds += time.perf_counter() - start  # counted from the next checkpoint and in the summary
             bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
 
+    def _training_index(self) -> torch.Tensor:
+        return torch.cat([self.split.unlabelled, self.split.labelled]).to(self.device)
+
     def _training_tensors(self) -> dict:
-        """Every training image (``x``), and the labelled ones with their labels: unlabelled labels never leave here."""
-        split = self.split
-        labelled = split.labelled.to(self.device)
-        train = torch.cat([split.unlabelled.to(self.device), labelled])
-        return {"x": self.data.x[train], "x_labelled": self.data.x[labelled], "y_labelled": self.data.y[labelled]}
+        """Every training image (``x``, rows ``index``), and the labelled ones with their labels: unlabelled labels never leave here."""
+        labelled = self.split.labelled.to(self.device)
+        train = self._training_index()
+        return {"x": self.data.x[train], "index": train,
+                "x_labelled": self.data.x[labelled], "y_labelled": self.data.y[labelled]}
+
+    def _training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every training image with its true label: for scoring a model that evaluates on its training points."""
+        train = self._training_index()
+        return self.data.x[train], self.data.y[train]
 
     def finish(self) -> dict:
         """Evaluate the best and the last epoch on the test set; write summary.json and the figures."""
@@ -364,11 +382,17 @@ class Trainer:
 
         folder = self.out / runs.FIGURES
         paths = []
-        keys = [k for k in records[0] if k.startswith(("val_", "test_")) and isinstance(records[0][k], (int, float))] if records else []
+        keys = sorted({k for r in records for k, v in r.items()
+                       if k.startswith(("train_", "val_", "test_")) and k != "train_seconds" and isinstance(v, (int, float))})
         if records:
             paths.append(plots.plot_curves(records, ["loss"], folder / "loss.png", title="training loss"))
             paths.append(plots.plot_curves(records, keys, folder / "metrics.png", title="held-out metrics"))
-        x, y = self.data.part("test") if self.split.test.numel() else self.data.part("validation")
+        if self.split.test.numel():
+            x, y = self.data.part("test")
+        elif self.split.validation.numel() or not self.model.evaluate_on_train:
+            x, y = self.data.part("validation")
+        else:
+            x, y = self._training_set()
         x, y = x[:2000], y[:2000]
         self.model.eval()
         try:

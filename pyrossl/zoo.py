@@ -36,6 +36,11 @@ class ZooModel(nn.Module):
     uses_labels: ClassVar[bool] = False
     #: whether it trains on unlabelled batches too (False: labelled batches only)
     uses_unlabelled: ClassVar[bool] = True
+    #: whether :meth:`forward` takes ``index=``: the dataset rows of the unlabelled batch (per-example state)
+    wants_index: ClassVar[bool] = False
+    #: whether the training examples are evaluated too (``train_`` metrics: unsupervised clustering is
+    #: scored on the points it clusters; their labels are used for scoring only)
+    evaluate_on_train: ClassVar[bool] = False
     #: the validation metric (higher is better) that picks the best epoch
     selection_metric: ClassVar[str] = "elbo"
     #: one line for `pyrossl list`
@@ -68,12 +73,19 @@ class ZooModel(nn.Module):
     def end_epoch(self, epoch: int, encode_data: Callable[[], dict], evaluating: bool = True) -> dict:
         """Called after each epoch's steps: a non-SVI stage (a mixture fit, say) may run here.
 
-        ``encode_data()`` gives the training tensors on demand: ``x`` (every training image) and
-        ``x_labelled``, ``y_labelled`` (the labelled ones). ``evaluating`` says whether the model is
+        ``encode_data()`` gives the training tensors on demand: ``x`` (every training image), ``index``
+        (their dataset rows) and ``x_labelled``, ``y_labelled`` (the labelled ones). ``evaluating`` says whether the model is
         evaluated after this epoch (``train.eval_every``; always after the last one), so a costly
         stage that only evaluation needs can wait. Returns values to log.
         """
         return {}
+
+    def write_outputs(self, out, epoch: int, labels: Callable[[torch.Tensor], torch.Tensor]) -> list:
+        """Called after each evaluated epoch: files the model keeps in its run directory ``out``.
+
+        ``labels(index)`` gives the true labels of dataset rows, for scoring only. Returns the paths written.
+        """
+        return []
 
     # --- evaluation -----------------------------------------------------------------------
     @torch.no_grad()

@@ -56,6 +56,7 @@ class Dataset:
             "classes": self.classes,
             "attributes": self.attributes,
             "multilabel": self.multilabel,
+            "num_examples": len(self),
         }
 
 
