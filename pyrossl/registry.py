@@ -6,11 +6,12 @@ from pyrossl.config import Config, suggest, unknown_key
 from pyrossl.errors import ConfigError
 from pyrossl.models.classifier import Classifier
 from pyrossl.models.gae import GAE
+from pyrossl.models.gmm_vae import GMMVAE, SerketVAEGMM
 from pyrossl.models.m2 import M2
 from pyrossl.models.vae import VAE
 from pyrossl.zoo import ZooModel
 
-MODELS: dict[str, type[ZooModel]] = {cls.name: cls for cls in (VAE, M2, GAE, Classifier)}
+MODELS: dict[str, type[ZooModel]] = {cls.name: cls for cls in (VAE, M2, GAE, GMMVAE, SerketVAEGMM, Classifier)}
 
 
 def model_class(name: str) -> type[ZooModel]:
