@@ -64,11 +64,18 @@ def test_gae_benchmark_runs_and_writes_json_and_the_contrast_figure(tmp_path, ca
     assert "| digits (2 seeds) |" in capsys.readouterr().out
 
 
-def test_gmm_vae_baselines_run_and_write_json(tmp_path, capsys):
+def test_gmm_vae_benchmark_runs_every_method_and_writes_json(tmp_path, capsys):
     bench = _load("gmm_vae")
     out = tmp_path / "gmm.json"
-    result = bench.main(["--dataset", "digits", "--per-class", "30", "--seeds", "0,1", "--out", str(out)])
+    tiny = ["train.epochs=4", "train.eval_every=2", "train.batch_size=100", "options.hidden=[16]", "options.z_dim=3",
+            "options.n_init=1"]
+    result = bench.main(["--dataset", "digits", "--per-class", "30", "--seeds", "0,1", "--out", str(out),
+                         "--runs", str(tmp_path / "runs"), "--set-serket", "options.epochs_per_round=2",
+                         "--set-gmm-vae", "options.warmup_epochs=2",
+                         *[arg for key in tiny for arg in ("--set", key)]])
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"kmeans-pixels", "gmm-pca18-sklearn", "gmm-pca18-pyro"} and len(result["rows"]) == 3
-    assert all(r["points"] == 300 and 0 < r["cluster_accuracy"] <= 1 for r in rows.values())
-    assert "| gmm-pca18-pyro |" in capsys.readouterr().out
+    assert set(rows) == set(bench.METHODS.split(",")) and len(result["rows"]) == 6
+    assert all(r["points"] == 300 and 0 < r["cluster_accuracy"] <= 1 and r["seconds"] > 0 for r in rows.values())
+    assert result["serket_over_plain"] > 0
+    printed = capsys.readouterr().out
+    assert "| gmm-pca18-pyro |" in printed and "| serket |" in printed and "plain PyTorch" in printed
