@@ -93,7 +93,7 @@ def serket_plain(x: np.ndarray, seed: int, config, image_shape) -> tuple[np.ndar
             gmm = PyroGaussianMixture(o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init, seed=r,
                                       covariance_type=o.covariance).fit(codes)
             clusters = gmm.predict(codes)
-            prior = gmm.means.float()[clusters]
+            prior = gmm.means[clusters]
     return clusters.numpy(), {}
 
 

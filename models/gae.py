@@ -35,7 +35,7 @@ from pyrossl import plots
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import classification_metrics, clustering_metrics, confusion_matrix
 from pyrossl.mixture import GaussianMixtureClassifier, MixtureStack, check_mixture_options
-from pyrossl.models.vae import BernoulliDecoder, pixel_likelihood
+from pyrossl.models.vae import BernoulliDecoder, pixel_likelihood, reconstruction_bce
 from pyrossl.nn import ConvEncoder, MLP, check_network_options
 from pyrossl.zoo import ZooModel
 
@@ -209,9 +209,7 @@ class GAE(ZooModel):
         if self.clusters is not None:
             clusters = self.clusters.responsibilities(z).argmax(-1).cpu()
             metrics.update(clustering_metrics(clusters, y, prefix="single_mixture_"))
-        bce = sum(nn.functional.binary_cross_entropy(self.decode(zb), xb, reduction="sum").item()
-                  for zb, xb in zip(torch.split(raw, batch_size), torch.split(x, batch_size)))
-        metrics["reconstruction_bce"] = bce / x.shape[0]
+        metrics["reconstruction_bce"] = reconstruction_bce(self.decode, raw, x, batch_size)
         return metrics
 
     # --- inspection and generation -----------------------------------------------------------

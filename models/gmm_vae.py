@@ -35,7 +35,6 @@ mixture clusters 0.55 of them correctly where a full one clusters 0.72.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +50,8 @@ from pyrossl import plots
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import clustering_metrics, confusion_matrix, cluster_mapping, iwae_log_likelihood
 from pyrossl.guides.normal import DiagonalNormalGuide
-from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.mixture import PyroGaussianMixture
-from pyrossl.models.vae import BernoulliDecoder, pixel_likelihood
+from pyrossl.models.vae import BernoulliDecoder, pixel_likelihood, reconstruction_bce
 from pyrossl.nn import check_network_options
 from pyrossl.zoo import ZooModel
 
@@ -96,8 +94,14 @@ class _ClusteringVAE(ZooModel):
         raise NotImplementedError
 
     @torch.no_grad()
+    def posterior(self, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+        """The location and scale of q(z|x) for every image, encoded in batches."""
+        loc, scale = zip(*(self.guide.encode(xb) for xb in torch.split(x, batch_size)))
+        return torch.cat(loc), torch.cat(scale)
+
+    @torch.no_grad()
     def latent(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        return torch.cat([self.guide.encode(xb)[0] for xb in torch.split(x, batch_size)])
+        return self.posterior(x, batch_size)[0]
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -116,18 +120,13 @@ class _ClusteringVAE(ZooModel):
     def cluster(self, x: torch.Tensor) -> torch.Tensor:
         return self.responsibilities(x).argmax(-1)
 
-    @torch.no_grad()
-    def _clustering(self, z: torch.Tensor, y: torch.Tensor) -> dict:
-        clusters = self.cluster_probs(z).argmax(-1)
-        return clustering_metrics(clusters.cpu(), y.cpu())
-
     def figures(self, folder, x, y):
         folder = Path(folder)
         paths = [plots.plot_reconstructions(x[:10].cpu(), self.reconstruct(x[:10]).cpu(), folder / "reconstructions.png")]
         clusters = self.cluster(x).cpu()
         k = self.num_clusters
         # rows: clusters in the order of the class each is matched to (Hungarian), so row i shows "class i"
-        mapping = cluster_mapping(clusters, y.cpu(), k)
+        mapping = cluster_mapping(clusters, y.cpu(), self.meta["num_classes"])
         order = sorted(range(k), key=lambda c: (mapping.get(c, k), c))
         matched = torch.tensor([mapping.get(int(c), -1) for c in clusters])
         if (matched >= 0).all():
@@ -199,7 +198,7 @@ class SerketVAEGMM(_ClusteringVAE):
         o = options
         encoder, decoder = self._networks(o)
         self.loss = TraceMeanField_ELBO()(MessagePriorVAE(decoder, o.alpha), encoder)
-        self.guide.kl_weight = o.alpha  # the analytic KL takes its weight from the guide's site
+        self.set_alpha(o.alpha)
         self.gmm = PyroGaussianMixture(o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init,
                                        covariance_type=o.covariance)
         num_examples = meta.get("num_examples")
@@ -214,15 +213,14 @@ class SerketVAEGMM(_ClusteringVAE):
     def num_clusters(self) -> int:
         return self.options.clusters
 
+    def set_alpha(self, alpha: float) -> None:
+        """The KL weight, on the model's and the guide's ``z`` alike (the analytic KL takes the guide's)."""
+        self.loss.model.alpha = self.guide.kl_weight = alpha
+
     def prior_loc(self, assignment: torch.Tensor) -> torch.Tensor:
         """N(mu_k, I)'s mean for each assignment k (zeros where there is no message yet)."""
-        means = self.gmm.means.to(self.decoder_dtype)
-        loc = means[assignment.clamp(min=0)]
+        loc = self.gmm.means[assignment.clamp(min=0)]
         return torch.where((assignment >= 0)[:, None], loc, torch.zeros_like(loc))
-
-    @property
-    def decoder_dtype(self) -> torch.dtype:
-        return next(self.decoder.parameters()).dtype
 
     def forward(self, x, x_lab=None, y_lab=None, index=None):
         if index is None:
@@ -232,7 +230,7 @@ class SerketVAEGMM(_ClusteringVAE):
     def cluster_probs(self, z):
         if int(self.rounds) == 0:
             raise RuntimeError("the GMM has not been fitted yet (it is fitted at the end of the first round)")
-        return self.gmm.responsibilities(z.to(self.gmm.means.dtype))
+        return self.gmm.responsibilities(z)
 
     @torch.no_grad()
     def end_epoch(self, epoch, encode_data, evaluating=True):
@@ -240,48 +238,46 @@ class SerketVAEGMM(_ClusteringVAE):
             return {}
         data = encode_data()
         self.eval()
-        loc, scale = zip(*(self.guide.encode(xb) for xb in torch.split(data["x"], 1000)))
-        loc, scale = torch.cat(loc), torch.cat(scale)
+        loc, scale = self.posterior(data["x"])
         codes = loc + scale * torch.randn_like(loc) if self.options.message == "sample" else loc
         self.gmm.seed = int(self.rounds)  # each update's restarts are seeded, differently per round
         self.gmm.fit(codes)
-        classes = self.gmm.predict(codes.to(self.gmm.means.dtype))
+        classes = self.gmm.predict(codes)
         self.assignment[data["index"]] = classes
         self.rounds += 1
         self._round = {"round": int(self.rounds), "index": data["index"].cpu(), "z": codes.cpu(), "classes": classes.cpu()}
         self.train()
-        return {"round": int(self.rounds), "gmm_mean_log_likelihood": self.gmm.log_likelihood(codes.to(self.gmm.means.dtype)) / codes.shape[0],
+        return {"round": int(self.rounds), "gmm_mean_log_likelihood": self.gmm.log_likelihood(codes) / codes.shape[0],
                 "gmm_iterations": self.gmm.n_iter}
 
     @torch.no_grad()
     def evaluate(self, x, y, batch_size=1000):
         """The ELBO against each image's own message (the GMM cluster of its code), reconstruction, clusters."""
-        elbo, bce = 0.0, 0.0
-        for xb in torch.split(x, batch_size):
-            loc = self.latent(xb)
-            assignment = self.gmm.predict(loc.to(self.gmm.means.dtype)) if int(self.rounds) else torch.full((xb.shape[0],), -1, device=xb.device)
-            alpha, self.loss.model.alpha, self.guide.kl_weight = self.options.alpha, 1.0, 1.0
-            try:
-                elbo -= self.loss(xb, self.prior_loc(assignment)).item()
-            finally:
-                self.loss.model.alpha = self.guide.kl_weight = alpha
-            bce += nn.functional.binary_cross_entropy(self.decode(loc), xb, reduction="sum").item()
-        metrics = {"elbo": elbo / x.shape[0], "reconstruction_bce": bce / x.shape[0]}
-        if int(self.rounds):
-            metrics.update(self._clustering(self.latent(x, batch_size), y))
+        codes = self.latent(x, batch_size)
+        fitted = int(self.rounds) > 0
+        clusters = self.gmm.predict(codes) if fitted else torch.full((x.shape[0],), -1, device=x.device)
+        self.set_alpha(1.0)
+        try:
+            elbo = -sum(self.loss(xb, self.prior_loc(cb)).item()
+                        for xb, cb in zip(torch.split(x, batch_size), torch.split(clusters, batch_size)))
+        finally:
+            self.set_alpha(self.options.alpha)
+        metrics = {"elbo": elbo / x.shape[0], "reconstruction_bce": reconstruction_bce(self.decode, codes, x, batch_size)}
+        if fitted:
+            metrics.update(clustering_metrics(clusters.cpu(), y.cpu()))
         return metrics
 
     @torch.no_grad()
     def sample_cluster(self, n: int, cluster: int) -> torch.Tensor:
         """Images decoded from z ~ N(mu_k, I), the prior the messages give the members of cluster k."""
-        loc = self.gmm.means[cluster].to(self.decoder_dtype).expand(n, -1)
+        loc = self.gmm.means[cluster].expand(n, -1)
         return self.decode(loc + torch.randn_like(loc))
 
     @torch.no_grad()
     def sample(self, n, y=None):
         """Images of clusters drawn from the GMM's weights (or of clusters ``y``)."""
-        k = torch.multinomial(self.gmm.log_weights.exp().float().cpu(), n, replacement=True) if y is None else torch.as_tensor(y).expand(n)
-        loc = self.gmm.means.to(self.decoder_dtype)[k.to(self.gmm.means.device)]
+        k = torch.multinomial(self.gmm.log_weights.exp().cpu(), n, replacement=True) if y is None else torch.as_tensor(y).expand(n)
+        loc = self.gmm.means[k.to(self.gmm.means.device)]
         return self.decode(loc + torch.randn_like(loc))
 
     def write_outputs(self, out, epoch, labels):
@@ -458,7 +454,7 @@ class GMMVAE(_ClusteringVAE):
         x = encode_data()["x"]
         # the prior should match the aggregate posterior q(z) = mean_n q(z|x_n), so the mixture is fitted
         # to samples of q(z|x), not to its means: means alone give components too narrow for q's spread
-        loc, scale = (torch.cat(t) for t in zip(*(self.guide.encode(xb) for xb in torch.split(x, 1000))))
+        loc, scale = self.posterior(x)
         codes = loc + scale * torch.randn_like(loc)
         gmm = PyroGaussianMixture(o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init, covariance_type=o.covariance).fit(codes)
         p = self.prior
@@ -466,16 +462,15 @@ class GMMVAE(_ClusteringVAE):
         p.loc.copy_(gmm.means.to(p.loc))
         p.set_scale_tril(gmm.scale_tril.to(p.loc))
         p.mixture_on.fill_(True)
-        return {"warmup_gmm_mean_log_likelihood": gmm.log_likelihood(codes.to(gmm.means.dtype)) / codes.shape[0]}
+        return {"warmup_gmm_mean_log_likelihood": gmm.log_likelihood(codes) / codes.shape[0]}
 
     @torch.no_grad()
     def evaluate(self, x, y, batch_size=1000):
         elbo = sum(-self._elbo().loss(self.prior, self.guide, xb) for xb in torch.split(x, batch_size)) / x.shape[0]
-        bce = sum(nn.functional.binary_cross_entropy(self.reconstruct(xb), xb, reduction="sum").item()
-                  for xb in torch.split(x, batch_size)) / x.shape[0]
-        metrics = {"elbo": elbo, "reconstruction_bce": bce}
+        codes = self.latent(x, batch_size)
+        metrics = {"elbo": elbo, "reconstruction_bce": reconstruction_bce(self.decode, codes, x, batch_size)}
         if self.prior.mixture:
-            metrics.update(self._clustering(self.latent(x, batch_size), y))
+            metrics.update(clustering_metrics(self.cluster_probs(codes).argmax(-1).cpu(), y.cpu()))
         return metrics
 
     @torch.no_grad()

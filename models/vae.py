@@ -59,6 +59,13 @@ class BernoulliDecoder(nn.Module):
         return out.reshape(*z.shape[:-1], -1)  # flat logits [..., D]
 
 
+def reconstruction_bce(decode, z: torch.Tensor, x: torch.Tensor, batch_size: int = 1000) -> float:
+    """The Bernoulli cross-entropy of the images ``x`` under ``decode(z)`` (pixel probabilities), nats per image."""
+    total = sum(nn.functional.binary_cross_entropy(decode(zb), xb, reduction="sum").item()
+                for zb, xb in zip(torch.split(z, batch_size), torch.split(x, batch_size)))
+    return total / x.shape[0]
+
+
 def pixel_likelihood(logits: torch.Tensor) -> dist.Distribution:
     """Independent Bernoulli pixels; grey levels in [0, 1] are allowed (a cross-entropy), hence no validation."""
     return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
@@ -126,11 +133,8 @@ class VAE(ZooModel):
             elbo = sum(-self.loss(xb).item() for xb in torch.split(x, batch_size)) / n
         finally:
             self.set_beta(beta)
-        bce = sum(
-            nn.functional.binary_cross_entropy(self.reconstruct(xb), xb, reduction="sum").item()
-            for xb in torch.split(x, batch_size)
-        ) / n
-        return {"elbo": elbo, "reconstruction_bce": bce}
+        z = torch.cat([self.latent(xb) for xb in torch.split(x, batch_size)])
+        return {"elbo": elbo, "reconstruction_bce": reconstruction_bce(self.decode, z, x, batch_size)}
 
     @torch.no_grad()
     def log_likelihood(self, x, num_samples, batch_size=100):

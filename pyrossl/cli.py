@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
 def format_summary(summary: dict) -> str:
     """A small Markdown table of the best and last epochs' test metrics."""
     best, last = summary["best"], summary["last"]
-    keys = [k for k in best if k.startswith(("train_", "test_")) and k != "train_seconds" and isinstance(best[k], (int, float))]
+    keys = [k for k in best if k.startswith(("train_", "test_")) and isinstance(best[k], (int, float))]
     lines = [
         f"{summary['model']} / {summary['guide']} on {summary['dataset']} (seed {summary['seed']}): "
         f"{summary['epochs']} epochs in {summary['seconds']:.1f} s, best epoch {summary['best_epoch']} by {summary['selection_metric']}",
