@@ -126,10 +126,10 @@ def test_serket_recipe_is_serkets_setting():
 
 
 # --- end-to-end mode ---------------------------------------------------------------------------
-@pytest.mark.parametrize("covariance", ["full", "diag"])
-def test_the_enumerated_loss_sums_the_cluster_out_exactly(covariance):
+@pytest.mark.parametrize("covariance,kl_weight", [("full", 1.0), ("diag", 1.0), ("full", 2.5)])
+def test_the_enumerated_loss_sums_the_cluster_out_exactly(covariance, kl_weight):
     torch.manual_seed(0)
-    model = GMMVAE(META, GMMVAEOptions(z_dim=2, hidden=[16], clusters=3, warmup_epochs=0, covariance=covariance))
+    model = GMMVAE(META, GMMVAEOptions(z_dim=2, hidden=[16], clusters=3, warmup_epochs=0, covariance=covariance, kl_weight=kl_weight))
     p = model.prior
     tril = torch.tensor([[[0.5, 0.0], [0.3, 2.0]], [[1.0, 0.0], [-0.4, 1.0]], [[0.3, 0.0], [0.1, 0.7]]])
     if covariance == "diag":
@@ -147,8 +147,15 @@ def test_the_enumerated_loss_sums_the_cluster_out_exactly(covariance):
     comps = torch.distributions.MultivariateNormal(p.loc, scale_tril=tril)
     log_pz = (p.logits.log_softmax(-1) + comps.log_prob(z[:, None])).logsumexp(-1)
     log_px = -torch.nn.functional.binary_cross_entropy_with_logits(model.decoder(z), x.flatten(1), reduction="none").sum(-1)
-    expected = -(log_px + log_pz - Normal(loc, scale).log_prob(z).sum(-1)).sum()
+    log_q = Normal(loc, scale).log_prob(z).sum(-1)
+    # kl_weight multiplies the whole log sum_c p(c) p(z|c), not each component inside the sum
+    expected = -(log_px + kl_weight * (log_pz - log_q)).sum()
     assert torch.allclose(loss, expected, rtol=1e-5)
+    # the ELBO reported by evaluate is the true bound (weight 1), whatever the training weight
+    torch.manual_seed(3)
+    elbo = model.evaluate(x, torch.zeros(7, dtype=torch.long))["elbo"]
+    assert elbo * 7 == pytest.approx((log_px + log_pz - log_q).sum().item(), rel=1e-5)
+    assert model.guide.kl_weight == 1.0
     probs = model.cluster_probs(z)
     assert torch.allclose(probs.sum(-1), torch.ones(7)) and model.cluster(x).shape == (7,)
 
@@ -195,6 +202,12 @@ def test_gmm_vae_trains_from_a_recipe_and_resumes(tmp_path):
     assert resumed["last"]["test_cluster_accuracy"] == summary["last"]["test_cluster_accuracy"]
     assert resumed["last"]["test_elbo"] == pytest.approx(summary["last"]["test_elbo"], rel=1e-6)
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["model"] == "gmm-vae"
+
+
+@pytest.mark.parametrize("bad", [{"kl_weight": 0.0}, {"covariance": "spherical"}, {"clusters": 1}, {"warmup_epochs": -1}])
+def test_gmm_vae_options_are_checked(bad):
+    with pytest.raises(ConfigError):
+        GMMVAEOptions(**bad)
 
 
 def test_gmm_vae_recipes_load():
