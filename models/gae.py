@@ -188,6 +188,18 @@ class GAE(ZooModel):
         return self.classifier.predict(self.codes(x))
 
     @torch.no_grad()
+    def posterior(self, x):
+        """The code (the guide is a point mass at f(x)), the class posterior p(y|z) of the class
+        mixtures, and, with a label-free mixture, its responsibilities."""
+        self._check_fitted()
+        raw = self.latent(x)
+        z = self._standardise(raw)
+        out = {"z": raw, "y_probs": self.classifier.predict_proba(z)}
+        if self.clusters is not None:
+            out["cluster_probs"] = self.clusters.responsibilities(z)
+        return out
+
+    @torch.no_grad()
     def is_novel(self, x: torch.Tensor) -> torch.Tensor:
         """True for images whose code is unlikely under every class mixture (log p(z) below the threshold)."""
         self._check_fitted()

@@ -189,6 +189,13 @@ class M2(LabelClassifier, ZooModel):
         return torch.sigmoid(self.model.decoder(y, z)).reshape(z.shape[0], *self.meta["image_shape"])
 
     @torch.no_grad()
+    def posterior(self, x):
+        """q(y|x), and q(z|x, y) at the most probable class (``z_loc``, ``z_scale``)."""
+        probs = self.predict_proba(x)
+        loc, scale = self.guide.z_encoder(x, self.one_hot(probs.argmax(-1)))
+        return {"y_probs": probs, "z_loc": loc, "z_scale": scale}
+
+    @torch.no_grad()
     def latent(self, x):
         """The mean of q(z|x, y) at the predicted class."""
         return self.guide.z_encoder(x, self.one_hot(self.predict(x)))[0]

@@ -154,6 +154,11 @@ class VAE(ZooModel):
         return self.guide.encode(x)[0]
 
     @torch.no_grad()
+    def posterior(self, x):
+        loc, scale = self.guide.encode(x)
+        return {"z_loc": loc, "z_scale": scale}
+
+    @torch.no_grad()
     def reconstruct(self, x):
         return self.decode(self.latent(x))
 

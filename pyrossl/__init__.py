@@ -30,6 +30,7 @@ from pyrossl.errors import (  # noqa: E402
     PyrosslError,
     TrainingError,
 )
+from pyrossl.runs import Run, load_run  # noqa: E402
 
 __all__ = [
     "CheckpointError",
@@ -37,6 +38,8 @@ __all__ = [
     "DataError",
     "DatasetNotFound",
     "PyrosslError",
+    "Run",
     "TrainingError",
     "__version__",
+    "load_run",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``pyrossl train|eval|list|data``.
+"""Command line: ``pyrossl train|eval|ablate|report|list|data``.
 
 Exit codes: 0 on success, 2 on bad input (one line on stderr, no traceback), 1 on an internal error.
 """
@@ -41,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--which", choices=["best", "last"], default="best")
     e.add_argument("--iwae", type=int, default=0, metavar="K", help="also estimate log p(x) with K importance samples")
     e.add_argument("--device", default="cpu")
+
+    a = sub.add_parser("ablate", help="train a recipe over guides, config values and seeds; write a table and a figure")
+    a.add_argument("recipe", help="TOML recipe")
+    a.add_argument("--guides", default="", help="comma-separated guides, e.g. enum,gumbel")
+    a.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values, e.g. options.aux_weight=1,5 (repeatable: all combinations)")
+    a.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    a.add_argument("--out", help="folder of the runs and summaries (default: outputs/ablate-<recipe>)")
+    a.add_argument("--device", help="auto | cpu | cuda")
+
+    r = sub.add_parser("report", help="redraw a run's figures from its checkpoint and write figures/index.html")
+    r.add_argument("run", help="run directory")
+    r.add_argument("--which", choices=["best", "last"], default="best")
+    r.add_argument("--device", default="cpu")
 
     sub.add_parser("list", help="models, their guides, and datasets")
 
@@ -122,6 +137,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise PyrosslError(f"{flag} takes comma-separated integers, not {text!r}") from None
+
+
+def cmd_ablate(args) -> int:
+    from pyrossl.ablate import ablate
+
+    guides = [g.strip() for g in args.guides.split(",") if g.strip()]
+    if not guides and not args.vary:
+        raise PyrosslError("ablate needs --guides or --vary (what to compare)")
+    out = Path(args.out) if args.out else Path("outputs") / f"ablate-{Path(args.recipe).stem}"
+    result = ablate(args.recipe, out, guides=guides, seeds=_int_list(args.seeds, "--seeds"), vary=args.vary,
+                    overrides=args.overrides, device=args.device)
+    print(result["table"])
+    print(f"\nwrote {result['csv']}, {result['markdown']}, {result['figure']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pyrossl import runs
+    from pyrossl.report import write_report
+
+    if not runs.is_run(Path(args.run)):
+        raise PyrosslError(f"{args.run} is not a run directory (no {runs.CONFIG})")
+    index, figures = write_report(args.run, which=args.which, device=args.device)
+    print(f"{len(figures)} figures and {index}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from pyrossl.data import dataset_names
     from pyrossl.registry import MODELS
@@ -151,7 +198,7 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "ablate": cmd_ablate, "report": cmd_report, "list": cmd_list, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

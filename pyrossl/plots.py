@@ -371,3 +371,47 @@ def plot_reconstructions(x: ArrayLike, x_rec: ArrayLike, path: PathLike, n: int 
     n = min(n, originals.shape[0])
     both = np.concatenate([originals[:n], rec[:n]])
     return save_image_grid(both, path, nrow=n, row_labels=["original", "reconstruction"])
+
+
+def plot_bands(
+    curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+    key: str,
+    path: PathLike,
+    xkey: str = "epoch",
+    title: str | None = None,
+) -> Path:
+    """One line per label: the mean of ``key`` over its runs against ``xkey``, with a band of ± one sd.
+
+    ``curves[label]`` is a list of runs, each a list of records (the lines of ``metrics.jsonl``). At
+    each x the mean and the sample sd are taken over the runs that have a finite value there.
+    """
+    fig = _new_figure(6.5, 4.2)
+    ax = fig.add_subplot()
+    colours = colormaps["tab10"]
+    drawn = 0
+    for i, (label, run_records) in enumerate(curves.items()):
+        by_x: dict[float, list[float]] = {}
+        for records in run_records:
+            for record in records:
+                value, x = _finite_number(record.get(key)), _finite_number(record.get(xkey))
+                if value is not None and x is not None:
+                    by_x.setdefault(x, []).append(value)
+        if not by_x:
+            continue
+        xs = np.array(sorted(by_x))
+        mean = np.array([np.mean(by_x[x]) for x in xs])
+        sd = np.array([np.std(by_x[x], ddof=1) if len(by_x[x]) > 1 else 0.0 for x in xs])
+        colour = colours(i % 10)
+        n = max(len(v) for v in by_x.values())
+        ax.plot(xs, mean, color=colour, marker="o" if len(xs) < 30 else None, markersize=3, label=f"{label} (n={n})")
+        ax.fill_between(xs, mean - sd, mean + sd, color=colour, alpha=0.2, linewidth=0)
+        drawn += 1
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no values of {key}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(xkey)
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"{key}: mean ± sd over seeds")
+    return _save(fig, path)

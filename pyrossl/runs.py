@@ -153,21 +153,64 @@ class Run:
         device = next(self.model.parameters()).device
         return self.dataset.x[index].to(device), self.dataset.y[index].to(device)
 
-    @torch.no_grad()
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _call(self, what: str, *args):
+        method = getattr(self.model, what, None)
+        if method is None:
+            raise PyrosslError(f"model '{self.config.model}' has no {what}()")
+        try:
+            with torch.no_grad():
+                return method(*args)
+        except NotImplementedError as exc:
+            raise PyrosslError(f"model '{self.config.model}' has no {what}(): {exc}") from None
+
+    def posterior(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The guide's beliefs about the images ``x``: ``y_probs`` (q(y|x)), ``z_loc``/``z_scale`` (q(z|x)),
+        ``z`` (a point code), ``cluster_probs`` (p(c|z)) -- each model gives those it has."""
+        return self._call("posterior", x.to(self.device))
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.predict(x)
+        """The class of each image (for the unsupervised GMM-prior VAEs, its cluster)."""
+        return self._call("predict", x.to(self.device))
 
-    @torch.no_grad()
     def latent(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.latent(x)
+        return self._call("latent", x.to(self.device))
 
-    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.reconstruct(x)
+        return self._call("reconstruct", x.to(self.device))
 
-    @torch.no_grad()
     def sample(self, n: int, y=None) -> torch.Tensor:
-        return self.model.sample(n, y)
+        """``n`` images from the model; ``y`` (an int or one per image) picks the class where the model has classes."""
+        if y is not None:
+            y = torch.as_tensor(y, device=self.device).expand(n)
+        return self._call("sample", n, y)
+
+    def predictive(self, num_samples: int, return_sites=None, parallel: bool = False):
+        """``pyro.infer.Predictive`` over the run's Pyro model with its trained guide.
+
+        Call it with the model's arguments, e.g. ``run.predictive(10)(x)``: the result maps each
+        latent site (``z``, ``y``, ...; ``return_sites`` may add observed ones) to ``num_samples``
+        draws. Each draw runs the guide and replays the model on the guide's values. (Pyro's
+        ``Predictive(model, guide=...)`` first runs the model alone, with values from the priors,
+        to find its plates: that fails for a prior that cannot be sampled, such as the
+        autoencoder's flat one.)
+        """
+        from pyro import poutine
+        from pyro.infer import Predictive
+
+        entry = self.model
+        holder = entry.loss if hasattr(entry, "loss") else entry  # an ELBO module, or an entry with several
+        model, guide = holder.model, holder.guide
+
+        def guided_model(*args, **kwargs):
+            with poutine.block():
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            return poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+
+        return Predictive(guided_model, num_samples=num_samples, return_sites=return_sites, parallel=parallel)
 
 
 def load_run(path: str | Path, which: str = "best", device: str = "cpu") -> Run:

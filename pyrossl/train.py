@@ -377,32 +377,13 @@ class Trainer:
         return metrics
 
     def figures(self, records: list[dict]) -> list[Path]:
-        """Learning curves, the latent space, and the model's own figures (best epoch's parameters)."""
-        from pyrossl import plots
+        """Learning curves, the latent space, the model's own figures and ``figures/index.html``."""
+        from pyrossl import report
 
-        folder = self.out / runs.FIGURES
-        paths = []
-        keys = sorted({k for r in records for k, v in r.items()
-                       if k.startswith(("train_", "val_", "test_")) and k != "train_seconds" and isinstance(v, (int, float))})
-        if records:
-            paths.append(plots.plot_curves(records, ["loss"], folder / "loss.png", title="training loss"))
-            paths.append(plots.plot_curves(records, keys, folder / "metrics.png", title="held-out metrics"))
-        if self.split.test.numel():
-            x, y = self.data.part("test")
-        elif self.split.validation.numel() or not self.model.evaluate_on_train:
-            x, y = self.data.part("validation")
-        else:
-            x, y = self._training_set()
-        x, y = x[:2000], y[:2000]
-        self.model.eval()
-        try:
-            z = self.model.latent(x)
-        except NotImplementedError:
-            z = None
-        if z is not None and not self.dataset.multilabel:
-            paths.append(plots.plot_latent_pca(z.cpu(), y.cpu(), folder / "latent_pca.png", classes=self.dataset.classes,
-                                               title=f"posterior means of q(z|x), {self.dataset.name}"))
-        paths += self.model.figures(folder, x, y)
+        part = report.figure_part(self.split, self.model.evaluate_on_train)
+        x, y = self._training_set() if part == "train" else self.data.part(part)
+        paths = report.draw_figures(self.model, self.dataset, records, x, y, self.out / runs.FIGURES)
+        report.write_index(self.out, paths)
         return paths
 
 

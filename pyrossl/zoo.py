@@ -100,6 +100,16 @@ class ZooModel(nn.Module):
 
     # --- inspection -----------------------------------------------------------------------
     @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the guide believes about a batch ``x``, as tensors with one row per image.
+
+        Keys (each entry gives those it has): ``y_probs`` (q(y|x) class probabilities), ``z_loc`` and
+        ``z_scale`` (the Gaussian q(z|x)), ``z`` (a point estimate where the guide is a delta),
+        ``cluster_probs`` (p(c|z) at the mean code, for the GMM-prior VAEs).
+        """
+        raise NotImplementedError(f"{self.name} does not describe its posterior")
+
+    @torch.no_grad()
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """The posterior mean of the continuous latent code."""
         raise NotImplementedError
@@ -137,6 +147,10 @@ class LabelClassifier:
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return self.class_logits(x).softmax(-1)
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y_probs": self.predict_proba(x)}
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:

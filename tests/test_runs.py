@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_config
 from pyrossl import runs
-from pyrossl.errors import CheckpointError
+from pyrossl.errors import CheckpointError, PyrosslError
 from pyrossl.train import train
 
 
@@ -88,3 +88,66 @@ def test_load_run_restores_the_trained_model(tmp_path):
     assert all(torch.equal(v, best_saved[k]) for k, v in best.model.state_dict().items())
     with pytest.raises(Exception, match="which"):
         runs.load_run(tmp_path / "run", which="first")
+
+
+def test_load_run_round_trips_a_trained_m2(tmp_path):
+    """The loaded run predicts exactly what the trained one did, posterior and all."""
+    from pyrossl.train import Trainer
+
+    config = tiny_config(model="m2", **{"data.labels_per_class": 5, "train.epochs": 2,
+                                        "options": {"z_dim": 4, "hidden": [32]}})
+    trainer = Trainer(config, tmp_path / "m2")
+    trainer.fit()
+    run = runs.load_run(tmp_path / "m2", which="last")
+    x, y = run.tensors("test")
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(run.predict(x), trainer.model.predict(x))
+        expected = trainer.model.posterior(x)
+    post = run.posterior(x)
+    assert set(post) == {"y_probs", "z_loc", "z_scale"}
+    for key in post:
+        assert torch.equal(post[key], expected[key]), key
+    assert torch.allclose(post["y_probs"].sum(-1), torch.ones(len(x)))
+    assert (post["z_scale"] > 0).all() and post["z_loc"].shape == (len(x), 4)
+    assert run.sample(3, y=2).shape == (3, 1, 8, 8)
+
+
+MODELS = {
+    "vae": ({}, {"z_loc", "z_scale"}),
+    "m2": ({"data.labels_per_class": 5}, {"y_probs", "z_loc", "z_scale"}),
+    "classifier": ({"data.labels_per_class": 5, "options": {"hidden": [32]}}, {"y_probs"}),
+    "gae": ({"data.labels_per_class": 20, "options": {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}}, {"z", "y_probs", "cluster_probs"}),
+    "gmm-vae": ({"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}}, {"z_loc", "z_scale", "cluster_probs"}),
+    "serket-vae-gmm": ({"train.epochs": 2, "data.validation": 0, "data.test": 0,
+                        "options": {"z_dim": 3, "hidden": [32], "epochs_per_round": 1, "n_init": 1}},
+                       {"z_loc", "z_scale", "cluster_probs"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_describes_its_posterior_and_has_a_predictive(tmp_path, name):
+    overrides, keys = MODELS[name]
+    overrides = {"train.epochs": 1, **overrides}
+    if "options" not in overrides:
+        overrides["options"] = {"z_dim": 4, "hidden": [32]}
+    train(tiny_config(model=name, **overrides), tmp_path / name)
+    run = runs.load_run(tmp_path / name)
+    part = "test" if run.split.test.numel() else "train"
+    x, _ = run.tensors(part)
+    x = x[:5]
+    post = run.posterior(x)
+    assert set(post) == keys
+    assert all(v.shape[0] == 5 and torch.isfinite(v).all() for v in post.values())
+    for probs in ("y_probs", "cluster_probs"):
+        if probs in post:
+            assert torch.allclose(post[probs].sum(-1), torch.ones(5), atol=1e-5)
+    if name != "vae":
+        assert run.predict(x).shape == (5,)
+    else:
+        with pytest.raises(PyrosslError, match="predict"):
+            run.predict(x)
+    # the model's own arguments: the classifier's labels (None: drawn), Serket's message (the prior mean)
+    args = {"classifier": (x, None), "serket-vae-gmm": (x, torch.zeros(5, 3))}.get(name, (x,))
+    draws = run.predictive(num_samples=3)(*args)
+    assert draws and all(v.shape[:2] == (3, 5) for v in draws.values())

@@ -1,0 +1,146 @@
+"""Ablations: one recipe trained over guides, config values and seeds, then summarised.
+
+``pyrossl ablate RECIPE --guides enum,gumbel --vary options.aux_weight=1,5 --seeds 0,1,2`` trains
+every combination into ``OUT/<variant>-seed<s>/`` (a finished run is read, a stopped one resumed:
+re-running an ablation only trains what is missing) and writes into ``OUT``:
+
+- ``ablation.csv``: one row per run: the variant, its seed, and every numeric metric of the best
+  epoch (``summary.json``), plus seconds;
+- ``ablation.md``: mean ± sd over seeds of each metric, one row per variant;
+- ``ablation.png``: the selection metric (validation; for unsupervised models scored on their
+  training points, the ``train_`` one) against epoch, the mean with a band of ± one sd per variant.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyrossl import plots, runs
+from pyrossl.config import load_config, parse_value
+from pyrossl.errors import ConfigError
+from pyrossl.evaluate import mean_sd
+
+
+@dataclass
+class Variant:
+    label: str  # "guide=enum,options.aux_weight=5"
+    overrides: list[str]
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", self.label).replace("=", "-").replace(",", "_") or "base"
+
+
+def parse_vary(spec: str) -> tuple[str, list[str]]:
+    """``key=v1,v2,...`` -> (key, [v1, v2, ...]); values stay text for the config's own parser."""
+    key, sep, values = spec.partition("=")
+    key = key.strip()
+    if not sep or not key or not values.strip():
+        raise ConfigError(f"--vary takes KEY=V1,V2,..., not {spec!r}")
+    items = _split_values(values)
+    for v in items:
+        parse_value(v)  # a malformed value is an error now, not after hours of training
+    return key, items
+
+
+def _split_values(text: str) -> list[str]:
+    """Split on commas outside brackets and quotes, so ``hidden=[256],[500,500]`` gives two values."""
+    items, depth, quote, current = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+            continue
+        current += ch
+    items.append(current.strip())
+    if any(not v for v in items):
+        raise ConfigError(f"empty value in {text!r}")
+    return items
+
+
+def variants(guides: list[str], vary: list[tuple[str, list[str]]]) -> list[Variant]:
+    axes = ([[("guide", g) for g in guides]] if guides else []) + [[(k, v) for v in values] for k, values in vary]
+    out = []
+    for combo in itertools.product(*axes):
+        out.append(Variant(",".join(f"{k}={v}" for k, v in combo), [f"{k}={v}" for k, v in combo]))
+    return out
+
+
+def curve_key(records: list[dict], selection_metric: str) -> str:
+    """The metric the picture follows: the selection metric, else its ``train_`` twin."""
+    if any(selection_metric in r for r in records):
+        return selection_metric
+    twin = "train_" + selection_metric.removeprefix("val_")
+    return twin if any(twin in r for r in records) else selection_metric
+
+
+def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: list[int] = (0,),
+           vary: list[str] = (), overrides: list[str] = (), device: str | None = None) -> dict:
+    """Train every variant × seed (finishing only what is missing) and write the three summaries."""
+    from pyrossl.train import train_to_completion
+
+    parsed = [parse_vary(v) for v in vary]
+    keys = [k for k, _ in parsed]
+    if len(set(keys)) != len(keys) or ("guide" in keys and guides):
+        raise ConfigError("each key may be varied once (guides count as the key 'guide')")
+    if not seeds:
+        raise ConfigError("--seeds needs at least one seed")
+    extra = [*overrides, "train.progress=false"] + ([f"device={device!r}"] if device else [])
+    all_variants = variants(list(guides), parsed)
+    # every config is built before anything trains: a bad key or value fails at once
+    configs = {(v.label, s): load_config(recipe, [*extra, *v.overrides, f"seed={s}"]) for v in all_variants for s in seeds}
+    out = Path(out)
+    rows, curves, selection = [], {}, None
+    for v in all_variants:
+        curves[v.label] = []
+        for s in seeds:
+            run_dir = out / f"{v.slug}-seed{s}"
+            summary = train_to_completion(configs[(v.label, s)], run_dir)
+            selection = selection or summary["selection_metric"]
+            metrics = {k: val for k, val in summary["best"].items() if isinstance(val, (int, float)) and not isinstance(val, bool)}
+            rows.append({"variant": v.label, "seed": s, "run": run_dir.name, **metrics, "seconds": summary["seconds"]})
+            curves[v.label].append(runs.read_metrics(run_dir))
+    metric_keys = sorted({k for r in rows for k in r} - {"variant", "seed", "run"})
+    csv_path = out / "ablation.csv"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["variant", "seed", "run", *metric_keys])
+    writer.writeheader()
+    writer.writerows(rows)
+    runs.atomic_write_text(csv_path, buf.getvalue())
+    table = markdown_table(rows, metric_keys)
+    md_path = out / "ablation.md"
+    runs.atomic_write_text(md_path, f"# Ablation of {Path(recipe).name} (seeds {', '.join(map(str, seeds))})\n\n{table}\n")
+    key = curve_key([r for rs in curves.values() for recs in rs for r in recs], selection)
+    png_path = plots.plot_bands(curves, key, out / "ablation.png", title=f"{key}: mean ± sd over {len(seeds)} seed(s)")
+    return {"csv": csv_path, "markdown": md_path, "figure": png_path, "rows": rows, "table": table}
+
+
+def markdown_table(rows: list[dict], metric_keys: list[str]) -> str:
+    """Mean ± sd over seeds of every metric, one row per variant (in the order they ran)."""
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = ["| variant | runs | " + " | ".join(metric_keys) + " |", "|---|---|" + "---|" * len(metric_keys)]
+    for label in labels:
+        mine = [r for r in rows if r["variant"] == label]
+        cells = []
+        for k in metric_keys:
+            values = [r[k] for r in mine if k in r]
+            if values:
+                m, sd = mean_sd(values)
+                cells.append(f"{m:.4g} ± {sd:.2g}")
+            else:
+                cells.append("—")
+        lines.append(f"| {label or 'base'} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

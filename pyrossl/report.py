@@ -1,0 +1,94 @@
+"""Figures of a run and an HTML page that shows them: what ``pyrossl report DIR`` and the trainer draw.
+
+The trainer calls :func:`draw_figures` at the end of a run; :func:`write_report` redraws everything
+from a run directory alone (config, metrics and checkpoint), so figures can be remade after the
+plotting code changes or for a run whose figures were deleted.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import torch
+
+from pyrossl import plots, runs
+
+
+def figure_part(split, evaluate_on_train: bool) -> str:
+    """The part of the split figures are drawn on: test, else validation, else (unsupervised) train."""
+    if split.test.numel():
+        return "test"
+    if split.validation.numel() or not evaluate_on_train:
+        return "validation"
+    return "train"
+
+
+def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.Tensor, folder: str | Path) -> list[Path]:
+    """Learning curves, the latent space coloured by class, and the model's own figures, into ``folder``."""
+    folder = Path(folder)
+    paths = []
+    keys = sorted({k for r in records for k, v in r.items()
+                   if k.startswith(("train_", "val_", "test_")) and k != "train_seconds" and isinstance(v, (int, float))})
+    if records:
+        paths.append(plots.plot_curves(records, ["loss"], folder / "loss.png", title="training loss"))
+        if keys:
+            paths.append(plots.plot_curves(records, keys, folder / "metrics.png", title="held-out metrics"))
+    x, y = x[:2000], y[:2000]
+    model.eval()
+    try:
+        z = model.latent(x)
+    except NotImplementedError:
+        z = None
+    if z is not None and not dataset.multilabel:
+        paths.append(plots.plot_latent_pca(z.cpu(), y.cpu(), folder / "latent_pca.png", classes=dataset.classes,
+                                           title=f"posterior means of q(z|x), {dataset.name}"))
+    paths += model.figures(folder, x, y)
+    return [Path(p) for p in paths]
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def write_index(run_dir: str | Path, figures: list[Path]) -> Path:
+    """``figures/index.html``: the run's summary table and every figure with its file name."""
+    run_dir = Path(run_dir)
+    folder = run_dir / runs.FIGURES
+    summary = runs.read_summary(run_dir)
+    best, last = summary.get("best", {}), summary.get("last", {})
+    rows = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{_cell(best[k])}</td><td>{_cell(last.get(k, ''))}</td></tr>"
+                     for k in best if isinstance(best[k], (int, float)))
+    head = {k: summary[k] for k in ("model", "guide", "dataset", "seed", "epochs", "best_epoch", "selection_metric", "seconds", "device")
+            if k in summary}
+    images = "\n".join(f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">'
+                       f"<figcaption>{html.escape(p.name)}</figcaption></figure>" for p in figures)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{text-align:left}}
+figure{{display:inline-block;margin:1em;vertical-align:top}} img{{max-width:560px}}</style></head>
+<body><h1>{html.escape(run_dir.name)}</h1>
+<p>{html.escape(json.dumps(head))}</p>
+<table><tr><th>metric</th><th>best epoch</th><th>last epoch</th></tr>
+{rows}
+</table>
+{images}
+</body></html>
+"""
+    path = folder / "index.html"
+    folder.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write_text(path, page)
+    return path
+
+
+def write_report(run_dir: str | Path, which: str = "best", device: str = "cpu") -> tuple[Path, list[Path]]:
+    """Redraw every figure of a run from its checkpoint and write ``figures/index.html``."""
+    run = runs.load_run(run_dir, which=which, device=device)
+    part = figure_part(run.split, run.model.evaluate_on_train)
+    x, y = run.tensors(part)
+    figures = draw_figures(run.model, run.dataset, run.metrics, x, y, Path(run_dir) / runs.FIGURES)
+    return write_index(run_dir, figures), figures

@@ -1,0 +1,28 @@
+"""The notebook runs end to end on a run the test makes (M2 on digits, seconds)."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import tiny_config
+from pyrossl.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_inspect_posterior_notebook_runs(tmp_path, monkeypatch):
+    run_dir = tmp_path / "m2-digits"
+    train(tiny_config(model="m2", **{"data.labels_per_class": 10, "train.epochs": 3,
+                                     "options": {"z_dim": 4, "hidden": [32]}}), run_dir)
+    nb = nbformat.read(ROOT / "notebooks/inspect_posterior.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    monkeypatch.setenv("PYROSSL_RUN", str(run_dir))
+    client = NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # raises CellExecutionError naming the cell when one fails
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum(o.output_type == "display_data" for o in outputs) >= 4  # the four figures
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "y_probs" in text and "'z'" in text

@@ -1,0 +1,55 @@
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from pyrossl import cli, runs
+from pyrossl.report import write_report
+from pyrossl.train import train
+
+
+@pytest.fixture(scope="module")
+def m2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "m2"
+    train(tiny_config(model="m2", **{"data.labels_per_class": 5, "train.epochs": 2,
+                                     "options": {"z_dim": 4, "hidden": [32]}}), out)
+    return out
+
+
+def _drawn(path):
+    """An image that is not one flat colour: something was drawn."""
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
+    return pixels.std() > 1.0
+
+
+def test_report_redraws_every_figure_from_the_checkpoint(m2_run):
+    shutil.rmtree(m2_run / runs.FIGURES)
+    index, figures = write_report(m2_run)
+    names = {p.name for p in figures}
+    assert {"loss.png", "metrics.png", "latent_pca.png", "class_samples.png", "confusion.png", "reconstructions.png"} <= names
+    assert all(p.exists() and _drawn(p) for p in figures)
+    page = index.read_text()
+    for name in names:
+        assert f'src="{name}"' in page
+    assert "test_accuracy" in page and "<table>" in page
+
+
+def test_the_trainer_writes_the_index_too(m2_run):
+    assert (m2_run / runs.FIGURES / "index.html").exists()
+
+
+def test_report_cli(m2_run, tmp_path, capsys):
+    assert cli.main(["report", str(m2_run), "--which", "last"]) == 0
+    assert "index.html" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_report_of_an_unsupervised_run_uses_its_training_points(tmp_path):
+    out = tmp_path / "gmm"
+    train(tiny_config(model="gmm-vae", **{"data.validation": 0, "data.test": 0, "train.epochs": 2,
+                                          "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}}), out)
+    _, figures = write_report(out)
+    assert {"cluster_samples.png", "cluster_confusion.png", "latent_pca.png"} <= {p.name for p in figures}
