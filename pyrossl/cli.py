@@ -159,11 +159,8 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pyrossl import runs
     from pyrossl.report import write_report
 
-    if not runs.is_run(Path(args.run)):
-        raise PyrosslError(f"{args.run} is not a run directory (no {runs.CONFIG})")
     index, figures = write_report(args.run, which=args.which, device=args.device)
     print(f"{len(figures)} figures and {index}")
     return 0

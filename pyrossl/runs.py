@@ -150,8 +150,7 @@ class Run:
             index = torch.cat([self.split.unlabelled, self.split.labelled])
         else:
             index = getattr(self.split, part)
-        device = next(self.model.parameters()).device
-        return self.dataset.x[index].to(device), self.dataset.y[index].to(device)
+        return self.dataset.x[index].to(self.device), self.dataset.y[index].to(self.device)
 
     @property
     def device(self) -> torch.device:
