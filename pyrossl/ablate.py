@@ -101,11 +101,14 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
     # every config is built before anything trains: a bad key or value fails at once
     configs = {(v.label, s): load_config(recipe, [*extra, *v.overrides, f"seed={s}"]) for v in all_variants for s in seeds}
     out = Path(out)
+    slugs = [v.slug for v in all_variants]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError(f"two variants would share a run folder ({', '.join(sorted({s for s in slugs if slugs.count(s) > 1}))}): make the values differ in letters or digits")
     rows, curves, selection = [], {}, None
     for v in all_variants:
         curves[v.label] = []
         for s in seeds:
-            run_dir = out / f"{v.slug}-seed{s}"
+            run_dir = runs.child(out, f"{v.slug}-seed{s}")
             summary = train_to_completion(configs[(v.label, s)], run_dir)
             selection = selection or summary["selection_metric"]
             metrics = {k: val for k, val in summary["best"].items() if isinstance(val, (int, float)) and not isinstance(val, bool)}

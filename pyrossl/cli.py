@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from pyrossl.errors import PyrosslError
+from pyrossl.errors import PyrosslError, TrainingInterrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"pyrossl: {exc}", file=sys.stderr)
+        return exc.exit_code
     except PyrosslError as exc:
         print(f"pyrossl: error: {exc}", file=sys.stderr)
         return 2

@@ -27,3 +27,9 @@ class CheckpointError(PyrosslError):
 
 class TrainingError(PyrosslError):
     """Training cannot go on (for instance a non-finite loss); the message names the last good checkpoint."""
+
+
+class TrainingInterrupted(PyrosslError):
+    """Training stopped on request (Ctrl-C) after writing a checkpoint; the message says how to resume."""
+
+    exit_code = 130

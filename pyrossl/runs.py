@@ -58,6 +58,22 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+def child(folder: Path, name: str) -> Path:
+    """``folder / name`` where ``name`` comes from user input (a config value, a variant label): it
+    must be one plain entry of ``folder``, so nothing is ever written outside it."""
+    if not name or name in (".", "..") or Path(name).name != name or "/" in name or "\\" in name or "\0" in name:
+        raise PyrosslError(f"{name!r} cannot name an entry of {folder}: it must be a plain file or folder name")
+    return Path(folder) / name
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed write left in ``folder`` (never a finished file)."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()] if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_save(obj, path: Path) -> None:
     """``torch.save`` that never leaves a partial file at ``path``."""
     atomic_write_bytes(path, lambda f: torch.save(obj, f))

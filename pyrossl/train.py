@@ -9,15 +9,25 @@ optimises it with ``torch.optim``, one step per batch of index tensors over in-m
 
 A checkpoint holds every RNG state the loop draws from, taken at the end of an epoch, so a run
 resumed from it ends with the same numbers as an uninterrupted run with the same seed (on CPU).
+Ctrl-C (SIGINT) lets the current step finish, then writes a mid-epoch checkpoint (the position in the
+epoch, its losses so far and the data generator's state at its start) and raises
+:class:`~pyrossl.errors.TrainingInterrupted`; resuming replays the epoch's batch order and goes on
+from the next step, to the same numbers. A kill (SIGKILL, power loss) loses at most the steps since
+the last checkpoint: every file is written to a temporary file, flushed and renamed.
 The summary reports the test metrics of the epoch with the best validation score (as Pyro's
 SS-VAE example does) and of the last epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +40,7 @@ from tqdm.auto import tqdm
 from pyrossl import runs
 from pyrossl.config import Config
 from pyrossl.data import batch_indices, binarize
-from pyrossl.errors import CheckpointError, ConfigError, TrainingError
+from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from pyrossl.registry import build_model, resolve
 
 
@@ -171,6 +181,10 @@ class Trainer:
         self.skipped = 0
         self.best_epoch = 0
         self.best_score = -math.inf
+        self.partial = None  # where a mid-epoch checkpoint stopped: {"epoch", "batch", "losses", "data_rng", ...}
+        self.stop_requested = False
+        if self.resume:
+            runs.remove_stale_temporaries(self.out)
         if self.resume and (self.out / runs.CHECKPOINT).exists():
             self._restore()
         else:
@@ -191,19 +205,27 @@ class Trainer:
         self.epoch, self.step, self.skipped = int(counters["epoch"]), int(counters["step"]), int(counters["skipped"])
         self.seconds = float(counters["seconds"])
         self.best_epoch, self.best_score = int(counters["best_epoch"]), float(counters["best_score"])
+        self.partial = state.get("partial")
         # epochs after the checkpoint never happened, as far as the resumed run is concerned
         runs.write_metrics(self.out, [r for r in runs.read_metrics(self.out) if r["epoch"] <= self.epoch])
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, partial: dict | None = None) -> None:
+        """Write ``checkpoint.pt`` (``partial``: the position inside an unfinished epoch)."""
         counters = {
             "epoch": self.epoch, "step": self.step, "skipped": self.skipped, "seconds": self.seconds,
             "best_epoch": self.best_epoch, "best_score": self.best_score,
         }
-        runs.atomic_save(
-            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-             "rng": rng_state(self.generator), "counters": counters},
-            self.out / runs.CHECKPOINT,
-        )
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "rng": rng_state(self.generator), "counters": counters}
+        if partial is not None:
+            state["partial"] = partial
+        path = self.out / runs.CHECKPOINT
+        try:
+            runs.atomic_save(state, path)
+        except OSError as exc:
+            what = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+            kept = f"the previous checkpoint is intact" if path.exists() else "no earlier checkpoint exists"
+            raise CheckpointError(f"cannot write {path} ({what}); {kept}: free space and resume with --resume {self.out}") from None
 
     # ------------------------------------------------------------------------------------
     def _batches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -284,21 +306,67 @@ class Trainer:
         select = "val_" + self.model.selection_metric
         with tqdm(range(self.epoch + 1, c.train.epochs + 1), desc=f"{c.model}/{self.model.guide_name}",
                   disable=not c.train.progress, initial=self.epoch, total=c.train.epochs, unit="epoch") as bar:
-            self._epochs(bar, select)
+            with self._graceful_interrupt():
+                self._epochs(bar, select)
         return self.finish()
+
+    def _interrupted(self, where: str) -> TrainingInterrupted:
+        return TrainingInterrupted(
+            f"interrupted {where}; checkpoint written to {self.out / runs.CHECKPOINT}; "
+            f"resume with: pyrossl train --resume {self.out}"
+        )
+
+    @contextlib.contextmanager
+    def _graceful_interrupt(self):
+        """While training, the first Ctrl-C asks the loop to stop after the current step and checkpoint;
+        a second one interrupts at once (the last checkpoint stays intact). Only the main thread can
+        take signals: elsewhere Ctrl-C keeps its default behaviour."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print("\npyrossl: stopping after this step to write a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _epochs(self, bar, select: str) -> None:
         c = self.config
         for epoch in bar:
             start = time.perf_counter()
             self.model.train()
-            logs = dict(self.model.start_epoch(epoch))
-            losses = [self._step(u, l) for u, l in self._batches()]
-            losses = [v for v in losses if v is not None]
+            logs = dict(self.model.start_epoch(epoch))  # a function of the epoch: called again on a mid-epoch resume
+            partial, self.partial = self.partial, None
+            if partial is not None:  # resuming inside this epoch: redraw its batch order, skip what was done
+                self.generator.set_state(partial["data_rng"])
+            data_rng = self.generator.get_state()
+            batches = self._batches()
+            first = int(partial["batch"]) if partial else 0
+            losses = [float(v) for v in partial["losses"]] if partial else []
+            earlier = float(partial["train_seconds"]) if partial else 0.0
+            for i in range(first, len(batches)):
+                loss = self._step(*batches[i])
+                if loss is not None:
+                    losses.append(loss)
+                if self.stop_requested and i + 1 < len(batches):
+                    spent = time.perf_counter() - start
+                    self.seconds += spent
+                    self._checkpoint({"epoch": epoch, "batch": i + 1, "losses": losses, "data_rng": data_rng,
+                                      "train_seconds": earlier + spent})
+                    raise self._interrupted(f"at epoch {epoch}, step {i + 1} of {len(batches)}")
             self.epoch = epoch
             evaluate = epoch % c.train.eval_every == 0 or epoch == c.train.epochs
             logs.update(self.model.end_epoch(epoch, lambda: self._training_tensors(), evaluating=evaluate))
-            train_seconds = time.perf_counter() - start
+            train_seconds = earlier + time.perf_counter() - start
             metrics = self._evaluate() if evaluate else {}
             if evaluate:
                 self.model.write_outputs(self.out, epoch, lambda index: self.data.y[index.to(self.device)])
@@ -314,10 +382,12 @@ class Trainer:
                 self.best_epoch, self.best_score = epoch, score
                 runs.atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.out / runs.BEST)
             runs.append_metrics(self.out, record)
-            if evaluate or epoch % c.train.checkpoint_every == 0:
+            if evaluate or epoch % c.train.checkpoint_every == 0 or self.stop_requested:
                 start = time.perf_counter()
                 self._checkpoint()
                 self.seconds += time.perf_counter() - start  # counted from the next checkpoint and in the summary
+            if self.stop_requested and epoch < c.train.epochs:
+                raise self._interrupted(f"after epoch {epoch}")
             bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
 
     def _training_index(self) -> torch.Tensor:

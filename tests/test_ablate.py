@@ -59,8 +59,27 @@ def test_ablation_over_a_config_key_from_the_cli(tmp_path, capsys):
     (["--guides", "nope"], "guide"),
     (["--vary", "options.no_such_key=1,2"], "no_such_key"),
     (["--guides", "enum", "--vary", "guide=gumbel"], "varied once"),
+    (["--vary", "options.act=a/b,a_b"], "share a run folder"),
 ])
 def test_bad_ablations_fail_before_training(tmp_path, capsys, args, message):
     assert cli.main(["ablate", RECIPE, "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", ["../../escaped", "/etc/passwd", "..", "a\\..\\b", "x/../../y"])
+def test_a_variant_folder_never_leaves_the_ablation_folder(tmp_path, value):
+    from pyrossl import runs
+
+    (v,) = variants([], [("data.path", [value])])
+    run_dir = runs.child(tmp_path, f"{v.slug}-seed0")
+    assert run_dir.resolve().parent == tmp_path.resolve()
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/abs"])
+def test_child_refuses_names_that_are_not_one_entry(tmp_path, name):
+    from pyrossl import runs
+    from pyrossl.errors import PyrosslError
+
+    with pytest.raises(PyrosslError, match="plain file or folder name"):
+        runs.child(tmp_path, name)

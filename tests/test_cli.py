@@ -123,3 +123,39 @@ def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, recipe
 def test_module_entry_point_exit_code():
     result = subprocess.run([sys.executable, "-m", "pyrossl", "train", "--set"], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+class _WritesAFile:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("command", ["eval", "report", "resume"])
+def test_a_run_whose_checkpoint_would_run_code_is_refused(tmp_path, recipe, capsys, command):
+    import torch
+
+    from pyrossl import runs
+
+    run = tmp_path / "run"
+    assert run_cli(["train", recipe, "--out", run], capsys)[0] == 0
+    marker = tmp_path / "pwned"
+    for name in (runs.CHECKPOINT, runs.BEST):
+        torch.save({"model": _WritesAFile(str(marker)), "epoch": 1}, run / name)
+    args = ["train", "--resume", run] if command == "resume" else [command, run]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "not a safe pyrossl checkpoint" in err and err.count("\n") == 1
+    assert not marker.exists()
+
+
+def test_an_image_size_the_convolutional_network_cannot_take(tmp_path, recipe, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((40, 10, 10)), y=np.arange(40) % 2)
+    code, _, err = run_cli(["train", recipe, "--set", "data.name=npz", "--set", f"data.path={tmp_path / 'd.npz'!s}",
+                            "--set", "options.net=conv", "--out", tmp_path / "r"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "needs images of at least 8x8 with height and width divisible by 4, not 1x10x10" in err

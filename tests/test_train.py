@@ -1,12 +1,19 @@
+import errno
 import json
 import math
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from conftest import tiny_config
 from pyrossl import runs
-from pyrossl.errors import CheckpointError, ConfigError, TrainingError
+from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
+from pyrossl.registry import resolve
 from pyrossl.train import Trainer, train, train_to_completion
 
 
@@ -177,3 +184,175 @@ def test_train_to_completion_reads_a_finished_run_and_finishes_an_unfinished_one
     (tmp_path / "run" / runs.SUMMARY).unlink()  # as if killed before the summary was written
     again = train_to_completion(config, tmp_path / "run")
     assert again["epochs"] == 2 and again["best"]["test_elbo"] == first["best"]["test_elbo"]
+
+
+def _same_run(a, b):
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        assert torch.equal(pa[key], pb[key]), key
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    assert strip(runs.read_metrics(a)) == strip(runs.read_metrics(b))
+
+
+def _stop_at_step(monkeypatch, stop_step):
+    """Request a stop (what Ctrl-C does) during global step ``stop_step``."""
+    step = Trainer._step
+
+    def stepping(self, unlab, lab):
+        loss = step(self, unlab, lab)
+        if self.step == stop_step:
+            self.stop_requested = True
+        return loss
+
+    monkeypatch.setattr(Trainer, "_step", stepping)
+
+
+M2_SMALL = {"model": "m2", "guide": "gumbel", "data.labels_per_class": 5, "train.batch_size": 64,
+            "train.epochs": 3, "data.binarize": True, "options": {"z_dim": 4, "hidden": [32]}}
+
+
+@pytest.mark.parametrize("overrides, stop_step", [({"data.binarize": True}, 15), (M2_SMALL, 30)], ids=["vae", "m2-gumbel"])
+def test_a_stop_inside_an_epoch_checkpoints_there_and_resumes_to_the_same_numbers(tmp_path, monkeypatch, overrides, stop_step):
+    config = tiny_config(**overrides)
+    train(config, tmp_path / "full")
+    with monkeypatch.context() as m:
+        _stop_at_step(m, stop_step)
+        with pytest.raises(TrainingInterrupted, match=rf"interrupted at epoch 2, step \d+ of \d+; .*resume with: pyrossl train --resume {tmp_path / 'part'}"):
+            train(config, tmp_path / "part")
+    state = runs.load_checkpoint(tmp_path / "part" / runs.CHECKPOINT)
+    assert state["counters"]["epoch"] == 1 and state["counters"]["step"] == stop_step
+    assert state["partial"]["epoch"] == 2 and state["partial"]["batch"] > 0
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "part")] == [1]
+    train(config, tmp_path / "part", resume=True)
+    _same_run(tmp_path / "full", tmp_path / "part")
+
+
+def test_a_stop_in_the_last_step_of_an_epoch_checkpoints_the_whole_epoch(tmp_path, monkeypatch):
+    config = tiny_config(**{"train.checkpoint_every": 10, "train.eval_every": 10})  # 10 steps per epoch
+    train(config, tmp_path / "full")
+    with monkeypatch.context() as m:
+        _stop_at_step(m, 10)
+        with pytest.raises(TrainingInterrupted, match="interrupted after epoch 1; "):
+            train(config, tmp_path / "part")
+    state = runs.load_checkpoint(tmp_path / "part" / runs.CHECKPOINT)
+    assert state["counters"]["epoch"] == 1 and "partial" not in state
+    train(config, tmp_path / "part", resume=True)
+    _same_run(tmp_path / "full", tmp_path / "part")
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 4:  # best.pt and checkpoint.pt of epoch 1 are written, then the disk is full
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(runs.torch, "save", save_then_fill_the_disk)
+    with pytest.raises(CheckpointError, match=r"cannot write .*checkpoint.pt \(the disk is full\); the previous checkpoint is intact"):
+        train(tiny_config(**{"train.epochs": 3}), tmp_path / "run")
+    monkeypatch.undo()
+    assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["counters"]["epoch"] == 1
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    train(tiny_config(**{"train.epochs": 3}), tmp_path / "run", resume=True)
+    train(tiny_config(**{"train.epochs": 3}), tmp_path / "full")
+    _same_run(tmp_path / "full", tmp_path / "run")
+
+
+def test_resume_removes_temporaries_a_kill_left_behind(tmp_path):
+    train(tiny_config(**{"train.epochs": 1}), tmp_path / "run")
+    stale = tmp_path / "run" / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"cut short")
+    runs.write_config(tmp_path / "run", resolve(tiny_config(**{"train.epochs": 2})))  # now a 2-epoch run
+    train(tiny_config(**{"train.epochs": 2}), tmp_path / "run", resume=True)
+    assert not stale.exists() and (tmp_path / "run" / runs.CHECKPOINT).is_file()
+
+
+# --- faults in a real process ------------------------------------------------------------
+FAULT_RECIPE = """
+model = "vae"
+seed = 0
+threads = 1
+[data]
+name = "digits"
+labels_per_class = 0
+validation = 0.1
+test = 0.2
+binarize = true
+[train]
+epochs = 8
+batch_size = 8
+lr = 1e-3
+progress = false
+checkpoint_every = 1
+[options]
+z_dim = 4
+hidden = [64]
+"""
+
+
+def _start(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "pyrossl", "train", *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _reference(tmp_path):
+    from pyrossl.config import load_config
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(FAULT_RECIPE)
+    train(load_config(recipe), tmp_path / "reference")
+    return recipe
+
+
+def test_killed_at_random_points_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
+    recipe = _reference(tmp_path)
+    run, rng, kills = tmp_path / "run", random.Random(0), 0
+    proc = _start([recipe, "--out", run], tmp_path)
+    for _ in range(3):
+        _wait_for(run / runs.CONFIG, proc)
+        time.sleep(rng.uniform(0.0, 2.0))  # somewhere in training: a step, an evaluation, a checkpoint write
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if (run / runs.CHECKPOINT).exists():  # never corrupt: it always loads
+            runs.load_checkpoint(run / runs.CHECKPOINT)
+        proc = _start(["--resume", run] if runs.is_run(run) else [recipe, "--out", run], tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert kills >= 2
+    _same_run(tmp_path / "reference", run)
+    assert json.loads((run / runs.SUMMARY).read_text())["epochs"] == 8
+
+
+def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resumed_run_ends_the_same(tmp_path):
+    recipe = _reference(tmp_path)
+    run = tmp_path / "run"
+    proc = _start([recipe, "--out", run], tmp_path)
+    _wait_for(run / runs.METRICS, proc)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and not runs.read_metrics(run) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("pyrossl: interrupted ")
+    assert f"resume with: pyrossl train --resume {run}" in err
+    assert 1 <= runs.load_checkpoint(run / runs.CHECKPOINT)["counters"]["epoch"] < 8
+    done = subprocess.run([sys.executable, "-m", "pyrossl", "train", "--resume", str(run)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _same_run(tmp_path / "reference", run)
