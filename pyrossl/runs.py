@@ -257,8 +257,10 @@ def load_dataset_for(config: Config):
     """The dataset a config names, with its data options."""
     from pyrossl.data import load_dataset
 
-    options = {"path": config.data.path} if config.data.path else {}
-    return load_dataset(config.data.name, data_dir=config.data.data_dir, **options)
+    d = config.data
+    # source options travel only when set, so a source that lacks one is told so (and not silently ignored)
+    options = {k: getattr(d, k) for k in ("path", "attributes", "image_size", "max_per_part") if getattr(d, k) is not None}
+    return load_dataset(d.name, data_dir=d.data_dir, **options)
 
 
 def split_for(config: Config, dataset):

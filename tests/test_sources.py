@@ -34,7 +34,7 @@ def write_idx_set(folder: Path, train: int = 6, test: int = 4, gz: bool = True, 
 
 
 def test_registry_names():
-    assert dataset_names() == sorted(DATASETS) == ["digits", "fashion-mnist", "mnist", "mnist5k", "npz"]
+    assert dataset_names() == sorted(DATASETS) == ["celeba", "digits", "fashion-mnist", "mnist", "mnist5k", "npz"]
 
 
 def test_digits():
@@ -267,7 +267,7 @@ def test_npz_unreadable_files(tmp_path):
 def test_unknown_dataset_suggests_the_closest_name():
     with pytest.raises(ConfigError, match=r"unknown dataset 'fashion_mnist' \(did you mean 'fashion-mnist'\?\)"):
         load_dataset("fashion_mnist")
-    with pytest.raises(ConfigError, match="known: digits, fashion-mnist, mnist, mnist5k, npz"):
+    with pytest.raises(ConfigError, match="known: celeba, digits, fashion-mnist, mnist, mnist5k, npz"):
         load_dataset("cifar")
 
 

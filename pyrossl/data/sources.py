@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyrossl.data.celeba import load_celeba
 from pyrossl.data.dataset import Dataset
 from pyrossl.data.download import cache_dir
 from pyrossl.data.idx import read_idx
@@ -163,6 +164,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,
     "npz": load_npz,
+    "celeba": load_celeba,
 }
 
 
