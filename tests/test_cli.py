@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import WritesAFile
 from pyrossl.cli import main
 
 RECIPE = """
@@ -81,6 +82,7 @@ def test_data_info(capsys):
         (["train", "{recipe}", "--set", "train.epoch=3"], "did you mean 'train.epochs'"),
         (["train", "{recipe}", "--set", "model=vea"], "unknown model 'vea' (did you mean 'vae'?)"),
         (["train", "{recipe}", "--set", "guide=diag-norm"], "guide 'diag-norm' does not fit model 'vae'"),
+        (["train", "{recipe}", "--set", "guide=diag-norml"], "(did you mean 'diag-normal'?)"),
         (["train", "{recipe}", "--set", "data.name=fashion-mnst"], "did you mean 'fashion-mnist'"),
         (["train", "{recipe}", "--set", "options.z_dimm=3"], "did you mean 'options.z_dim'"),
         (["train", "{recipe}", "--set", "train.batch_size=0"], "batch_size must be at least 1"),
@@ -125,13 +127,6 @@ def test_module_entry_point_exit_code():
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-class _WritesAFile:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("command", ["eval", "report", "resume"])
@@ -144,7 +139,7 @@ def test_a_run_whose_checkpoint_would_run_code_is_refused(tmp_path, recipe, caps
     assert run_cli(["train", recipe, "--out", run], capsys)[0] == 0
     marker = tmp_path / "pwned"
     for name in (runs.CHECKPOINT, runs.BEST):
-        torch.save({"model": _WritesAFile(str(marker)), "epoch": 1}, run / name)
+        torch.save({"model": WritesAFile(str(marker)), "epoch": 1}, run / name)
     args = ["train", "--resume", run] if command == "resume" else [command, run]
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "not a safe pyrossl checkpoint" in err and err.count("\n") == 1

@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import WritesAFile, tiny_config
 from pyrossl import runs
 from pyrossl.errors import CheckpointError, PyrosslError
 from pyrossl.train import train
@@ -31,24 +31,16 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
-class _WritesAFile:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     marker = tmp_path / "pwned"
-    torch.save({"model": _WritesAFile(str(marker))}, evil)
+    torch.save({"model": WritesAFile(str(marker))}, evil)
     with pytest.raises(CheckpointError, match="not a safe pyrossl checkpoint"):
         runs.load_checkpoint(evil)
     assert not marker.exists()
     raw = tmp_path / "raw.pt"
-    raw.write_bytes(pickle.dumps(_WritesAFile(str(marker))))
+    raw.write_bytes(pickle.dumps(WritesAFile(str(marker))))
     with pytest.raises(CheckpointError):
         runs.load_checkpoint(raw)
     assert not marker.exists()
