@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pyrossl.config import Config, suggest, unknown_key
 from pyrossl.errors import ConfigError
+from pyrossl.models.ccvae import CCVAE
 from pyrossl.models.classifier import Classifier
 from pyrossl.models.gae import GAE
 from pyrossl.models.gmm_vae import GMMVAE, SerketVAEGMM
@@ -11,7 +12,7 @@ from pyrossl.models.m2 import M2
 from pyrossl.models.vae import VAE
 from pyrossl.zoo import ZooModel
 
-MODELS: dict[str, type[ZooModel]] = {cls.name: cls for cls in (VAE, M2, GAE, GMMVAE, SerketVAEGMM, Classifier)}
+MODELS: dict[str, type[ZooModel]] = {cls.name: cls for cls in (VAE, M2, GAE, GMMVAE, SerketVAEGMM, CCVAE, Classifier)}
 
 
 def model_class(name: str) -> type[ZooModel]:

@@ -173,6 +173,7 @@ class Trainer:
             x[held_out] = binarize(x[held_out], torch.Generator().manual_seed(c.seed))
         self.data = TrainingData(x.to(self.device), self.dataset.y.to(self.device), self.split, c.data.binarize)
         self.model = build_model(c, self.dataset.meta()).to(self.device)
+        self.model.prepare(self._training_tensors())
         self.optimizer = make_optimizer(c, self.model.parameters())
         self.generator = torch.Generator().manual_seed(c.seed)
         self.epoch = 0

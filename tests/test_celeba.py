@@ -27,7 +27,7 @@ def write_celeba(folder, parts=PARTS, seed=0):
     values = rng.choice([-1, 1], size=(len(parts), len(ALL_40)))
     names = [f"{i + 1:06d}.jpg" for i in range(len(parts))]
     for i, name in enumerate(names):
-        colour = np.array([40 * i, 255 - 40 * i, 128], np.uint8)
+        colour = np.array([40 * i % 256, (255 - 40 * i) % 256, 128], np.uint8)
         pixels = np.broadcast_to(colour, (218, 178, 3)).copy()
         pixels[:35] = 0  # a band the centre crop removes
         Image.fromarray(pixels).save(folder / IMAGES / name, quality=100)

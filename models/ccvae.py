@@ -1,0 +1,312 @@
+"""CCVAE: the characteristic-capturing VAE of Joy et al., "Capturing label characteristics in VAEs" (ICLR 2021).
+
+Generative model: p(y) p(z_c|y) p(z_s) p(x|z_c, z_s), with z_c one dimension per label and a learned
+conditional prior p(z_c|y): per binary attribute a location and scale for y = 1 and for y = 0; for
+one categorical label with K classes, z_c has K dimensions and each class its own location and scale
+vector. p(y) is the label frequency of the labelled training data (probabilities, not logits).
+Inference: q(z|x) and a diagonal classifier q(y|z_c) (:mod:`pyrossl.guides.ccvae`).
+
+Objective (:class:`CCVAE_ELBO`). A labelled pair (x, y) contributes the paper's eq. 4,
+
+    E_q(z|x)[ w log( p(x|z) p(z_c|y) p(z_s) / (q(y|z_c) q(z|x)) ) ] + log q(y|x) + log p(y),
+    w = q(y|z_c) / q(y|x),
+
+a bound on log p(x, y) whose posterior is q(z|x) q(y|z_c) / q(y|x); an unlabelled x contributes the
+ELBO of p(x) with y drawn from q(y|z_c) (enumerated exactly for a categorical label).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from torch import nn
+
+from pyrossl.errors import ConfigError
+from pyrossl.guides.ccvae import CCVAEGuide
+from pyrossl.models.vae import BernoulliDecoder
+from pyrossl.nn import check_network_options
+from pyrossl.zoo import ZooModel
+
+LIKELIHOODS = ("bernoulli", "laplace")
+
+
+@dataclass
+class CCVAEOptions:
+    z_style: int = 20  # dimensions of z_s; z_c has one per label (per class for a categorical label)
+    hidden: list[int] = field(default_factory=lambda: [500])
+    act: str = "relu"
+    net: str = "mlp"  # mlp | conv (images with sides divisible by 4: 28x28, 32x32, 64x64)
+    likelihood: str = "bernoulli"  # bernoulli | laplace (location = sigmoid(decoder), scale below)
+    laplace_scale: float = 0.1
+    k: int = 100  # samples of z_c in the Monte Carlo estimate of q(y|x)
+    prior_separation: float = 2.0  # initial |location| of the conditional prior (+ for y = 1, - for y = 0)
+
+    def __post_init__(self):
+        check_network_options(self)
+        if self.z_style < 0:
+            raise ConfigError(f"options.z_style must be at least 0, not {self.z_style}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"options.likelihood must be one of {', '.join(LIKELIHOODS)}, not '{self.likelihood}'")
+        if self.k < 1:
+            raise ConfigError(f"options.k must be at least 1, not {self.k}")
+        if self.laplace_scale <= 0:
+            raise ConfigError(f"options.laplace_scale must be positive, not {self.laplace_scale}")
+
+
+class ConditionalPrior(nn.Module):
+    """p(z_c|y): a learned diagonal Gaussian per label value.
+
+    Binary attributes (``multilabel``): ``loc[i, v]``, ``scale[i, v]`` for attribute i taking value v.
+    A categorical label with K classes: ``loc[k]``, ``scale[k]`` are K-vectors. Locations start at
+    +separation on a label's own dimension for y = 1 (class k: dimension k) and -separation otherwise.
+    """
+
+    def __init__(self, num_labels: int, multilabel: bool, separation: float = 2.0):
+        super().__init__()
+        self.multilabel = multilabel
+        if multilabel:
+            loc = torch.tensor([-separation, separation]).expand(num_labels, 2).clone()
+        else:
+            loc = separation * (2 * torch.eye(num_labels) - 1)
+        self.loc = nn.Parameter(loc)
+        self.log_scale = nn.Parameter(torch.zeros_like(loc))
+
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale of z_c for labels ``y``: float [..., L] in {0, 1}, or class indices [...]."""
+        if self.multilabel:
+            y = y.long()
+            labels = torch.arange(self.loc.shape[0], device=y.device)
+            return self.loc[labels, y], self.log_scale[labels, y].exp()
+        return self.loc[y], self.log_scale[y].exp()
+
+
+class CCVAEModel(nn.Module):
+    def __init__(self, image_shape, num_labels: int, z_style: int, multilabel: bool, options: CCVAEOptions):
+        super().__init__()
+        self.num_labels, self.z_style, self.multilabel = num_labels, z_style, multilabel
+        self.image_shape = tuple(image_shape)
+        self.likelihood, self.laplace_scale = options.likelihood, options.laplace_scale
+        self.prior = ConditionalPrior(num_labels, multilabel, options.prior_separation)
+        self.decoder = BernoulliDecoder(image_shape, num_labels + z_style, options.hidden, options.act, options.net)
+        # p(y): set from the labelled training data (set_label_prior); saved with the checkpoint
+        probs = torch.full((num_labels,), 0.5) if multilabel else torch.full((num_labels,), 1.0 / num_labels)
+        self.register_buffer("y_probs", probs)
+        self.register_buffer("z_s_loc", torch.zeros(z_style), persistent=False)
+
+    def label_prior(self, n: int) -> dist.Distribution:
+        probs = self.y_probs.expand(n, -1)
+        return dist.Bernoulli(probs=probs).to_event(1) if self.multilabel else dist.Categorical(probs=probs)
+
+    def pixels(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x|z) over flat pixels (event dim 1)."""
+        logits = self.decoder(z)
+        if self.likelihood == "laplace":
+            return dist.Laplace(torch.sigmoid(logits), self.laplace_scale).to_event(1)
+        return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)  # grey levels: a cross-entropy
+
+    def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, num: int | None = None):
+        n = x.shape[0] if x is not None else (y.shape[0] if y is not None else num)
+        with pyro.plate("data", n):
+            y = pyro.sample("y", self.label_prior(n), obs=y)
+            loc_c, scale_c = self.prior(y)
+            z_c = pyro.sample("z_c", dist.Normal(loc_c, scale_c).to_event(1))
+            loc_s = self.z_s_loc.expand(n, -1)
+            z_s = pyro.sample("z_s", dist.Normal(loc_s, torch.ones_like(loc_s)).to_event(1))
+            z = torch.cat([z_c, z_s], -1)  # z_c is the guide's sample: enumerating y leaves it unbatched
+            return pyro.sample("x", self.pixels(z), obs=None if x is None else x.flatten(1))
+
+
+class CCVAE_ELBO(TraceEnum_ELBO):
+    """The CCVAE objective as a Pyro ELBO (the pattern of ``pyro.contrib.cevae.TraceCausalEffect_ELBO``).
+
+    ``differentiable_loss(model, guide, x)`` (no labels) is TraceEnum_ELBO's: the guide enumerates a
+    categorical y, or samples binary attributes. ``differentiable_loss(model, guide, x, y)`` is minus
+    eq. 4, summed over the batch, read off one model and one guide trace: the guide's observed sites
+    give log q(y|z_c) (``y``), the weight's numerator (``y_weight``) and log q(y|x) (``y_x``).
+    One particle; the expectation over q(z|x) is a single reparameterised sample.
+    """
+
+    def __init__(self, enumerate_labels: bool = True):
+        super().__init__(max_plate_nesting=1)
+        # binary attributes are sampled: Trace_ELBO scores them (a score-function term) without
+        # TraceEnum_ELBO's warning that nothing is enumerated
+        self.sampled = None if enumerate_labels else Trace_ELBO(max_plate_nesting=1)
+
+    def differentiable_loss(self, model, guide, x, y=None):
+        if y is None:
+            if self.sampled is not None:
+                return self.sampled.differentiable_loss(model, guide, x)
+            return super().differentiable_loss(model, guide, x)
+        terms = self.labelled_terms(model, guide, x, y)
+        return -terms["objective"].sum()
+
+    @staticmethod
+    def labelled_terms(model, guide, x, y) -> dict[str, torch.Tensor]:
+        """Per-example terms of eq. 4 (each [B]) from one model and one guide trace."""
+        guide_trace = poutine.trace(guide).get_trace(x, y)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        log_p = {name: site["log_prob"] for name, site in model_trace.nodes.items() if site["type"] == "sample"}
+        log_q = {name: site["log_prob"] for name, site in guide_trace.nodes.items() if site["type"] == "sample"}
+        log_qy_zc, log_qy_x = log_q["y"], log_q["y_x"]
+        weight = torch.exp(log_q["y_weight"] - log_qy_x)
+        inner = log_p["x"] + log_p["z_c"] + log_p["z_s"] - log_qy_zc - log_q["z_c"] - log_q["z_s"]
+        objective = weight * inner + log_qy_x + log_p["y"]
+        return {"objective": objective, "weight": weight, "inner": inner, "log_qy_x": log_qy_x,
+                "log_py": log_p["y"], "log_qy_zc": log_qy_zc}
+
+
+class CCVAE(ZooModel):
+    name = "ccvae"
+    description = "characteristic-capturing VAE (Joy et al. 2021): conditional prior p(z_c|y), diagonal classifier q(y|z_c)"
+    Options = CCVAEOptions
+    guides = {"ccvae": "encoder q(z|x) and diagonal classifier q(y|z_c); y enumerated (categorical) or sampled (attributes)"}
+    default_guide = "ccvae"
+    uses_labels = True
+    selection_metric = "accuracy"
+
+    def __init__(self, meta: dict, options: CCVAEOptions, guide: str = "ccvae"):
+        super().__init__(meta, options, guide)
+        o = options
+        shape, labels, multilabel = meta["image_shape"], meta["num_classes"], bool(meta.get("multilabel"))
+        self.multilabel = multilabel
+        self.model = CCVAEModel(shape, labels, o.z_style, multilabel, o)
+        self.guide = CCVAEGuide(shape, labels, o.z_style, multilabel, o.hidden, o.act, o.net, o.k)
+        self.elbo = CCVAE_ELBO(enumerate_labels=not multilabel)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.meta.get("attributes") or ()) if self.multilabel else tuple(self.meta.get("classes") or ())
+
+    def set_label_prior(self, y_labelled: torch.Tensor) -> None:
+        """p(y) from the labels of the labelled training data: attribute frequencies, or class frequencies."""
+        if y_labelled.numel() == 0:
+            return
+        if self.multilabel:
+            probs = y_labelled.float().mean(0)
+        else:
+            probs = torch.bincount(y_labelled, minlength=self.meta["num_classes"]).float() / y_labelled.shape[0]
+        self.model.y_probs.copy_(probs.clamp(1e-3, 1 - 1e-3) if self.multilabel else probs.clamp_min(1e-6) / probs.clamp_min(1e-6).sum())
+
+    def prepare(self, data: dict) -> None:
+        self.set_label_prior(data["y_labelled"])
+
+    def forward(self, x, x_lab=None, y_lab=None):
+        terms = []
+        if x is not None:
+            terms.append(self.elbo.differentiable_loss(self.model, self.guide, x) / x.shape[0])
+        if x_lab is not None:
+            y = y_lab.to(x_lab.dtype) if self.multilabel else y_lab
+            terms.append(self.elbo.differentiable_loss(self.model, self.guide, x_lab, y) / x_lab.shape[0])
+        return sum(terms)
+
+    # --- classification --------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """q(y|x) by Monte Carlo over k samples of z_c: attribute probabilities [N, L] or class probabilities [N, K]."""
+        out = []
+        c = self.meta["num_classes"]
+        for xb in torch.split(x, batch_size):
+            loc, scale = self.guide.encode(xb)
+            z = torch.distributions.Normal(loc[:, :c], scale[:, :c]).sample((self.options.k,))
+            logits = self.guide.classifier(z)
+            out.append(torch.sigmoid(logits).mean(0) if self.multilabel else logits.softmax(-1).mean(0))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.predict_proba(x)
+        return (probs > 0.5).to(torch.int64) if self.multilabel else probs.argmax(-1)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:
+        from pyrossl.evaluate import classification_metrics
+
+        pred = self.predict(x)
+        if not self.multilabel:
+            return classification_metrics(pred.cpu(), y.cpu(), self.meta["num_classes"])
+        per_attribute = (pred == y.long()).float().mean(0).cpu()
+        return {"accuracy": per_attribute.mean().item(), "per_attribute_accuracy": per_attribute.tolist()}
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        loc, scale = self.guide.encode(x)
+        return {"y_probs": self.predict_proba(x), "z_loc": loc, "z_scale": scale}
+
+    @torch.no_grad()
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.guide.encode(x)[0]
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixel means [N, C, H, W] for codes z = [z_c, z_s]."""
+        d = self.model.pixels(z)
+        mean = d.base_dist.loc if self.model.likelihood == "laplace" else d.base_dist.probs
+        return mean.reshape(-1, *self.model.image_shape)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.latent(x))
+
+    @torch.no_grad()
+    def sample(self, n: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images from p(x|z) with z_c ~ p(z_c|y) (y ~ p(y) when not given) and z_s ~ N(0, I)."""
+        device = self.model.y_probs.device
+        y = self.model.label_prior(n).sample() if y is None else y.to(device)
+        loc, scale = self.model.prior(y)
+        z_c = torch.distributions.Normal(loc, scale).sample()
+        z_s = torch.randn(n, self.options.z_style, device=device)
+        return self.decode(torch.cat([z_c, z_s], -1))
+
+    @torch.no_grad()
+    def swap(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Characteristic swap: encode x, set z_c to the prior mean of labels ``y``, keep z_s, decode."""
+        z = self.latent(x).clone()
+        z[:, : self.meta["num_classes"]] = self.model.prior(y.to(z.device))[0]
+        return self.decode(z)
+
+    @torch.no_grad()
+    def walk(self, x: torch.Tensor, label: int, steps: int = 7) -> torch.Tensor:
+        """Latent walk [steps, N, C, H, W]: z_c[label] moves from its y = 0 prior mean to its y = 1 prior mean
+        (a categorical label: z_c from the prior mean of x's predicted class to that of class ``label``), z_s held."""
+        z = self.latent(x)
+        c = self.meta["num_classes"]
+        loc = self.model.prior.loc
+        frames = []
+        for t in torch.linspace(0, 1, steps):
+            zt = z.clone()
+            if self.multilabel:
+                zt[:, label] = (1 - t) * loc[label, 0] + t * loc[label, 1]
+            else:
+                start = loc[self.predict(x)]
+                zt[:, :c] = (1 - t) * start + t * loc[label]
+            frames.append(self.decode(zt))
+        return torch.stack(frames)
+
+    def figures(self, folder, x, y):
+        from pathlib import Path
+
+        from pyrossl import plots
+
+        folder = Path(folder)
+        x = x[:10]
+        paths = [plots.plot_reconstructions(x.cpu(), self.reconstruct(x).cpu(), folder / "reconstructions.png")]
+        if not self.multilabel:
+            k = self.meta["num_classes"]
+            rows = torch.stack([self.swap(x, torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)) for c in range(k)])
+            paths.append(plots.save_image_grid(rows.reshape(-1, *rows.shape[2:]).cpu(), folder / "swaps.png", nrow=x.shape[0],
+                                               title="characteristic swap: row k sets z_c to class k's prior mean, z_s kept",
+                                               row_labels=self.label_names or None))
+        else:
+            frames = torch.stack([self.walk(x[:1], i)[:, 0] for i in range(self.meta["num_classes"])])
+            paths.append(plots.save_image_grid(frames.reshape(-1, *frames.shape[2:]).cpu(), folder / "walks.png", nrow=frames.shape[1],
+                                               title="latent walks: row i moves z_c[i] from the y=0 to the y=1 prior mean",
+                                               row_labels=self.label_names or None))
+        return paths
