@@ -89,7 +89,7 @@ class ConditionalPrior(nn.Module):
 class CCVAEModel(nn.Module):
     def __init__(self, image_shape, num_labels: int, z_style: int, multilabel: bool, options: CCVAEOptions):
         super().__init__()
-        self.num_labels, self.z_style, self.multilabel = num_labels, z_style, multilabel
+        self.multilabel = multilabel
         self.image_shape = tuple(image_shape)
         self.likelihood, self.laplace_scale = options.likelihood, options.laplace_scale
         self.prior = ConditionalPrior(num_labels, multilabel, options.prior_separation)
@@ -190,13 +190,14 @@ class CCVAE(ZooModel):
         if y_labelled.numel() == 0:
             return
         if self.multilabel:
-            probs = y_labelled.float().mean(0)
+            probs = y_labelled.float().mean(0).clamp(1e-3, 1 - 1e-3)
         else:
-            probs = torch.bincount(y_labelled, minlength=self.meta["num_classes"]).float() / y_labelled.shape[0]
-        self.model.y_probs.copy_(probs.clamp(1e-3, 1 - 1e-3) if self.multilabel else probs.clamp_min(1e-6) / probs.clamp_min(1e-6).sum())
+            probs = torch.bincount(y_labelled, minlength=self.meta["num_classes"]).float().clamp_min(1e-6)
+            probs = probs / probs.sum()  # an unseen class keeps a tiny probability
+        self.model.y_probs.copy_(probs)
 
-    def prepare(self, data: dict) -> None:
-        self.set_label_prior(data["y_labelled"])
+    def prepare(self, encode_data) -> None:
+        self.set_label_prior(encode_data()["y_labelled"])
 
     def forward(self, x, x_lab=None, y_lab=None):
         terms = []
@@ -208,28 +209,29 @@ class CCVAE(ZooModel):
         return sum(terms)
 
     # --- classification --------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """q(y|x) by Monte Carlo over k samples of z_c: attribute probabilities [N, L] or class probabilities [N, K]."""
-        out = []
+    def _q_y(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """q(y|x) from q(z|x)'s location and scale, by Monte Carlo over k samples of z_c."""
         c = self.meta["num_classes"]
-        for xb in torch.split(x, batch_size):
-            loc, scale = self.guide.encode(xb)
-            z = torch.distributions.Normal(loc[:, :c], scale[:, :c]).sample((self.options.k,))
-            logits = self.guide.classifier(z)
-            out.append(torch.sigmoid(logits).mean(0) if self.multilabel else logits.softmax(-1).mean(0))
-        return torch.cat(out)
+        logits = self.guide.classifier(torch.distributions.Normal(loc[:, :c], scale[:, :c]).sample((self.options.k,)))
+        return torch.sigmoid(logits).mean(0) if self.multilabel else logits.softmax(-1).mean(0)
+
+    def _labels(self, probs: torch.Tensor) -> torch.Tensor:
+        return (probs > 0.5).to(torch.int64) if self.multilabel else probs.argmax(-1)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self.predict_proba(x)
-        return (probs > 0.5).to(torch.int64) if self.multilabel else probs.argmax(-1)
+    def predict_proba(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """q(y|x): attribute probabilities [N, L] or class probabilities [N, K]."""
+        return torch.cat([self._q_y(*self.guide.encode(xb)) for xb in torch.split(x, batch_size)])
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        return self._labels(self.predict_proba(x, batch_size))
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:
         from pyrossl.evaluate import classification_metrics
 
-        pred = self.predict(x)
+        pred = self.predict(x, batch_size)
         if not self.multilabel:
             return classification_metrics(pred.cpu(), y.cpu(), self.meta["num_classes"])
         per_attribute = (pred == y.long()).float().mean(0).cpu()
@@ -238,7 +240,7 @@ class CCVAE(ZooModel):
     @torch.no_grad()
     def posterior(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         loc, scale = self.guide.encode(x)
-        return {"y_probs": self.predict_proba(x), "z_loc": loc, "z_scale": scale}
+        return {"y_probs": self._q_y(loc, scale), "z_loc": loc, "z_scale": scale}
 
     @torch.no_grad()
     def latent(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,17 +278,16 @@ class CCVAE(ZooModel):
     def walk(self, x: torch.Tensor, label: int, steps: int = 7) -> torch.Tensor:
         """Latent walk [steps, N, C, H, W]: z_c[label] moves from its y = 0 prior mean to its y = 1 prior mean
         (a categorical label: z_c from the prior mean of x's predicted class to that of class ``label``), z_s held."""
-        z = self.latent(x)
-        c = self.meta["num_classes"]
-        loc = self.model.prior.loc
+        loc, scale = self.guide.encode(x)
+        z, c, prior = loc, self.meta["num_classes"], self.model.prior.loc
+        start = None if self.multilabel else prior[self._labels(self._q_y(loc, scale))]  # one prediction for every frame
         frames = []
         for t in torch.linspace(0, 1, steps):
             zt = z.clone()
             if self.multilabel:
-                zt[:, label] = (1 - t) * loc[label, 0] + t * loc[label, 1]
+                zt[:, label] = (1 - t) * prior[label, 0] + t * prior[label, 1]
             else:
-                start = loc[self.predict(x)]
-                zt[:, :c] = (1 - t) * start + t * loc[label]
+                zt[:, :c] = (1 - t) * start + t * prior[label]
             frames.append(self.decode(zt))
         return torch.stack(frames)
 

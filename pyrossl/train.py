@@ -173,7 +173,7 @@ class Trainer:
             x[held_out] = binarize(x[held_out], torch.Generator().manual_seed(c.seed))
         self.data = TrainingData(x.to(self.device), self.dataset.y.to(self.device), self.split, c.data.binarize)
         self.model = build_model(c, self.dataset.meta()).to(self.device)
-        self.model.prepare(self._training_tensors())
+        self.model.prepare(self._training_tensors)
         self.optimizer = make_optimizer(c, self.model.parameters())
         self.generator = torch.Generator().manual_seed(c.seed)
         self.epoch = 0
@@ -225,7 +225,7 @@ class Trainer:
             runs.atomic_save(state, path)
         except OSError as exc:
             what = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
-            kept = f"the previous checkpoint is intact" if path.exists() else "no earlier checkpoint exists"
+            kept = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint exists"
             raise CheckpointError(f"cannot write {path} ({what}); {kept}: free space and resume with --resume {self.out}") from None
 
     # ------------------------------------------------------------------------------------

@@ -66,10 +66,11 @@ class ZooModel(nn.Module):
         """The loss to minimise for one step, per example (a scalar)."""
         raise NotImplementedError
 
-    def prepare(self, data: dict) -> None:
-        """Called once before training starts or resumes, with the training tensors (the dict
-        ``encode_data()`` of :meth:`end_epoch` gives): for what the data fixes before any step, such as
-        a label prior from the labelled examples. Must be a function of the data alone."""
+    def prepare(self, encode_data: Callable[[], dict]) -> None:
+        """Called once before training starts or resumes, with :meth:`end_epoch`'s ``encode_data`` (the
+        training tensors on demand, so an entry that needs nothing costs nothing): for what the data
+        fixes before any step, such as a label prior from the labelled examples. Must be a function of
+        the data alone."""
 
     def start_epoch(self, epoch: int) -> dict:
         """Called before each epoch (1-based): update schedules; returns values to log (e.g. temperature)."""
