@@ -291,6 +291,67 @@ class CCVAE(ZooModel):
             frames.append(self.decode(zt))
         return torch.stack(frames)
 
+    # --- interventions, judged by an independent classifier (pyrossl.judge) -----------------
+    @torch.no_grad()
+    def _judged(self, judge, z: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return torch.cat([judge.predict(self.decode(zb)) for zb in torch.split(z, batch_size)])
+
+    @torch.no_grad()
+    def intervention_accuracy(self, x: torch.Tensor, judge, batch_size: int = 1000) -> dict:
+        """How often ``judge`` sees the label that z_c was set to.
+
+        A categorical label: for every class k, encode ``x``, set z_c to class k's prior mean, keep z_s,
+        decode, and count the images the judge labels k. Attributes: for every attribute i and value v,
+        set z_c[i] alone to the prior mean of y_i = v and count the images whose judged attribute i is v.
+        ``judge.predict`` maps images to class indices [N] or attribute values [N, A]
+        (:func:`pyrossl.judge.fit_judge`). Returns the mean and the rate per class (per attribute).
+        """
+        z = self.latent(x)
+        prior = self.model.prior.loc
+        rates = []
+        if not self.multilabel:
+            for k in range(self.meta["num_classes"]):
+                zk = z.clone()
+                zk[:, : prior.shape[0]] = prior[k]
+                rates.append((self._judged(judge, zk, batch_size).cpu() == k).float().mean().item())
+            return {"intervention_accuracy": sum(rates) / len(rates), "per_class": rates}
+        for i in range(prior.shape[0]):
+            hits = []
+            for v in (0, 1):
+                zi = z.clone()
+                zi[:, i] = prior[i, v]
+                hits.append((self._judged(judge, zi, batch_size)[:, i].cpu() == v).float().mean().item())
+            rates.append(sum(hits) / 2)
+        return {"intervention_accuracy": sum(rates) / len(rates), "per_attribute": rates}
+
+    @torch.no_grad()
+    def walk_effects(self, x: torch.Tensor, judge, batch_size: int = 1000) -> dict:
+        """What a latent walk changes, as the judge sees it (attributes only).
+
+        For each attribute i, encode ``x`` and decode twice: with z_c[i] at the y_i = 0 prior mean and
+        at the y_i = 1 prior mean, everything else held. ``own``: the fraction of images the judge sees
+        go from y_i = 0 to y_i = 1; ``other``: the fraction of (image, attribute j != i) pairs whose
+        judged value differs between the two ends. Means over attributes and the rates per attribute.
+        """
+        if not self.multilabel:
+            raise ValueError("walk_effects needs binary attributes; for a class label use intervention_accuracy")
+        z = self.latent(x)
+        prior = self.model.prior.loc
+        count = prior.shape[0]
+        own, other = [], []
+        for i in range(count):
+            ends = []
+            for v in (0, 1):
+                zi = z.clone()
+                zi[:, i] = prior[i, v]
+                ends.append(self._judged(judge, zi, batch_size).cpu())
+            start, end = ends
+            own.append(((start[:, i] == 0) & (end[:, i] == 1)).float().mean().item())
+            others = [j for j in range(count) if j != i]
+            other.append((start[:, others] != end[:, others]).float().mean().item() if others else 0.0)
+        return {"walk_own_change": sum(own) / count, "walk_other_change": sum(other) / count,
+                "per_attribute_own": own, "per_attribute_other": other}
+
     def figures(self, folder, x, y):
         from pathlib import Path
 

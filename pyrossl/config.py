@@ -41,8 +41,9 @@ class DataConfig:
     name: str = "digits"
     data_dir: str | None = None  # folder holding the dataset's files (mnist, fashion-mnist)
     path: str | None = None  # the .npz file of the ``npz`` dataset
-    attributes: list[str] | None = None  # celeba: which attributes (default: the 18 of Joy et al. 2021)
-    image_size: int | None = None  # celeba: side of the square images (default 64)
+    attributes: list[str] | None = None  # celeba, shapes: which attributes (celeba default: the 18 of Joy et al. 2021)
+    image_size: int | None = None  # celeba, shapes: side of the square images (default 64, 32)
+    num_examples: int | None = None  # shapes: how many images to generate (default 24,000; a sixth is the test part)
     max_per_part: int | None = None  # celeba: at most this many images of each official partition
     labels_per_class: int | None = None  # None: every training example labelled; 0: none
     label_fraction: float | None = None

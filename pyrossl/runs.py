@@ -259,7 +259,7 @@ def load_dataset_for(config: Config):
 
     d = config.data
     # source options travel only when set, so a source that lacks one is told so (and not silently ignored)
-    options = {k: getattr(d, k) for k in ("path", "attributes", "image_size", "max_per_part") if getattr(d, k) is not None}
+    options = {k: getattr(d, k) for k in ("path", "attributes", "image_size", "max_per_part", "num_examples") if getattr(d, k) is not None}
     return load_dataset(d.name, data_dir=d.data_dir, **options)
 
 

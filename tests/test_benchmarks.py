@@ -79,3 +79,25 @@ def test_gmm_vae_benchmark_runs_every_method_and_writes_json(tmp_path, capsys):
     assert result["serket_over_plain"] > 0
     printed = capsys.readouterr().out
     assert "| gmm-pca18-pyro |" in printed and "| serket |" in printed and "plain PyTorch" in printed
+
+
+def test_ccvae_benchmark_judges_interventions_and_walks_and_writes_json(tmp_path, capsys):
+    bench = _load("ccvae")
+    digits = tmp_path / "ccvae-digits.toml"
+    digits.write_text('model = "ccvae"\n[data]\nname = "digits"\nlabels_per_class = 10\nvalidation = 0.1\ntest = 0.2\n'
+                      '[train]\nepochs = 2\nbatch_size = 64\n[options]\nz_style = 2\nhidden = [32]\nk = 5\n')
+    shapes = tmp_path / "ccvae-shapes.toml"
+    shapes.write_text('model = "ccvae"\n[data]\nname = "shapes"\nnum_examples = 480\nvalidation = 40\n'
+                      '[train]\nepochs = 1\nbatch_size = 40\n[options]\nnet = "conv"\nz_style = 2\nhidden = [16]\nk = 5\n')
+    out = tmp_path / "ccvae.json"
+    result = bench.main(["--recipes", f"{digits},{shapes}", "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
+                         "--out", str(out), "--judge-limit", "300", "--test-limit", "50"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["dataset"] for r in rows] == ["digits", "shapes"] and len(result["rows"]) == 2
+    assert rows[0]["supervision"] == "partial" and rows[0]["labelled"] == 100 and rows[1]["supervision"] == "full"
+    assert 0 <= rows[0]["intervention_accuracy"] <= 1 and len(rows[0]["per_seed"][0]["per_class"]) == 10
+    assert "walk_own_change" not in rows[0] and 0 <= rows[1]["walk_other_change"] <= 1
+    assert all(r["epoch_seconds"] > 0 and 0 <= r["baseline_accuracy"] <= 1 for r in rows)
+    assert result["judges"]["shapes"]["kind"] == "conv" and result["judges"]["digits"]["kind"] == "logistic"
+    printed = capsys.readouterr().out
+    assert "| digits (100 labelled, 2 seeds) |" in printed and "judge for shapes: conv" in printed

@@ -162,6 +162,66 @@ def test_attributes_train_end_to_end_on_a_celeba_folder(tmp_path):
     assert (tmp_path / "run" / "figures" / "walks.png").stat().st_size > 0
 
 
+class _ReadsTheCode:
+    """A judge for a CCVAE whose decoder is replaced by the identity: it reads labels off z_c."""
+
+    def __init__(self, multilabel, entangled=False):
+        self.multilabel, self.entangled = multilabel, entangled
+
+    def predict(self, z):
+        if not self.multilabel:
+            return z[:, :3].argmax(-1)
+        if self.entangled:  # every attribute follows z_c[0]: a walk on 0 changes them all
+            return (z[:, :1] > 0).long().expand(-1, 4)
+        return (z[:, :4] > 0).long()
+
+
+def _with_identity_decoder(entry):
+    entry.decode = lambda z: z  # the "image" is the code itself
+    return entry
+
+
+def test_intervention_accuracy_counts_the_judged_class():
+    entry = _with_identity_decoder(_entry(prior_separation=2.0))
+    with torch.no_grad():
+        entry.model.prior.loc.copy_(2.0 * (2 * torch.eye(3) - 1))
+    x = torch.rand(50, 1, 8, 8)
+    result = entry.intervention_accuracy(x, _ReadsTheCode(False), batch_size=16)
+    assert result == {"intervention_accuracy": 1.0, "per_class": [1.0, 1.0, 1.0]}
+
+    class AlwaysZero:
+        def predict(self, z):
+            return torch.zeros(z.shape[0], dtype=torch.long)
+
+    result = entry.intervention_accuracy(x, AlwaysZero())
+    assert result["per_class"] == [1.0, 0.0, 0.0] and result["intervention_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_walk_effects_separate_own_and_other_attributes():
+    entry = _with_identity_decoder(_entry(MULTI))
+    with torch.no_grad():
+        entry.model.prior.loc.copy_(torch.tensor([-2.0, 2.0]).expand(4, 2))
+    x = torch.rand(40, 1, 8, 8)
+    clean = entry.walk_effects(x, _ReadsTheCode(True))
+    assert clean["walk_own_change"] == 1.0 and clean["walk_other_change"] == 0.0
+    assert entry.intervention_accuracy(x, _ReadsTheCode(True))["per_attribute"] == [1.0] * 4
+    tangled = entry.walk_effects(x, _ReadsTheCode(True, entangled=True))
+    assert tangled["per_attribute_own"] == [1.0, 0.0, 0.0, 0.0]
+    assert tangled["per_attribute_other"][0] == 1.0 and tangled["per_attribute_other"][1:] == [0.0] * 3
+    with pytest.raises(ValueError, match="needs binary attributes"):
+        _entry().walk_effects(x, _ReadsTheCode(False))
+
+
+def test_shapes_attributes_train_end_to_end(tmp_path):
+    config = tiny_config(model="ccvae", **{
+        "data.name": "shapes", "data.num_examples": 600, "data.labels_per_class": None, "data.validation": 50,
+        "train.epochs": 2, "train.batch_size": 50,
+        "options": {"z_style": 3, "hidden": [32], "k": 4, "net": "conv"}})
+    summary = train(config, tmp_path / "run")
+    assert len(summary["best"]["test_per_attribute_accuracy"]) == 5 and summary["seconds"] > 0
+    assert (tmp_path / "run" / "figures" / "walks.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("likelihood", "gauss", "likelihood must be one of bernoulli, laplace"), ("k", 0, "k must be at least 1"),
     ("z_style", -1, "z_style must be at least 0"), ("laplace_scale", 0.0, "laplace_scale must be positive"),
@@ -173,7 +233,7 @@ def test_bad_options(key, value, message):
         CCVAEOptions(**{key: value})
 
 
-@pytest.mark.parametrize("recipe", ["ccvae-digits", "ccvae-fmnist", "ccvae-fmnist-1000", "ccvae-celeba"])
+@pytest.mark.parametrize("recipe", ["ccvae-digits", "ccvae-fmnist", "ccvae-fmnist-1000", "ccvae-shapes", "ccvae-celeba"])
 def test_recipes_are_valid(recipe):
     from pathlib import Path
 

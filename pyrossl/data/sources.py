@@ -22,6 +22,7 @@ from pyrossl.data.celeba import load_celeba
 from pyrossl.data.dataset import Dataset
 from pyrossl.data.download import cache_dir
 from pyrossl.data.idx import read_idx
+from pyrossl.data.shapes import load_shapes
 from pyrossl.errors import ConfigError, DataError, DatasetNotFound
 
 PathArg = str | os.PathLike[str]
@@ -165,6 +166,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "fashion-mnist": load_fashion_mnist,
     "npz": load_npz,
     "celeba": load_celeba,
+    "shapes": load_shapes,
 }
 
 
