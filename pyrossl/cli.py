@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from pyrossl import distributed
 from pyrossl.errors import PyrosslError, TrainingInterrupted
 
 
@@ -35,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="CPU threads for torch")
     t.add_argument("--data-dir", help="folder holding the dataset's files (sets data.data_dir)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N processes of this machine (data-parallel, torchrun); train.batch_size stays the global batch")
 
     e = sub.add_parser("eval", help="evaluate a run directory on its test set")
     e.add_argument("run", help="run directory")
@@ -95,9 +99,46 @@ def cmd_train(args) -> int:
             raise PyrosslError("train needs a recipe (or --resume DIR)")
         config = load_config(args.recipe, overrides)
         out = Path(args.out) if args.out else Path("outputs") / f"{Path(args.recipe).stem}-seed{config.seed}"
+    if args.nproc is not None:
+        return launch_processes(args, config, out)
     summary = train(config, out, resume=bool(args.resume))
-    print(format_summary(summary))
-    print(f"run directory: {out}")
+    if distributed.environment().rank == 0:  # one summary per job, not one per process
+        print(format_summary(summary))
+        print(f"run directory: {out}")
+    return 0
+
+
+def launch_processes(args, config, out: Path) -> int:
+    """``pyrossl train --nproc N ...``: the same command on N processes of this machine, started by torchrun."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from pyrossl.train import Trainer
+
+    if args.nproc < 1:
+        raise PyrosslError(f"--nproc must be at least 1, not {args.nproc}")
+    if distributed.environment().active:
+        raise PyrosslError("--nproc starts the processes itself: leave it out under torchrun or srun")
+    Trainer(config, out, resume=bool(args.resume))  # bad input fails here, once, before any process starts
+    child = [token for token in args.argv if not token.startswith("--nproc")]
+    if "--nproc" in args.argv:  # the value that followed a separate --nproc
+        i = args.argv.index("--nproc")
+        child = [t for j, t in enumerate(args.argv) if j not in (i, i + 1)]
+    if not args.out and not args.resume:
+        child += ["--out", str(out)]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # the cores, shared
+    launcher = get_args_parser().parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(args.nproc),
+                                             "--module", "pyrossl", *child])
+    try:
+        run(launcher)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode == 2:  # bad input: rank 0 has said why
+            return 2
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"pyrossl: error: process {rank} of {args.nproc} failed ({how}); the others were stopped and the last "
+              f"checkpoint is intact: resume with pyrossl train --resume {out} --nproc {args.nproc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -200,13 +241,16 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "ablate": cmd_ablate, "report"
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = _parser().parse_args(argv)
+        args.argv = argv
         return COMMANDS[args.command](args)
     except TrainingInterrupted as exc:
         print(f"pyrossl: {exc}", file=sys.stderr)
         return exc.exit_code
     except PyrosslError as exc:
-        print(f"pyrossl: error: {exc}", file=sys.stderr)
+        if distributed.environment().rank == 0:  # every process has the same input: one of them says what is wrong
+            print(f"pyrossl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pyrossl: interrupted", file=sys.stderr)

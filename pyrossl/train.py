@@ -24,6 +24,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -37,7 +38,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyrossl import runs
+from pyrossl import distributed, runs
 from pyrossl.config import Config
 from pyrossl.data import batch_indices, binarize
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
@@ -157,9 +158,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     def setup(self) -> None:
         c = self.config
+        device = resolve_device(c.device)
+        self.dist = distributed.setup(device)
+        self.device = distributed.device_for(device)
+        self.writer = distributed.is_writer()
         if c.threads:
             torch.set_num_threads(c.threads)
-        self.device = resolve_device(c.device)
+        elif self.dist.active and self.device.type == "cpu":  # share the cores between this machine's processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         seed_everything(c.seed)
         self.dataset = runs.load_dataset_for(c)
         self.split = runs.split_for(c, self.dataset)
@@ -184,14 +190,23 @@ class Trainer:
         self.best_score = -math.inf
         self.partial = None  # where a mid-epoch checkpoint stopped: {"epoch", "batch", "losses", "data_rng", ...}
         self.stop_requested = False
-        if self.resume:
+        if self.resume and self.writer:
             runs.remove_stale_temporaries(self.out)
         if self.resume and (self.out / runs.CHECKPOINT).exists():
             self._restore()
-        else:
+        elif self.writer:
             self.out.mkdir(parents=True, exist_ok=True)
             runs.write_config(self.out, c)
             runs.write_metrics(self.out, [])
+        self.loss_module = self.model
+        if self.dist.active:
+            # gradients averaged over the processes; the entry itself stays what checkpoints hold
+            self.loss_module = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self._has_unused_parameters())
+            # each process draws its own sampling noise; the data generator (the batch order) is shared
+            pyro.set_rng_seed((c.seed * 1_000_003 + self.epoch * 7919 + self.dist.rank) % 2**32)
+            distributed.barrier()  # rank 0 has written the run directory
 
     def _restore(self) -> None:
         # RNG states must stay CPU tensors; load_state_dict moves parameters and optimiser state
@@ -208,10 +223,13 @@ class Trainer:
         self.best_epoch, self.best_score = int(counters["best_epoch"]), float(counters["best_score"])
         self.partial = state.get("partial")
         # epochs after the checkpoint never happened, as far as the resumed run is concerned
-        runs.write_metrics(self.out, [r for r in runs.read_metrics(self.out) if r["epoch"] <= self.epoch])
+        if self.writer:
+            runs.write_metrics(self.out, [r for r in runs.read_metrics(self.out) if r["epoch"] <= self.epoch])
 
     def _checkpoint(self, partial: dict | None = None) -> None:
-        """Write ``checkpoint.pt`` (``partial``: the position inside an unfinished epoch)."""
+        """Write ``checkpoint.pt`` (``partial``: the position inside an unfinished epoch); rank 0 alone writes."""
+        if not self.writer:
+            return
         counters = {
             "epoch": self.epoch, "step": self.step, "skipped": self.skipped, "seconds": self.seconds,
             "best_epoch": self.best_epoch, "best_score": self.best_score,
@@ -257,18 +275,56 @@ class Trainer:
             x = binarize(x)
         return x, self.data.y[index]
 
+    def _has_unused_parameters(self) -> bool:
+        """Whether a step leaves some trainable parameter without a gradient (DDP must then look for them
+        every step): one trial step on a few training examples, whose side effects are undone."""
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            unlab, lab = (b[:2] if b is not None else None for b in self._batches_peek())
+            x, _ = self._inputs(unlab)
+            x_lab, y_lab = self._inputs(lab)
+            kwargs = {"index": unlab.to(self.device)} if self.model.wants_index and unlab is not None else {}
+            loss = self.model(x, x_lab, y_lab, **kwargs)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self.model.load_state_dict(saved)
+        return any(g is None for g in grads)
+
+    def _batches_peek(self):
+        """The first step's (unlabelled, labelled) index pair, without moving the data generator."""
+        state = self.generator.get_state()
+        try:
+            return self._batches()[0]
+        finally:
+            self.generator.set_state(state)
+
+    def _shard(self, unlab, lab):
+        """This process's share of a global step, and the weight of its loss (see :func:`distributed.loss_scale`)."""
+        if not self.dist.active:
+            return unlab, lab, 1.0
+        main = unlab if unlab is not None else lab
+        local_unlab, local_lab = distributed.shard(unlab), distributed.shard(lab)
+        local_main = local_unlab if unlab is not None else local_lab
+        scale = distributed.loss_scale(local_main.numel(), main.numel())
+        if local_main.numel() == 0:  # fewer examples than processes: compute on the whole batch, weighted 0
+            return unlab, lab, scale
+        if local_lab is not None and local_lab.numel() == 0:
+            local_lab = None
+        return local_unlab, local_lab, scale
+
     def _step(self, unlab, lab) -> float | None:
+        unlab, lab, scale = self._shard(unlab, lab)
         x, _ = self._inputs(unlab)
         x_lab, y_lab = self._inputs(lab)
         if self.model.wants_index:
-            loss = self.model(x, x_lab, y_lab, index=None if unlab is None else unlab.to(self.device))
+            loss = self.loss_module(x, x_lab, y_lab, index=None if unlab is None else unlab.to(self.device))
         else:
-            loss = self.model(x, x_lab, y_lab)
+            loss = self.loss_module(x, x_lab, y_lab)
         self.step += 1
-        if not torch.isfinite(loss):
+        if not distributed.all_true(bool(torch.isfinite(loss))):  # every process takes the same decision
             return self._nonfinite("loss")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale if scale != 1.0 else loss).backward()
         clip = self.config.train.clip_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if not torch.isfinite(grad_norm):
@@ -305,11 +361,14 @@ class Trainer:
         self.setup()
         c = self.config
         select = "val_" + self.model.selection_metric
-        with tqdm(range(self.epoch + 1, c.train.epochs + 1), desc=f"{c.model}/{self.model.guide_name}",
-                  disable=not c.train.progress, initial=self.epoch, total=c.train.epochs, unit="epoch") as bar:
-            with self._graceful_interrupt():
-                self._epochs(bar, select)
-        return self.finish()
+        try:
+            with tqdm(range(self.epoch + 1, c.train.epochs + 1), desc=f"{c.model}/{self.model.guide_name}",
+                      disable=not (c.train.progress and self.writer), initial=self.epoch, total=c.train.epochs, unit="epoch") as bar:
+                with self._graceful_interrupt():
+                    self._epochs(bar, select)
+            return self.finish()
+        finally:
+            distributed.teardown()
 
     def _interrupted(self, where: str) -> TrainingInterrupted:
         return TrainingInterrupted(
@@ -322,7 +381,8 @@ class Trainer:
         """While training, the first Ctrl-C asks the loop to stop after the current step and checkpoint;
         a second one interrupts at once (the last checkpoint stays intact). Only the main thread can
         take signals: elsewhere Ctrl-C keeps its default behaviour."""
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread() or self.dist.active:
+            # several processes: Ctrl-C reaches all of them and torchrun stops the job; the last checkpoint stays
             yield
             return
 
@@ -366,11 +426,15 @@ class Trainer:
                     raise self._interrupted(f"at epoch {epoch}, step {i + 1} of {len(batches)}")
             self.epoch = epoch
             evaluate = epoch % c.train.eval_every == 0 or epoch == c.train.epochs
-            logs.update(self.model.end_epoch(epoch, lambda: self._training_tensors(), evaluating=evaluate))
+            logs.update(self._end_epoch(epoch, evaluate))
+            if self.dist.active:  # the epoch's loss over every process's share
+                total, count = distributed.sum_over_processes([sum(losses), len(losses)])
+                losses = [total / count] if count else []
             train_seconds = earlier + time.perf_counter() - start
-            metrics = self._evaluate() if evaluate else {}
-            if evaluate:
+            metrics = self._evaluate() if evaluate and self.writer else {}
+            if evaluate and self.writer:
                 self.model.write_outputs(self.out, epoch, lambda index: self.data.y[index.to(self.device)])
+            metrics = distributed.broadcast_object(metrics)
             self.seconds += time.perf_counter() - start
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
                       "train_seconds": train_seconds, **logs, **metrics}
@@ -381,8 +445,10 @@ class Trainer:
                 score = -math.inf
             if evaluate and (score > self.best_score or not self.split.validation.numel()):
                 self.best_epoch, self.best_score = epoch, score
-                runs.atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.out / runs.BEST)
-            runs.append_metrics(self.out, record)
+                if self.writer:
+                    runs.atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.out / runs.BEST)
+            if self.writer:
+                runs.append_metrics(self.out, record)
             if evaluate or epoch % c.train.checkpoint_every == 0 or self.stop_requested:
                 start = time.perf_counter()
                 self._checkpoint()
@@ -390,6 +456,15 @@ class Trainer:
             if self.stop_requested and epoch < c.train.epochs:
                 raise self._interrupted(f"after epoch {epoch}")
             bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
+
+    def _end_epoch(self, epoch: int, evaluate: bool) -> dict:
+        """The entry's non-gradient stage: with several processes it runs once, on rank 0, on every
+        training image, and its result (the entry's whole state) and logs reach every process."""
+        if not self.dist.active:
+            return self.model.end_epoch(epoch, lambda: self._training_tensors(), evaluating=evaluate)
+        logs = self.model.end_epoch(epoch, lambda: self._training_tensors(), evaluating=evaluate) if self.writer else None
+        distributed.broadcast_state(self.model)
+        return distributed.broadcast_object(logs)
 
     def _training_index(self) -> torch.Tensor:
         return torch.cat([self.split.unlabelled, self.split.labelled]).to(self.device)
@@ -407,7 +482,14 @@ class Trainer:
         return self.data.x[train], self.data.y[train]
 
     def finish(self) -> dict:
-        """Evaluate the best and the last epoch on the test set; write summary.json and the figures."""
+        """Evaluate the best and the last epoch on the test set; write summary.json and the figures (rank 0;
+        every process returns the summary)."""
+        if not self.writer:
+            return distributed.broadcast_object(None)
+        summary = self._finish()
+        return distributed.broadcast_object(summary)
+
+    def _finish(self) -> dict:
         c = self.config
         records = runs.read_metrics(self.out)
         last_state = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -421,6 +503,7 @@ class Trainer:
             "model": c.model, "guide": c.guide, "dataset": c.data.name, "seed": c.seed,
             "epochs": self.epoch, "best_epoch": self.best_epoch, "selection_metric": "val_" + self.model.selection_metric,
             "seconds": round(self.seconds, 3), "steps": self.step, "device": str(self.device),
+            "processes": self.dist.world_size,
             "split": self.split.sizes(),
             **result["best"],
             "best": result["best"],

@@ -1,0 +1,157 @@
+"""Data-parallel training on several processes with ``torch.distributed`` (launched by ``torchrun``).
+
+Everything the trainer needs to know about the other processes lives here: with one process (no
+``WORLD_SIZE`` above 1 in the environment) every function is a no-op and training is unchanged.
+
+- :func:`setup` reads the environment ``torchrun`` (or a scheduler) sets — ``RANK``, ``WORLD_SIZE``,
+  ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` — and joins the process group: ``gloo`` on CPU,
+  ``nccl`` on CUDA with one device per process (``cuda:LOCAL_RANK``).
+- :func:`shard` cuts one global batch of indices into this process's share; :func:`loss_scale`
+  weighs its loss so that ``DistributedDataParallel``'s gradient average is the gradient of the
+  global batch's mean loss, even when the shares are unequal or one is empty.
+- :func:`is_writer`: only rank 0 writes files and shows the progress bar.
+- :func:`broadcast_object`, :func:`broadcast_state`, :func:`all_true`, :func:`sum_over_processes`:
+  what is computed once (on rank 0) reaches every process; decisions every process must share.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+#: Seconds a collective waits for the other processes before failing (``PYROSSL_DIST_TIMEOUT``).
+DEFAULT_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+_context = Context()
+
+
+def environment() -> Context:
+    """The process's place in the job, from the environment variables ``torchrun`` sets (none: one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Context(rank=int(os.environ.get("RANK", "0")), world_size=world,
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup(device: torch.device) -> Context:
+    """Join the process group when launched as one of several processes; returns the context.
+
+    ``device``: the device asked for; on CUDA each process takes ``cuda:LOCAL_RANK`` (see :func:`device_for`).
+    """
+    global _context
+    env = environment()
+    if not env.active:
+        _context = Context()
+        return _context
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        timeout = float(os.environ.get("PYROSSL_DIST_TIMEOUT", DEFAULT_TIMEOUT))
+        if device.type == "cuda":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    _context = Context(env.rank, env.world_size, env.local_rank, backend)
+    return _context
+
+
+def teardown() -> None:
+    global _context
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _context = Context()
+
+
+def context() -> Context:
+    return _context
+
+
+def device_for(device: torch.device) -> torch.device:
+    """One CUDA device per process (``LOCAL_RANK``); CPU stays CPU."""
+    env = environment()
+    if device.type == "cuda" and env.active:
+        return torch.device("cuda", env.local_rank)
+    return device
+
+
+def is_writer() -> bool:
+    """Whether this process writes files (rank 0, or the only process)."""
+    return _context.rank == 0
+
+
+def shard(index: torch.Tensor | None) -> torch.Tensor | None:
+    """This process's share of a global batch: near-equal contiguous parts, in rank order."""
+    if index is None or not _context.active:
+        return index
+    return torch.tensor_split(index, _context.world_size)[_context.rank]
+
+
+def loss_scale(local: int, total: int) -> float:
+    """Weight of this process's mean loss over ``local`` of the batch's ``total`` examples.
+
+    ``DistributedDataParallel`` averages gradients over the W processes; scaled by ``W * local / total``,
+    their average is the gradient of the mean over all ``total`` examples (an empty share weighs 0).
+    """
+    if not _context.active or total == 0:
+        return 1.0
+    return _context.world_size * local / total
+
+
+def barrier() -> None:
+    if _context.active:
+        dist.barrier()
+
+
+def broadcast_object(value=None, source: int = 0):
+    """``value`` from process ``source`` on every process (picklable objects: metrics, summaries)."""
+    if not _context.active:
+        return value
+    box = [value if _context.rank == source else None]
+    dist.broadcast_object_list(box, src=source, device=_collective_device())
+    return box[0]
+
+
+def broadcast_state(module: torch.nn.Module, source: int = 0) -> None:
+    """Every process loads ``module``'s state (parameters and buffers) of process ``source``:
+    what a stage run once on rank 0 (a mixture fit) computed."""
+    if not _context.active:
+        return
+    state = broadcast_object({k: v.detach().cpu() for k, v in module.state_dict().items()} if _context.rank == source else None, source)
+    if _context.rank != source:
+        module.load_state_dict(state)
+
+
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (for decisions all must take together)."""
+    if not _context.active:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def sum_over_processes(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over the processes."""
+    if not _context.active:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if _context.backend == "nccl" else torch.device("cpu")

@@ -1,0 +1,203 @@
+"""Data-parallel training: real processes launched by torchrun (gloo, loopback), and the one-process no-ops."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pyrossl import distributed, runs
+from pyrossl.config import config_from_dict
+from pyrossl.errors import TrainingInterrupted
+from pyrossl.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+# Trains a config (JSON, argv[1]) into argv[2] and saves this process's final entry state to argv[3]/rank<R>.pt.
+SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    from pyrossl.config import config_from_dict
+    from pyrossl.train import Trainer
+    trainer = Trainer(config_from_dict(json.loads(open(sys.argv[1]).read())), sys.argv[2], resume=len(sys.argv) > 4)
+    trainer.fit()
+    torch.save(trainer.model.state_dict(), os.path.join(sys.argv[3], "rank%s.pt" % os.environ.get("RANK", "0")))
+""")
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYROSSL_DIST_TIMEOUT": "60"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, config, out, nproc=2, resume=False):
+    """Run SCRIPT on ``nproc`` processes (torchrun, one machine); returns each rank's final state."""
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "script.py").write_text(SCRIPT)
+    dump = tmp_path / f"states-{nproc}-{out.name}"
+    dump.mkdir(exist_ok=True)
+    args = [str(tmp_path / "config.json"), str(out), str(dump)] + (["resume"] if resume else [])
+    done = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), str(tmp_path / "script.py"), *args],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(dump / f"rank{r}.pt") for r in range(nproc)]
+
+
+def _config(**overrides):
+    return tiny_config(**{"train.epochs": 2, "train.batch_size": 64, **overrides})
+
+
+def test_one_process_is_a_no_op():
+    assert not distributed.context().active and distributed.is_writer()
+    index = torch.arange(7)
+    assert distributed.shard(index) is index and distributed.loss_scale(3, 7) == 1.0
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1} and distributed.all_true(False) is False
+    assert distributed.sum_over_processes([1.0, 2.0]) == [1.0, 2.0]
+
+
+def test_shards_cover_a_batch_once_and_weights_make_the_global_mean(monkeypatch):
+    monkeypatch.setattr(distributed, "_context", distributed.Context(rank=0, world_size=3))
+    batch = torch.arange(10)
+    parts = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "_context", distributed.Context(rank=rank, world_size=3))
+        parts.append(distributed.shard(batch))
+    assert torch.equal(torch.cat(parts), batch) and [p.numel() for p in parts] == [4, 3, 3]
+    # DDP averages over 3 processes: sum_r scale_r * mean_r / 3 = global mean
+    scales = [3 * p.numel() / 10 for p in parts]
+    values = torch.rand(10)
+    averaged = sum(s * values[p].mean() for s, p in zip(scales, parts)) / 3
+    assert averaged.item() == pytest.approx(values.mean().item())
+    assert distributed.loss_scale(0, 2) == 0.0
+
+
+def test_two_processes_end_identical_and_write_one_run_directory(tmp_path):
+    out = tmp_path / "run"
+    config = _config(**{"model": "gae", "data.labels_per_class": None, "options": {"z_dim": 3, "hidden": [16], "components": 2}})
+    states = _launch(tmp_path, config, out)
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:  # parameters, and the mixtures fitted once on rank 0 and broadcast
+        assert torch.equal(states[0][key], states[1][key]), key
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.toml", "figures", "metrics.jsonl", "summary.json"]
+    assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2]  # one writer
+    summary = runs.read_summary(out)
+    assert summary["processes"] == 2 and 0 <= summary["test_accuracy"] <= 1
+    saved = runs.load_checkpoint(out / runs.CHECKPOINT)["model"]
+    assert all(torch.equal(saved[k], states[0][k]) for k in saved)
+
+
+def test_two_processes_with_half_batches_match_one_process_with_whole_batches(tmp_path):
+    """A model without sampling noise: DDP's averaged gradients equal the gradients of the global batch."""
+    config = _config(**{"model": "classifier", "data.labels_per_class": None, "train.epochs": 3, "train.batch_size": 50,
+                        "options": {"hidden": [32]}})
+    two = _launch(tmp_path, config, tmp_path / "two")
+    one = Trainer(config, tmp_path / "one")
+    one.fit()
+    reference = one.model.state_dict()
+    for key, value in reference.items():
+        torch.testing.assert_close(two[0][key], value, rtol=1e-4, atol=1e-5)
+    steps = runs.read_summary(tmp_path / "one")["steps"]
+    assert steps == runs.read_summary(tmp_path / "two")["steps"] > 50  # several steps, with a short last batch
+
+
+def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path):
+    config = _config(**{"train.epochs": 4})
+
+    class StopsAfterEpochTwo(Trainer):
+        def _end_epoch(self, epoch, evaluate):
+            self.stop_requested = epoch == 2
+            return super()._end_epoch(epoch, evaluate)
+
+    with pytest.raises(TrainingInterrupted, match="after epoch 2"):
+        StopsAfterEpochTwo(config, tmp_path / "run").fit()
+    states = _launch(tmp_path, config, tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [v.split(b"=", 1)[1] for v in env if v.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def test_a_killed_process_stops_the_others_with_a_message_and_the_run_resumes(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "vae"\n[data]\nname = "digits"\nlabels_per_class = 0\n'
+                      '[train]\nepochs = 60\nbatch_size = 32\nprogress = false\n[options]\nz_dim = 4\nhidden = [64]\n')
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pyrossl", "train", str(recipe), "--out", str(out), "--nproc", "2"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / runs.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victims = [pid for pid in _children(proc.pid) if _rank_of(pid) == 1]
+    assert proc.poll() is None and victims, "the run ended before a process could be killed"
+    os.kill(victims[0], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=90)
+    assert time.monotonic() - killed < 60
+    assert proc.returncode == 1
+    assert "pyrossl: error: process 1 of 2 failed (signal SIGKILL)" in err and f"--resume {out}" in err
+    epoch = runs.load_checkpoint(out / runs.CHECKPOINT)["counters"]["epoch"]  # intact
+    assert 1 <= epoch < 60
+    done = subprocess.run([sys.executable, "-m", "pyrossl", "train", "--resume", str(out), "--quiet"], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["epoch"] for r in runs.read_metrics(out)] == list(range(1, 61))
+
+
+def test_two_machines_simulated_on_one_host_complete_a_recipe(tmp_path):
+    port = _free_port()
+    out = tmp_path / "run"
+    recipe = ROOT / "runs" / "vae-digits.toml"
+    nodes = [
+        subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pyrossl-test",
+                          "-m", "pyrossl", "train", str(recipe), "--set", "train.epochs=2", "--out", str(out), "--quiet"],
+                         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    results = [node.communicate(timeout=240) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    summary = runs.read_summary(out)
+    assert summary["processes"] == 2 and summary["epochs"] == 2
+    printed = results[0][0] + results[1][0]
+    assert printed.count("run directory:") == 1  # one summary per job
+
+
+def test_nproc_bad_input_is_one_line_before_any_process_starts(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pyrossl", "train", str(ROOT / "runs" / "vae-digits.toml"), "--nproc", "2",
+                           "--set", "train.batch_size=0", "--out", str(tmp_path / "run")],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == "pyrossl: error: train.batch_size must be at least 1, not 0"
+    assert not (tmp_path / "run").exists()
