@@ -101,3 +101,14 @@ def test_ccvae_benchmark_judges_interventions_and_walks_and_writes_json(tmp_path
     assert result["judges"]["shapes"]["kind"] == "conv" and result["judges"]["digits"]["kind"] == "logistic"
     printed = capsys.readouterr().out
     assert "| digits (100 labelled, 2 seeds) |" in printed and "judge for shapes: conv" in printed
+
+
+def test_scaling_benchmark_times_one_and_two_processes(tmp_path, capsys):
+    bench = _load("scaling")
+    out = tmp_path / "scaling.json"
+    result = bench.main(["--recipe", str(ROOT / "runs" / "m2-digits.toml"), "--nprocs", "1,2", "--runs", str(tmp_path / "runs"),
+                         "--out", str(out), "--set", "options.hidden=[32]"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["processes"] for r in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
+    assert all(r["images_per_second"] > 0 and r["steps"] == rows[0]["steps"] for r in rows)  # the same global batches
+    assert result["recipe"] == "m2-digits.toml" and "| 2 | cpu | 1 |" in capsys.readouterr().out

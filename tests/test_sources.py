@@ -34,7 +34,7 @@ def write_idx_set(folder: Path, train: int = 6, test: int = 4, gz: bool = True, 
 
 
 def test_registry_names():
-    assert dataset_names() == sorted(DATASETS) == ["celeba", "digits", "fashion-mnist", "mnist", "mnist5k", "npz"]
+    assert dataset_names() == sorted(DATASETS) == ["celeba", "digits", "fashion-mnist", "mnist", "mnist5k", "npz", "shapes"]
 
 
 def test_digits():
