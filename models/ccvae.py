@@ -297,6 +297,16 @@ class CCVAE(ZooModel):
         return torch.cat([judge.predict(self.decode(zb)) for zb in torch.split(z, batch_size)])
 
     @torch.no_grad()
+    def _judged_ends(self, judge, z: torch.Tensor, i: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The judge's attributes [N, A] for codes ``z`` with z_c[i] at the y_i = 0 and at the y_i = 1 prior mean."""
+        ends = []
+        for v in (0, 1):
+            zi = z.clone()
+            zi[:, i] = self.model.prior.loc[i, v]
+            ends.append(self._judged(judge, zi, batch_size).cpu())
+        return ends[0], ends[1]
+
+    @torch.no_grad()
     def intervention_accuracy(self, x: torch.Tensor, judge, batch_size: int = 1000) -> dict:
         """How often ``judge`` sees the label that z_c was set to.
 
@@ -316,12 +326,8 @@ class CCVAE(ZooModel):
                 rates.append((self._judged(judge, zk, batch_size).cpu() == k).float().mean().item())
             return {"intervention_accuracy": sum(rates) / len(rates), "per_class": rates}
         for i in range(prior.shape[0]):
-            hits = []
-            for v in (0, 1):
-                zi = z.clone()
-                zi[:, i] = prior[i, v]
-                hits.append((self._judged(judge, zi, batch_size)[:, i].cpu() == v).float().mean().item())
-            rates.append(sum(hits) / 2)
+            at_0, at_1 = self._judged_ends(judge, z, i, batch_size)
+            rates.append(((at_0[:, i] == 0).float().mean().item() + (at_1[:, i] == 1).float().mean().item()) / 2)
         return {"intervention_accuracy": sum(rates) / len(rates), "per_attribute": rates}
 
     @torch.no_grad()
@@ -336,16 +342,10 @@ class CCVAE(ZooModel):
         if not self.multilabel:
             raise ValueError("walk_effects needs binary attributes; for a class label use intervention_accuracy")
         z = self.latent(x)
-        prior = self.model.prior.loc
-        count = prior.shape[0]
+        count = self.model.prior.loc.shape[0]
         own, other = [], []
         for i in range(count):
-            ends = []
-            for v in (0, 1):
-                zi = z.clone()
-                zi[:, i] = prior[i, v]
-                ends.append(self._judged(judge, zi, batch_size).cpu())
-            start, end = ends
+            start, end = self._judged_ends(judge, z, i, batch_size)
             own.append(((start[:, i] == 0) & (end[:, i] == 1)).float().mean().item())
             others = [j for j in range(count) if j != i]
             other.append((start[:, others] != end[:, others]).float().mean().item() if others else 0.0)

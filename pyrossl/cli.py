@@ -120,10 +120,12 @@ def launch_processes(args, config, out: Path) -> int:
     if distributed.environment().active:
         raise PyrosslError("--nproc starts the processes itself: leave it out under torchrun or srun")
     Trainer(config, out, resume=bool(args.resume))  # bad input fails here, once, before any process starts
-    child = [token for token in args.argv if not token.startswith("--nproc")]
-    if "--nproc" in args.argv:  # the value that followed a separate --nproc
-        i = args.argv.index("--nproc")
-        child = [t for j, t in enumerate(args.argv) if j not in (i, i + 1)]
+    child, tokens = [], iter(args.argv)
+    for token in tokens:  # the same command without --nproc N (or --nproc=N)
+        if token == "--nproc":
+            next(tokens, None)
+        elif not token.startswith("--nproc="):
+            child.append(token)
     if not args.out and not args.resume:
         child += ["--out", str(out)]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # the cores, shared

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyrossl.data.dataset import Dataset
+from pyrossl.data.dataset import Dataset, choose_attributes
 from pyrossl.data.download import cache_dir
 from pyrossl.errors import ConfigError, DataError, DatasetNotFound
 
@@ -139,14 +139,7 @@ def load_celeba(*, data_dir=None, attributes: Sequence[str] | None = None, image
         raise ConfigError(f"celeba: max_per_part must be a positive integer, not {max_per_part!r}")
     folder = find_celeba(data_dir)
     files, names, values = read_attributes(folder / ATTRIBUTES_FILE)
-    chosen = list(PAPER_ATTRIBUTES if attributes is None else attributes)
-    if not chosen:
-        raise ConfigError("celeba: attributes must name at least one attribute")
-    for name in chosen:
-        if name not in names:
-            from pyrossl.config import suggest
-
-            raise ConfigError(f"celeba: unknown attribute '{name}'{suggest(name, names)}")
+    chosen = choose_attributes("celeba", attributes, PAPER_ATTRIBUTES, names)
     columns = [names.index(name) for name in chosen]
     partition = read_partition(folder / PARTITION_FILE)
     missing = [f for f in files if f not in partition]

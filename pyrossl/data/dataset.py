@@ -7,6 +7,24 @@ from dataclasses import dataclass, field
 import torch
 
 
+def choose_attributes(source: str, requested, default, known) -> list[str]:
+    """The attribute names a multi-label source reads: ``requested`` (``None``: ``default``), each one of ``known``.
+
+    Raises:
+        ConfigError: an empty list, or a name not in ``known`` (suggesting the closest one).
+    """
+    from pyrossl.config import suggest
+    from pyrossl.errors import ConfigError
+
+    chosen = list(default if requested is None else requested)
+    if not chosen:
+        raise ConfigError(f"{source}: attributes must name at least one attribute")
+    for name in chosen:
+        if name not in known:
+            raise ConfigError(f"{source}: unknown attribute '{name}'{suggest(name, list(known))}")
+    return chosen
+
+
 @dataclass
 class Dataset:
     """Images as one float tensor in [0, 1], their labels, and what a model needs to know about them.

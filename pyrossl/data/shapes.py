@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pyrossl.data.dataset import Dataset
+from pyrossl.data.dataset import Dataset, choose_attributes
 from pyrossl.errors import ConfigError
 
 ATTRIBUTES = ("round", "large", "right", "bottom", "filled")
@@ -92,14 +92,7 @@ def load_shapes(*, data_dir=None, attributes: Sequence[str] | None = None, image
         raise ConfigError(f"shapes: image_size must be an integer of at least 16, not {image_size!r}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 6:
         raise ConfigError(f"shapes: num_examples must be an integer of at least 6, not {num_examples!r}")
-    chosen = list(ATTRIBUTES if attributes is None else attributes)
-    if not chosen:
-        raise ConfigError("shapes: attributes must name at least one attribute")
-    for name in chosen:
-        if name not in ATTRIBUTES:
-            from pyrossl.config import suggest
-
-            raise ConfigError(f"shapes: unknown attribute '{name}'{suggest(name, list(ATTRIBUTES))}")
+    chosen = choose_attributes("shapes", attributes, ATTRIBUTES, ATTRIBUTES)
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"shapes: attributes lists one twice: {chosen}")
     rng = np.random.default_rng(seed)
