@@ -228,13 +228,22 @@ class CCVAE(ZooModel):
         return self._labels(self.predict_proba(x, batch_size))
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:
-        from pyrossl.evaluate import classification_metrics
+    def evaluation_counts(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
+        """A table of (predicted, true) classes; for attributes, each one's number of right answers."""
+        from pyrossl.evaluate import label_table
 
         pred = self.predict(x, batch_size)
         if not self.multilabel:
-            return classification_metrics(pred.cpu(), y.cpu(), self.meta["num_classes"])
-        per_attribute = (pred == y.long()).float().mean(0).cpu()
+            k = self.meta["num_classes"]
+            return {"labels": label_table(pred, y, k, k)}
+        return {"correct": (pred == y.long()).sum(0).cpu(), "count": torch.tensor(x.shape[0])}
+
+    def metrics_from_counts(self, counts: dict[str, torch.Tensor]) -> dict:
+        from pyrossl.evaluate import classification_metrics, pairs_from_table
+
+        if not self.multilabel:
+            return classification_metrics(*pairs_from_table(counts["labels"]), self.meta["num_classes"])
+        per_attribute = counts["correct"].double() / counts["count"]
         return {"accuracy": per_attribute.mean().item(), "per_attribute_accuracy": per_attribute.tolist()}
 
     @torch.no_grad()

@@ -33,9 +33,9 @@ from torch import nn
 
 from pyrossl import plots
 from pyrossl.errors import ConfigError
-from pyrossl.evaluate import classification_metrics, clustering_metrics, confusion_matrix
+from pyrossl.evaluate import classification_metrics, clustering_metrics, confusion_matrix, label_table, pairs_from_table
 from pyrossl.mixture import GaussianMixtureClassifier, MixtureStack, check_mixture_options
-from pyrossl.models.vae import BernoulliDecoder, pixel_likelihood, reconstruction_bce
+from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
 from pyrossl.nn import ConvEncoder, MLP, check_network_options
 from pyrossl.zoo import ZooModel
 
@@ -211,17 +211,26 @@ class GAE(ZooModel):
         return self.clusters.responsibilities(self.codes(x)).argmax(-1)
 
     @torch.no_grad()
-    def evaluate(self, x, y, batch_size=1000):
+    def evaluation_counts(self, x, y, batch_size=1000):
+        """Tables of (predicted class, class) and (single-mixture cluster, class) pairs, the number of
+        novel codes and the reconstruction cross-entropy summed over the images."""
         self._check_fitted()
         raw = self.latent(x, batch_size)
         z = self._standardise(raw)
-        y = y.cpu()
-        metrics = classification_metrics(self.classifier.predict(z).cpu(), y, self.meta["num_classes"])
-        metrics["novelty_rate"] = self.classifier.is_novel(z).double().mean().item()
+        k = self.meta["num_classes"]
+        counts = {"labels": label_table(self.classifier.predict(z), y, k, k), "count": torch.tensor(x.shape[0]),
+                  "novel": self.classifier.is_novel(z).sum().cpu(),
+                  "reconstruction_bce": reconstruction_bce_sum(self.decode, raw, x, batch_size)}
         if self.clusters is not None:
-            clusters = self.clusters.responsibilities(z).argmax(-1).cpu()
-            metrics.update(clustering_metrics(clusters, y, prefix="single_mixture_"))
-        metrics["reconstruction_bce"] = reconstruction_bce(self.decode, raw, x, batch_size)
+            counts["clusters"] = label_table(self.clusters.responsibilities(z).argmax(-1), y, k, k)
+        return counts
+
+    def metrics_from_counts(self, counts):
+        metrics = classification_metrics(*pairs_from_table(counts["labels"]), self.meta["num_classes"])
+        metrics["novelty_rate"] = float(counts["novel"]) / float(counts["count"])
+        if "clusters" in counts:
+            metrics.update(clustering_metrics(*pairs_from_table(counts["clusters"]), prefix="single_mixture_"))
+        metrics.update(per_image(counts, "reconstruction_bce"))
         return metrics
 
     # --- inspection and generation -----------------------------------------------------------

@@ -52,10 +52,11 @@ from torch import nn
 
 from pyrossl import plots
 from pyrossl.errors import ConfigError
-from pyrossl.evaluate import clustering_metrics, confusion_matrix, cluster_mapping, iwae_log_likelihood
+from pyrossl.evaluate import (cluster_mapping, clustering_metrics, confusion_matrix, iwae_log_likelihood, label_table,
+                              pairs_from_table)
 from pyrossl.guides.normal import DiagonalNormalGuide
 from pyrossl.mixture import PyroGaussianMixture
-from pyrossl.models.vae import BernoulliDecoder, pixel_likelihood, reconstruction_bce
+from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
 from pyrossl.nn import check_network_options
 from pyrossl.zoo import ZooModel
 
@@ -67,6 +68,14 @@ def serket_init(module: nn.Module, std: float) -> None:
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def _clustering_vae_metrics(counts: dict) -> dict:
+    """ELBO and reconstruction per image, and the clustering metrics where there is a table of clusters."""
+    metrics = per_image(counts, "elbo", "reconstruction_bce")
+    if "clusters" in counts:
+        metrics.update(clustering_metrics(*pairs_from_table(counts["clusters"])))
+    return metrics
 
 
 class _ClusteringVAE(ZooModel):
@@ -265,8 +274,9 @@ class SerketVAEGMM(_ClusteringVAE):
                 "gmm_iterations": self.gmm.n_iter}
 
     @torch.no_grad()
-    def evaluate(self, x, y, batch_size=1000):
-        """The ELBO against each image's own message (the GMM cluster of its code), reconstruction, clusters."""
+    def evaluation_counts(self, x, y, batch_size=1000):
+        """Sums of the ELBO against each image's own message (the GMM cluster of its code) and of the
+        reconstruction cross-entropy; the table of (cluster, class) pairs once the GMM is fitted."""
         codes = self.latent(x, batch_size)
         fitted = int(self.rounds) > 0
         clusters = self.gmm.predict(codes) if fitted else torch.full((x.shape[0],), -1, device=x.device)
@@ -276,10 +286,14 @@ class SerketVAEGMM(_ClusteringVAE):
                         for xb, cb in zip(torch.split(x, batch_size), torch.split(clusters, batch_size)))
         finally:
             self.set_alpha(self.options.alpha)
-        metrics = {"elbo": elbo / x.shape[0], "reconstruction_bce": reconstruction_bce(self.decode, codes, x, batch_size)}
+        counts = {"elbo": torch.tensor(elbo, dtype=torch.float64), "count": torch.tensor(x.shape[0]),
+                  "reconstruction_bce": reconstruction_bce_sum(self.decode, codes, x, batch_size)}
         if fitted:
-            metrics.update(clustering_metrics(clusters.cpu(), y.cpu()))
-        return metrics
+            counts["clusters"] = label_table(clusters, y, self.num_clusters, self.meta["num_classes"])
+        return counts
+
+    def metrics_from_counts(self, counts):
+        return _clustering_vae_metrics(counts)
 
     @torch.no_grad()
     def sample_cluster(self, n: int, cluster: int) -> torch.Tensor:
@@ -486,13 +500,19 @@ class GMMVAE(_ClusteringVAE):
         return {"warmup_gmm_mean_log_likelihood": gmm.log_likelihood(codes) / codes.shape[0]}
 
     @torch.no_grad()
-    def evaluate(self, x, y, batch_size=1000):
-        elbo = sum(-self._elbo().loss(self.prior, self.guide, xb) for xb in torch.split(x, batch_size)) / x.shape[0]
+    def evaluation_counts(self, x, y, batch_size=1000):
+        """Sums of the ELBO of the bound in force and of the reconstruction cross-entropy; the table of
+        (cluster, class) pairs once the mixture prior is on."""
+        elbo = sum(-self._elbo().loss(self.prior, self.guide, xb) for xb in torch.split(x, batch_size))
         codes = self.latent(x, batch_size)
-        metrics = {"elbo": elbo, "reconstruction_bce": reconstruction_bce(self.decode, codes, x, batch_size)}
+        counts = {"elbo": torch.tensor(elbo, dtype=torch.float64), "count": torch.tensor(x.shape[0]),
+                  "reconstruction_bce": reconstruction_bce_sum(self.decode, codes, x, batch_size)}
         if self.prior.mixture:
-            metrics.update(clustering_metrics(self.cluster_probs(codes).argmax(-1).cpu(), y.cpu()))
-        return metrics
+            counts["clusters"] = label_table(self.cluster_probs(codes).argmax(-1), y, self.num_clusters, self.meta["num_classes"])
+        return counts
+
+    def metrics_from_counts(self, counts):
+        return _clustering_vae_metrics(counts)
 
     @torch.no_grad()
     def log_likelihood(self, x, num_samples, batch_size=100):

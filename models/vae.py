@@ -59,11 +59,18 @@ class BernoulliDecoder(nn.Module):
         return out.reshape(*z.shape[:-1], -1)  # flat logits [..., D]
 
 
-def reconstruction_bce(decode, z: torch.Tensor, x: torch.Tensor, batch_size: int = 1000) -> float:
-    """The Bernoulli cross-entropy of the images ``x`` under ``decode(z)`` (pixel probabilities), nats per image."""
+def reconstruction_bce_sum(decode, z: torch.Tensor, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The Bernoulli cross-entropy of the images ``x`` under ``decode(z)`` (pixel probabilities), in nats
+    summed over the images (a float64 scalar, for :meth:`pyrossl.zoo.ZooModel.evaluation_counts`)."""
     total = sum(nn.functional.binary_cross_entropy(decode(zb), xb, reduction="sum").item()
                 for zb, xb in zip(torch.split(z, batch_size), torch.split(x, batch_size)))
-    return total / x.shape[0]
+    return torch.tensor(total, dtype=torch.float64)
+
+
+def per_image(counts: dict[str, torch.Tensor], *keys: str) -> dict[str, float]:
+    """Sums of ``counts`` divided by its number of images ``counts["count"]``."""
+    n = float(counts["count"])
+    return {k: float(counts[k]) / n for k in keys}
 
 
 def pixel_likelihood(logits: torch.Tensor) -> dist.Distribution:
@@ -124,17 +131,20 @@ class VAE(ZooModel):
         return self.loss(x) / x.shape[0]
 
     @torch.no_grad()
-    def evaluate(self, x, y, batch_size=1000):
-        """The ELBO (beta = 1, whatever beta trains with) and the reconstruction cross-entropy, per example."""
-        n = x.shape[0]
+    def evaluation_counts(self, x, y, batch_size=1000):
+        """Sums over the images of the ELBO (beta = 1, whatever beta trains with) and of the reconstruction cross-entropy."""
         beta = self.model.beta
         self.set_beta(1.0)
         try:
-            elbo = sum(-self.loss(xb).item() for xb in torch.split(x, batch_size)) / n
+            elbo = sum(-self.loss(xb).item() for xb in torch.split(x, batch_size))
         finally:
             self.set_beta(beta)
         z = torch.cat([self.latent(xb) for xb in torch.split(x, batch_size)])
-        return {"elbo": elbo, "reconstruction_bce": reconstruction_bce(self.decode, z, x, batch_size)}
+        return {"elbo": torch.tensor(elbo, dtype=torch.float64), "count": torch.tensor(x.shape[0]),
+                "reconstruction_bce": reconstruction_bce_sum(self.decode, z, x, batch_size)}
+
+    def metrics_from_counts(self, counts):
+        return per_image(counts, "elbo", "reconstruction_bce")
 
     @torch.no_grad()
     def log_likelihood(self, x, num_samples, batch_size=100):

@@ -1,5 +1,5 @@
 import sys
 
-from pyrossl.cli import main
+from pyrossl.cli import console
 
-sys.exit(main())
+sys.exit(console())

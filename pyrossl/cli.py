@@ -259,5 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console() -> int:
+    """The ``pyrossl`` command (and ``python -m pyrossl``): :func:`main`, and a process of a
+    multi-process job ends at once (:func:`pyrossl.distributed.end_process`)."""
+    return distributed.end_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -12,12 +12,15 @@ Everything the trainer needs to know about the other processes lives here: with 
 - :func:`is_writer`: only rank 0 writes files and shows the progress bar.
 - :func:`broadcast_object`, :func:`broadcast_state`, :func:`all_true`, :func:`sum_over_processes`:
   what is computed once (on rank 0) reaches every process; decisions every process must share.
+- :func:`sum_counts`: evaluation is split like training, each process counting on its share of a
+  held-out set; the sums give the metrics of the whole set.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +43,7 @@ class Context:
 
 
 _context = Context()
+_joined = False  # whether this process ever joined a process group (see end_process)
 
 
 def environment() -> Context:
@@ -65,15 +69,37 @@ def setup(device: torch.device) -> Context:
         if device.type == "cuda":
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        global _joined
+        _joined = True
     _context = Context(env.rank, env.world_size, env.local_rank, backend)
     return _context
 
 
-def teardown() -> None:
+def teardown(completed: bool = False) -> None:
+    """Leave the process group. After a ``completed`` run every process first waits for the others, so
+    none closes its connections while a peer still talks to it (after a failure nobody waits)."""
     global _context
     if dist.is_initialized():
+        if completed and _context.active:
+            dist.barrier()
         dist.destroy_process_group()
     _context = Context()
+
+
+def end_process(code: int) -> int:
+    """Exit code ``code`` for a process that took part in a multi-process job, which ends it at once.
+
+    ``DistributedDataParallel`` keeps the process group (and gloo's worker threads) alive after
+    ``destroy_process_group``; they are freed only during interpreter shutdown, where a worker
+    thread that needs the GIL aborts the process now and then (``terminate called without an active
+    exception``, exit signal 6) after the run has finished and written everything. So a process of a
+    job flushes its output and leaves with ``os._exit``. One process (no job): returns ``code``.
+    """
+    if not _joined:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def context() -> Context:
@@ -151,6 +177,17 @@ def sum_over_processes(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def sum_counts(counts: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Key-wise sums of every process's ``counts`` (tensors of equal shapes; ``None``: nothing to count here)."""
+    if not _context.active:
+        return counts
+    gathered: list = [None] * _context.world_size
+    mine = None if counts is None else {k: torch.as_tensor(v).detach().cpu() for k, v in counts.items()}
+    dist.all_gather_object(gathered, mine)
+    present = [c for c in gathered if c is not None]
+    return {k: sum(c[k] for c in present) for k in present[0]} if present else None
 
 
 def _collective_device() -> torch.device:

@@ -37,7 +37,9 @@ __all__ = [
     "confusion_matrix",
     "greedy_cluster_accuracy",
     "iwae_log_likelihood",
+    "label_table",
     "nmi",
+    "pairs_from_table",
     "per_class_accuracy",
     "to_numpy",
 ]
@@ -252,6 +254,35 @@ def clustering_metrics(clusters: ArrayLike, target: ArrayLike, prefix: str = "")
         f"{prefix}nmi": nmi(clusters, target),
         f"{prefix}ari": ari(clusters, target),
     }
+
+
+def label_table(pred: ArrayLike, target: ArrayLike, num_pred: int, num_classes: int) -> torch.Tensor:
+    """Counts ``table[p, k] = #{pred == p and target == k}`` as an int64 tensor ``[num_pred, num_classes]``.
+
+    The table is all a classification or clustering metric needs, and tables of disjoint parts of a
+    set add up to the table of the whole: what processes that evaluate one share each sum (see
+    :meth:`pyrossl.zoo.ZooModel.evaluation_counts`). :func:`pairs_from_table` gives labels back.
+    """
+    p = torch.as_tensor(to_numpy(pred)).long().flatten().cpu()
+    t = torch.as_tensor(to_numpy(target)).long().flatten().cpu()
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target must have the same length, got shapes {tuple(p.shape)} and {tuple(t.shape)}")
+    for a, n, name in ((p, num_pred, "pred"), (t, num_classes, "target")):
+        if a.numel() and (a.min() < 0 or a.max() >= n):
+            raise ValueError(f"{name} labels must lie in 0..{n - 1}, got values in {int(a.min())}..{int(a.max())}")
+    return torch.bincount(p * num_classes + t, minlength=num_pred * num_classes).reshape(num_pred, num_classes)
+
+
+def pairs_from_table(table: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred, target)`` label arrays holding each pair ``(p, k)`` ``table[p, k]`` times.
+
+    Every metric of this module that compares two labellings depends on their pairs only, not on
+    the order of the examples, so it gives the same value on these arrays as on the originals.
+    """
+    t = to_numpy(table).astype(np.int64)
+    p, k = np.nonzero(t)
+    counts = t[p, k]
+    return np.repeat(p, counts), np.repeat(k, counts)
 
 
 def iwae_log_likelihood(log_weights: ArrayLike) -> torch.Tensor:

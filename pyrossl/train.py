@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import math
 import os
@@ -344,15 +345,34 @@ class Trainer:
         )
 
     def _evaluate(self, parts=("validation", "test")) -> dict:
+        """Metrics of the held-out parts (and of the training set for entries that score it), on every process.
+
+        With several processes each one evaluates its share of a part and the entry's counts are
+        summed (:meth:`pyrossl.zoo.ZooModel.evaluation_counts`): the metrics of a single process.
+        An entry without counts is evaluated by rank 0 alone.
+        """
+        if self.dist.active and not self.model.splits_evaluation():
+            return distributed.broadcast_object(self._evaluate_parts(parts, split=False) if self.writer else None)
+        return self._evaluate_parts(parts, split=self.dist.active)
+
+    def _evaluate_parts(self, parts, split: bool) -> dict:
         self.model.eval()
         metrics = {}
         prefix = {"train": "train_", "validation": "val_", "test": "test_"}
+        size = self.config.train.eval_batch_size
         if self.model.evaluate_on_train:
             parts = ("train", *parts)
         for part in parts:
             x, y = self._training_set() if part == "train" else self.data.part(part)
-            if x.shape[0]:
-                metrics.update({prefix[part] + k: v for k, v in self.model.evaluate(x, y, self.config.train.eval_batch_size).items()})
+            if not x.shape[0]:
+                continue
+            if split:
+                x, y = distributed.shard(x), distributed.shard(y)
+                counts = distributed.sum_counts(self.model.evaluation_counts(x, y, size) if x.shape[0] else None)
+                values = self.model.metrics_from_counts(counts)
+            else:
+                values = self.model.evaluate(x, y, size)
+            metrics.update({prefix[part] + k: v for k, v in values.items()})
         return metrics
 
     # ------------------------------------------------------------------------------------
@@ -361,14 +381,26 @@ class Trainer:
         self.setup()
         c = self.config
         select = "val_" + self.model.selection_metric
+        completed = False
         try:
             with tqdm(range(self.epoch + 1, c.train.epochs + 1), desc=f"{c.model}/{self.model.guide_name}",
                       disable=not (c.train.progress and self.writer), initial=self.epoch, total=c.train.epochs, unit="epoch") as bar:
                 with self._graceful_interrupt():
                     self._epochs(bar, select)
-            return self.finish()
+            summary = self.finish()
+            completed = True
+            return summary
         finally:
-            distributed.teardown()
+            self._leave_processes(completed)
+
+    def _leave_processes(self, completed: bool) -> None:
+        """Leave the process group while Python is fully alive: the wrapper that holds the group goes
+        first, so the group's threads end here and not during interpreter shutdown (where a gloo
+        thread that needs the GIL is killed and aborts the process)."""
+        if self.dist.active:
+            self.loss_module = self.model
+            gc.collect()
+        distributed.teardown(completed)
 
     def _interrupted(self, where: str) -> TrainingInterrupted:
         return TrainingInterrupted(
@@ -431,10 +463,9 @@ class Trainer:
                 total, count = distributed.sum_over_processes([sum(losses), len(losses)])
                 losses = [total / count] if count else []
             train_seconds = earlier + time.perf_counter() - start
-            metrics = self._evaluate() if evaluate and self.writer else {}
+            metrics = self._evaluate() if evaluate else {}
             if evaluate and self.writer:
                 self.model.write_outputs(self.out, epoch, lambda index: self.data.y[index.to(self.device)])
-            metrics = distributed.broadcast_object(metrics)
             self.seconds += time.perf_counter() - start
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
                       "train_seconds": train_seconds, **logs, **metrics}
@@ -482,23 +513,24 @@ class Trainer:
         return self.data.x[train], self.data.y[train]
 
     def finish(self) -> dict:
-        """Evaluate the best and the last epoch on the test set; write summary.json and the figures (rank 0;
-        every process returns the summary)."""
-        if not self.writer:
-            return distributed.broadcast_object(None)
-        summary = self._finish()
-        return distributed.broadcast_object(summary)
-
-    def _finish(self) -> dict:
-        c = self.config
-        records = runs.read_metrics(self.out)
+        """Evaluate the best and the last epoch on the test set (every process takes its share); write
+        summary.json and the figures (rank 0). Every process returns the summary."""
         last_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         result = {"last": self._final_metrics()}
-        if (self.out / runs.BEST).exists():
-            self.model.load_state_dict(runs.load_checkpoint(self.out / runs.BEST, map_location=self.device)["model"])
+        if distributed.broadcast_object((self.out / runs.BEST).exists() if self.writer else None):
+            if self.writer:
+                self.model.load_state_dict(runs.load_checkpoint(self.out / runs.BEST, map_location=self.device)["model"])
+            distributed.broadcast_state(self.model)
             result["best"] = self._final_metrics()
         else:  # no epoch had a finite validation score
             result["best"] = result["last"]
+        summary = self._write_summary(result) if self.writer else None
+        self.model.load_state_dict(last_state)
+        return distributed.broadcast_object(summary)
+
+    def _write_summary(self, result: dict) -> dict:
+        c = self.config
+        records = runs.read_metrics(self.out)
         summary = {
             "model": c.model, "guide": c.guide, "dataset": c.data.name, "seed": c.seed,
             "epochs": self.epoch, "best_epoch": self.best_epoch, "selection_metric": "val_" + self.model.selection_metric,
@@ -513,20 +545,20 @@ class Trainer:
             summary["skipped_steps"] = self.skipped
         runs.atomic_write_text(self.out / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
         self.figures(records)
-        self.model.load_state_dict(last_state)
         return summary
 
     def _final_metrics(self) -> dict:
         metrics = self._evaluate()
         k = self.config.train.iwae_samples
         if k:
-            x, _ = self.data.part("test")
+            x = distributed.shard(self.data.part("test")[0])  # this process's share of the test set
             try:
-                ll = self.model.log_likelihood(x, k)
+                ll = self.model.log_likelihood(x, k) if x.shape[0] else torch.zeros(0)
             except NotImplementedError:
-                pass
-            else:
-                metrics["test_log_likelihood"] = ll.mean().item()
+                ll = None
+            if distributed.all_true(ll is not None):
+                total, count = distributed.sum_over_processes([ll.double().sum().item(), ll.numel()])
+                metrics["test_log_likelihood"] = total / count if count else math.nan
                 metrics["iwae_samples"] = k
         return metrics
 

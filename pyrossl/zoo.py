@@ -20,7 +20,8 @@ from pyrossl.config import build_dataclass
 class ZooModel(nn.Module):
     """Base class of the zoo's entries.
 
-    Subclasses set the class attributes and implement :meth:`forward` and :meth:`evaluate`;
+    Subclasses set the class attributes and implement :meth:`forward`, :meth:`evaluation_counts` and
+    :meth:`metrics_from_counts` (or :meth:`evaluate` alone);
     everything else has a sensible default. ``meta`` is :meth:`pyrossl.data.Dataset.meta`: all a model
     may know about the data (image shape, number of classes, names).
     """
@@ -95,9 +96,29 @@ class ZooModel(nn.Module):
 
     # --- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
+    def evaluation_counts(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
+        """Sums and counts over the examples ``x, y`` (``batch_size`` at a time) that the metrics are made of.
+
+        Those of disjoint parts of a set add up to those of the whole set: tables of label pairs
+        (:func:`pyrossl.evaluate.label_table`), sums of per-example losses, the number of examples.
+        With several processes each one computes them on its share of the set, the trainer adds them
+        up and :meth:`metrics_from_counts` turns the sums into the metrics a single process would get.
+        """
+        raise NotImplementedError
+
+    def metrics_from_counts(self, counts: dict[str, torch.Tensor]) -> dict:
+        """The metrics (names without a prefix) of the summed :meth:`evaluation_counts`."""
+        raise NotImplementedError
+
+    @classmethod
+    def splits_evaluation(cls) -> bool:
+        """Whether the entry gives :meth:`evaluation_counts` (else, with several processes, rank 0 evaluates alone)."""
+        return cls.evaluation_counts is not ZooModel.evaluation_counts
+
+    @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:
         """Metrics on a held-out set (names without a prefix; the trainer adds ``val_``/``test_``)."""
-        raise NotImplementedError
+        return self.metrics_from_counts(self.evaluation_counts(x, y, batch_size))
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, num_samples: int, batch_size: int = 100) -> torch.Tensor:
@@ -159,9 +180,14 @@ class LabelClassifier:
         return {"y_probs": self.predict_proba(x)}
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict:
-        from pyrossl.evaluate import classification_metrics
+    def evaluation_counts(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
+        from pyrossl.evaluate import label_table
 
-        pred = self.class_logits(x, batch_size).argmax(-1)
-        return classification_metrics(pred.cpu(), y.cpu(), self.meta["num_classes"])
+        k = self.meta["num_classes"]
+        return {"labels": label_table(self.class_logits(x, batch_size).argmax(-1), y, k, k)}
+
+    def metrics_from_counts(self, counts: dict[str, torch.Tensor]) -> dict:
+        from pyrossl.evaluate import classification_metrics, pairs_from_table
+
+        return classification_metrics(*pairs_from_table(counts["labels"]), self.meta["num_classes"])
 

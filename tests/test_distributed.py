@@ -22,14 +22,28 @@ from pyrossl.train import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
-# Trains a config (JSON, argv[1]) into argv[2] and saves this process's final entry state to argv[3]/rank<R>.pt.
+# Trains a config (JSON, argv[1]) into argv[2] and saves this process's final entry state to argv[3]/rank<R>.pt,
+# and the sizes of the sets it evaluated to argv[3]/rows<R>.json.
 SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
     from pyrossl.config import config_from_dict
     from pyrossl.train import Trainer
-    trainer = Trainer(config_from_dict(json.loads(open(sys.argv[1]).read())), sys.argv[2], resume=len(sys.argv) > 4)
+    rows = []
+    class Counting(Trainer):
+        def setup(self):
+            super().setup()
+            counts = self.model.evaluation_counts
+            def counting(x, y, batch_size=1000):
+                rows.append(x.shape[0])
+                return counts(x, y, batch_size)
+            self.model.evaluation_counts = counting
+    trainer = Counting(config_from_dict(json.loads(open(sys.argv[1]).read())), sys.argv[2], resume=len(sys.argv) > 4)
     trainer.fit()
-    torch.save(trainer.model.state_dict(), os.path.join(sys.argv[3], "rank%s.pt" % os.environ.get("RANK", "0")))
+    rank = os.environ.get("RANK", "0")
+    torch.save(trainer.model.state_dict(), os.path.join(sys.argv[3], "rank%s.pt" % rank))
+    open(os.path.join(sys.argv[3], "rows%s.json" % rank), "w").write(json.dumps(rows))
+    from pyrossl import distributed
+    sys.exit(distributed.end_process(0))
 """)
 
 
@@ -66,6 +80,7 @@ def test_one_process_is_a_no_op():
     assert distributed.shard(index) is index and distributed.loss_scale(3, 7) == 1.0
     assert distributed.broadcast_object({"a": 1}) == {"a": 1} and distributed.all_true(False) is False
     assert distributed.sum_over_processes([1.0, 2.0]) == [1.0, 2.0]
+    assert distributed.sum_counts(None) is None and distributed.end_process(3) == 3  # no job: nothing ends
 
 
 def test_shards_cover_a_batch_once_and_weights_make_the_global_mean(monkeypatch):
@@ -97,6 +112,16 @@ def test_two_processes_end_identical_and_write_one_run_directory(tmp_path):
     assert summary["processes"] == 2 and 0 <= summary["test_accuracy"] <= 1
     saved = runs.load_checkpoint(out / runs.CHECKPOINT)["model"]
     assert all(torch.equal(saved[k], states[0][k]) for k in saved)
+    # evaluation was split: each process counted one half of each set, and the sums give one process's metrics
+    dump = tmp_path / "states-2-run"
+    rows = [json.loads((dump / f"rows{r}.json").read_text()) for r in (0, 1)]
+    run = runs.load_run(out, "last")
+    sizes = [run.split.validation.numel(), run.split.test.numel()]
+    assert [a + b for a, b in zip(*rows)] == sizes * (len(rows[0]) // 2) and all(abs(a - b) <= 1 for a, b in zip(*rows))
+    for part, prefix in (("validation", "val_"), ("test", "test_")):
+        x, y = run.tensors(part)
+        for key, value in run.model.evaluate(x, y).items():
+            assert summary["last"][prefix + key] == pytest.approx(value, rel=1e-6, nan_ok=True), key  # float32 sums
 
 
 def test_two_processes_with_half_batches_match_one_process_with_whole_batches(tmp_path):

@@ -287,3 +287,24 @@ def test_mean_sd_over_seeds():
     assert mean_sd([0.7]) == (0.7, 0.0)
     with pytest.raises(ValueError, match="at least one"):
         mean_sd([])
+
+
+def test_label_tables_of_parts_add_up_and_give_the_metrics_of_the_labels():
+    rng = np.random.default_rng(0)
+    clusters, target = rng.integers(0, 4, 200), rng.integers(0, 3, 200)
+    table = ev.label_table(clusters[:70], target[:70], 4, 3) + ev.label_table(clusters[70:], target[70:], 4, 3)
+    assert torch.equal(table, ev.label_table(clusters, target, 4, 3)) and table.dtype == torch.int64
+    assert int(table[2, 1]) == int(np.sum((clusters == 2) & (target == 1)))
+    pairs = ev.pairs_from_table(table)
+    assert ev.clustering_metrics(*pairs) == ev.clustering_metrics(clusters, target)
+    pred = clusters % 3
+    assert ev.classification_metrics(*ev.pairs_from_table(ev.label_table(pred, target, 3, 3)), 3) == ev.classification_metrics(pred, target, 3)
+
+
+@pytest.mark.parametrize("pred, target, message", [
+    ([0, 3], [0, 1], r"pred labels must lie in 0..2"), ([0, 1], [0, -1], r"target labels must lie in 0..2"),
+    ([0, 1, 2], [0, 1], "same length"),
+])
+def test_label_table_rejects_labels_out_of_range(pred, target, message):
+    with pytest.raises(ValueError, match=message):
+        ev.label_table(pred, target, 3, 3)
