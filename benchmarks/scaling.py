@@ -9,6 +9,11 @@ only: no evaluation, no data loading). Throughput is training images per second 
 images, each step also sees a labelled batch); the scaling efficiency of N processes is their
 throughput over N times that of one process. The global batch is the recipe's in every
 configuration, so each process computes 1/N of every step.
+
+The ceiling column runs N independent one-process trainings at the same time, each with a 1/N share
+of the batch: the same computation without any communication. On a machine whose cores share
+resources (two vCPUs of one physical core, memory bandwidth) it is below 1, and no data-parallel
+engine can beat it; the gap between the two columns is what communication and synchronisation cost.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 from pyrossl import runs
+from pyrossl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,11 +52,40 @@ def one_epoch(recipe: str, nproc: int, device: str, threads: int, overrides: lis
             "test_accuracy": summary.get("test_accuracy")}
 
 
+def independent_epochs(recipe: str, nproc: int, device: str, threads: int, overrides: list[str], out: Path) -> dict:
+    """The machine's own ceiling for ``nproc`` processes: as many independent one-process runs at the
+    same time, each with a 1/N share of the batch (the work of one data-parallel process per step, no
+    communication). Their summed throughput over N times one process's is the efficiency the hardware
+    allows (cores that share caches, memory bandwidth or a physical core give less than N times)."""
+    config = load_config(recipe, overrides)
+    share = [f"train.batch_size={max(1, config.train.batch_size // nproc)}"]
+    if config.train.labelled_batch_size:
+        share.append(f"train.labelled_batch_size={max(1, config.train.labelled_batch_size // nproc)}")
+    jobs = []
+    for i in range(nproc):
+        folder = out / f"alone-{i}"
+        shutil.rmtree(folder, ignore_errors=True)
+        command = [sys.executable, "-m", "pyrossl", "train", recipe, "--out", str(folder), "--quiet", "--device", device,
+                   "--set", "train.epochs=1", "--threads", str(threads), *[a for o in [*overrides, *share] for a in ("--set", o)]]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), **({"CUDA_VISIBLE_DEVICES": str(i)} if device == "cuda" else {})}
+        jobs.append((folder, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)))
+    throughput = 0.0
+    for folder, job in jobs:
+        _, err = job.communicate()
+        if job.returncode != 0:
+            raise RuntimeError(f"independent run {folder} failed:\n{err[-2000:]}")
+        summary = runs.read_summary(folder)
+        throughput += (summary["split"]["unlabelled"] or summary["split"]["labelled"]) / runs.read_metrics(folder)[0]["train_seconds"]
+    return {"processes": nproc, "images_per_second": throughput}
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| processes | device | threads each | epoch (s) | images/s | scaling efficiency |", "|---|---|---|---|---|---|"]
+    lines = ["| processes | device | threads each | epoch (s) | images/s | scaling efficiency | ceiling (independent runs) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        ceiling = f"{r['ceiling_efficiency']:.2f}" if "ceiling_efficiency" in r else "—"
         lines.append(f"| {r['processes']} | {r['device']} | {r['threads_per_process']} | {r['epoch_seconds']:.1f} | "
-                     f"{r['images_per_second']:.0f} | {r['efficiency']:.2f} |")
+                     f"{r['images_per_second']:.0f} | {r['efficiency']:.2f} | {ceiling} |")
     return "\n".join(lines)
 
 
@@ -61,6 +96,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per process)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                        help="skip the independent runs that measure what the hardware allows")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "bench-scaling")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scaling.json")
     args = parser.parse_args(argv)
@@ -71,6 +108,11 @@ def main(argv=None) -> dict:
     base = next((r for r in rows if r["processes"] == 1), rows[0])
     for r in rows:
         r["efficiency"] = r["images_per_second"] / (r["processes"] / base["processes"] * base["images_per_second"])
+        if args.ceiling and r["processes"] > 1 and base["processes"] == 1:
+            alone = independent_epochs(args.recipe, r["processes"], args.device, args.threads, args.set,
+                                       args.runs / f"{args.device}-{r['processes']}-independent")
+            r["independent_images_per_second"] = alone["images_per_second"]
+            r["ceiling_efficiency"] = alone["images_per_second"] / (r["processes"] * base["images_per_second"])
     result = {"recipe": Path(args.recipe).name, "rows": rows, "cpu_count": os.cpu_count(),
               "torch": torch.__version__}
     print(table(rows))

@@ -10,7 +10,8 @@ Everything the trainer needs to know about the other processes lives here: with 
   weighs its loss so that ``DistributedDataParallel``'s gradient average is the gradient of the
   global batch's mean loss, even when the shares are unequal or one is empty.
 - :func:`is_writer`: only rank 0 writes files and shows the progress bar.
-- :func:`broadcast_object`, :func:`broadcast_state`, :func:`all_true`, :func:`sum_over_processes`:
+- :func:`broadcast_object`, :func:`broadcast_state`, :func:`all_true`, :func:`all_true_each`,
+  :func:`sum_over_processes`:
   what is computed once (on rank 0) reaches every process; decisions every process must share.
 - :func:`sum_counts`: evaluation is split like training, each process counting on its share of a
   held-out set; the sums give the metrics of the whole set.
@@ -163,11 +164,16 @@ def broadcast_state(module: torch.nn.Module, source: int = 0) -> None:
 
 def all_true(flag: bool) -> bool:
     """Whether ``flag`` holds on every process (for decisions all must take together)."""
+    return all_true_each([flag])[0]
+
+
+def all_true_each(flags: list[bool]) -> list[bool]:
+    """For each of ``flags``, whether it holds on every process (one exchange for all of them)."""
     if not _context.active:
-        return flag
-    value = torch.tensor([1 if flag else 0], device=_collective_device())
+        return list(flags)
+    value = torch.tensor([1 if f else 0 for f in flags], device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
 
 
 def sum_over_processes(values: list[float]) -> list[float]:

@@ -202,9 +202,11 @@ class Trainer:
         self.loss_module = self.model
         if self.dist.active:
             # gradients averaged over the processes; the entry itself stays what checkpoints hold
+            # buffers (label priors, mixtures, schedules) change only outside the gradient steps, where
+            # _end_epoch broadcasts them: DDP need not broadcast them before every forward pass
             self.loss_module = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self._has_unused_parameters())
+                find_unused_parameters=self._has_unused_parameters(), broadcast_buffers=False)
             # each process draws its own sampling noise; the data generator (the batch order) is shared
             pyro.set_rng_seed((c.seed * 1_000_003 + self.epoch * 7919 + self.dist.rank) % 2**32)
             distributed.barrier()  # rank 0 has written the run directory
@@ -322,15 +324,19 @@ class Trainer:
         else:
             loss = self.loss_module(x, x_lab, y_lab)
         self.step += 1
-        if not distributed.all_true(bool(torch.isfinite(loss))):  # every process takes the same decision
+        finite_loss = bool(torch.isfinite(loss))
+        if not finite_loss and not self.dist.active:
             return self._nonfinite("loss")
         self.optimizer.zero_grad(set_to_none=True)
+        # with several processes every one runs its backward pass (the gradient average needs them all)
+        # and all take the same decision afterwards, in one exchange, at a point where they are in step
         (loss * scale if scale != 1.0 else loss).backward()
         clip = self.config.train.clip_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if not torch.isfinite(grad_norm):
+        finite_loss, finite_grad = distributed.all_true_each([finite_loss, bool(torch.isfinite(grad_norm))])
+        if not (finite_loss and finite_grad):
             self.optimizer.zero_grad(set_to_none=True)
-            return self._nonfinite("gradient")
+            return self._nonfinite("loss" if not finite_loss else "gradient")
         self.optimizer.step()
         return loss.item()
 

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from pyrossl import runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -112,3 +114,10 @@ def test_scaling_benchmark_times_one_and_two_processes(tmp_path, capsys):
     assert [r["processes"] for r in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
     assert all(r["images_per_second"] > 0 and r["steps"] == rows[0]["steps"] for r in rows)  # the same global batches
     assert result["recipe"] == "m2-digits.toml" and "| 2 | cpu | 1 |" in capsys.readouterr().out
+    # the ceiling: two independent runs with half batches, each over the whole training set
+    assert "ceiling_efficiency" not in rows[0] and rows[1]["independent_images_per_second"] > 0
+    assert rows[1]["ceiling_efficiency"] == rows[1]["independent_images_per_second"] / (2 * rows[0]["images_per_second"])
+    assert sorted(p.name for p in (tmp_path / "runs" / "cpu-2-independent").iterdir()) == ["alone-0", "alone-1"]
+    alone = runs.read_config(tmp_path / "runs" / "cpu-2-independent" / "alone-0")
+    digits = runs.read_config(tmp_path / "runs" / "cpu-1")
+    assert alone.train.batch_size == digits.train.batch_size // 2

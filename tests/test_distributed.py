@@ -175,6 +175,39 @@ def _rank_of(pid: int) -> int | None:
     return int(ranks[0]) if ranks else None
 
 
+NONFINITE = textwrap.dedent("""
+    import json, os, sys, torch
+    from pyrossl import distributed
+    from pyrossl.config import config_from_dict
+    from pyrossl.train import Trainer
+    class NanOnRankOne(Trainer):  # rank 1 alone gets a non-finite loss at its 3rd and 5th steps
+        def setup(self):
+            super().setup()
+            forward = self.model.forward
+            def nan_sometimes(*args, **kwargs):
+                loss = forward(*args, **kwargs)
+                return loss * float("nan") if distributed.context().rank == 1 and self.step in (2, 4) else loss
+            self.model.forward = nan_sometimes
+    trainer = NanOnRankOne(config_from_dict(json.loads(open(sys.argv[1]).read())), sys.argv[2])
+    trainer.fit()
+    torch.save(trainer.model.state_dict(), os.path.join(sys.argv[3], "rank%s.pt" % os.environ["RANK"]))
+    sys.exit(distributed.end_process(0))
+""")
+
+
+def test_a_non_finite_loss_in_one_process_is_skipped_by_all(tmp_path):
+    config = _config(**{"train.on_nonfinite": "skip", "train.epochs": 1})
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "script.py").write_text(NONFINITE)
+    done = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", str(tmp_path / "script.py"),
+                           str(tmp_path / "config.json"), str(tmp_path / "run"), str(tmp_path)],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # the same steps were skipped everywhere
+    assert runs.read_summary(tmp_path / "run")["skipped_steps"] == 2
+
+
 def test_a_killed_process_stops_the_others_with_a_message_and_the_run_resumes(tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('model = "vae"\n[data]\nname = "digits"\nlabels_per_class = 0\n'
