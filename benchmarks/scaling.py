@@ -34,19 +34,28 @@ from pyrossl.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_epoch(recipe: str, nproc: int, device: str, threads: int, overrides: list[str], out: Path) -> dict:
+def _one_epoch_command(recipe: str, out: Path, device: str, threads: int, overrides: list[str]) -> list[str]:
+    """``pyrossl train`` for one epoch of ``recipe`` into a fresh ``out``."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "pyrossl", "train", recipe, "--out", str(out), "--quiet", "--device", device,
-               "--set", "train.epochs=1", "--threads", str(threads), *[a for o in overrides for a in ("--set", o)]]
+    return [sys.executable, "-m", "pyrossl", "train", recipe, "--out", str(out), "--quiet", "--device", device,
+            "--set", "train.epochs=1", "--threads", str(threads), *[a for o in overrides for a in ("--set", o)]]
+
+
+def _epoch_of(out: Path) -> tuple[int, float, dict]:
+    """Training images, seconds of the epoch's steps, and the summary of a finished one-epoch run."""
+    summary = runs.read_summary(out)
+    return summary["split"]["unlabelled"] or summary["split"]["labelled"], runs.read_metrics(out)[0]["train_seconds"], summary
+
+
+def one_epoch(recipe: str, nproc: int, device: str, threads: int, overrides: list[str], out: Path) -> dict:
+    command = _one_epoch_command(recipe, out, device, threads, overrides)
     if nproc > 1:
         command += ["--nproc", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    seconds = runs.read_metrics(out)[0]["train_seconds"]
-    summary = runs.read_summary(out)
-    images = summary["split"]["unlabelled"] or summary["split"]["labelled"]
+    images, seconds, summary = _epoch_of(out)
     return {"processes": nproc, "device": device, "threads_per_process": threads, "epoch_seconds": seconds,
             "images": images, "images_per_second": images / seconds, "steps": summary["steps"],
             "test_accuracy": summary.get("test_accuracy")}
@@ -64,9 +73,7 @@ def independent_epochs(recipe: str, nproc: int, device: str, threads: int, overr
     jobs = []
     for i in range(nproc):
         folder = out / f"alone-{i}"
-        shutil.rmtree(folder, ignore_errors=True)
-        command = [sys.executable, "-m", "pyrossl", "train", recipe, "--out", str(folder), "--quiet", "--device", device,
-                   "--set", "train.epochs=1", "--threads", str(threads), *[a for o in [*overrides, *share] for a in ("--set", o)]]
+        command = _one_epoch_command(recipe, folder, device, threads, [*overrides, *share])
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), **({"CUDA_VISIBLE_DEVICES": str(i)} if device == "cuda" else {})}
         jobs.append((folder, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)))
     throughput = 0.0
@@ -74,8 +81,8 @@ def independent_epochs(recipe: str, nproc: int, device: str, threads: int, overr
         _, err = job.communicate()
         if job.returncode != 0:
             raise RuntimeError(f"independent run {folder} failed:\n{err[-2000:]}")
-        summary = runs.read_summary(folder)
-        throughput += (summary["split"]["unlabelled"] or summary["split"]["labelled"]) / runs.read_metrics(folder)[0]["train_seconds"]
+        images, seconds, _ = _epoch_of(folder)
+        throughput += images / seconds
     return {"processes": nproc, "images_per_second": throughput}
 
 

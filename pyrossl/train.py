@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import math
 import os
@@ -397,16 +396,8 @@ class Trainer:
             completed = True
             return summary
         finally:
-            self._leave_processes(completed)
-
-    def _leave_processes(self, completed: bool) -> None:
-        """Leave the process group while Python is fully alive: the wrapper that holds the group goes
-        first, so the group's threads end here and not during interpreter shutdown (where a gloo
-        thread that needs the GIL is killed and aborts the process)."""
-        if self.dist.active:
-            self.loss_module = self.model
-            gc.collect()
-        distributed.teardown(completed)
+            self.loss_module = self.model  # no DDP wrapper once the process group is gone
+            distributed.teardown(completed)  # see distributed.end_process for how a job's process ends
 
     def _interrupted(self, where: str) -> TrainingInterrupted:
         return TrainingInterrupted(
@@ -497,10 +488,8 @@ class Trainer:
     def _end_epoch(self, epoch: int, evaluate: bool) -> dict:
         """The entry's non-gradient stage: with several processes it runs once, on rank 0, on every
         training image, and its result (the entry's whole state) and logs reach every process."""
-        if not self.dist.active:
-            return self.model.end_epoch(epoch, lambda: self._training_tensors(), evaluating=evaluate)
         logs = self.model.end_epoch(epoch, lambda: self._training_tensors(), evaluating=evaluate) if self.writer else None
-        distributed.broadcast_state(self.model)
+        distributed.broadcast_state(self.model)  # no-ops with one process
         return distributed.broadcast_object(logs)
 
     def _training_index(self) -> torch.Tensor:
