@@ -171,17 +171,31 @@ class M2(LabelClassifier, ZooModel):
 
     # --- generative side ----------------------------------------------------------------
     @torch.no_grad()
-    def log_likelihood(self, x, num_samples, batch_size=100):
-        """log p(x) = log sum_y p(y) p(x|y): the sum over classes is exact, each p(x|y) an IWAE bound over z."""
+    def class_log_joint(self, x, num_samples, batch_size=100):
+        """log p(x, y) for every class y, ``[n, K]``: each p(x|y) an IWAE bound over z (``num_samples``)."""
         out = []
         for xb in torch.split(x, batch_size):
             per_class = []
             for c in range(self.meta["num_classes"]):
                 y = self.one_hot(torch.full((xb.shape[0],), c, device=xb.device))
                 log_w = importance_log_weights(self.model, self.guide, xb, y, num_samples=num_samples)
-                per_class.append(iwae_log_likelihood(log_w))
-            out.append(torch.stack(per_class).logsumexp(0))
+                per_class.append(iwae_log_likelihood(log_w))  # the model's y site adds log p(y)
+            out.append(torch.stack(per_class, -1))
         return torch.cat(out)
+
+    @torch.no_grad()
+    def log_likelihood(self, x, num_samples, batch_size=100):
+        """log p(x) = log sum_y p(x, y): the sum over classes is exact, each p(x|y) an IWAE bound over z."""
+        return self.class_log_joint(x, num_samples, batch_size).logsumexp(-1)
+
+    @torch.no_grad()
+    def generative_posterior(self, x, num_samples=16, batch_size=100):
+        """p(y|x) of the generative model, p(x, y) / sum_y' p(x, y'), with the IWAE estimates of p(x|y).
+
+        M2's unlabelled term pulls q(y|x) towards this posterior; where the two agree on the
+        unlabelled images, the unlabelled data has nothing left to teach the classifier.
+        """
+        return self.class_log_joint(x, num_samples, batch_size).softmax(-1)
 
     @torch.no_grad()
     def decode(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

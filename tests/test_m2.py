@@ -75,3 +75,41 @@ def test_z_kl_weight_scales_the_z_term_only():
     assert losses[3.0] - losses[1.0] == pytest.approx(2 * kl.item(), rel=1e-4)
     built = M2(META, M2Options(z_dim=2, hidden=[16], z_kl_weight=4.0), "gumbel")
     assert built.model.z_kl_weight == built.guide.z_kl_weight == 4.0
+
+
+def test_generative_posterior_is_bayes_rule_on_the_class_joints():
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16]), "enum")
+    x = torch.rand(5, 1, 8, 8)
+    torch.manual_seed(1)
+    joint = model.class_log_joint(x, 50, batch_size=2)
+    assert joint.shape == (5, 3) and torch.isfinite(joint).all()
+    torch.manual_seed(1)
+    assert torch.allclose(model.generative_posterior(x, 50, batch_size=2), joint.softmax(-1))
+    torch.manual_seed(1)
+    assert torch.allclose(model.log_likelihood(x, 50, batch_size=2), joint.logsumexp(-1))
+    # a decoder that ignores z, with q(z|x, y) = p(z): the estimate is exact, p(y|x) is Bayes's rule on p(x|y)
+    with torch.no_grad():
+        model.model.decoder.from_z.weight.zero_()
+        model.model.decoder.from_y.weight.mul_(20.0)  # classes that differ clearly
+    model.guide.z_encoder = _Prior(2)
+    eye = torch.eye(3)
+    with torch.no_grad():
+        logits = model.model.decoder(eye, torch.zeros(3, 2))  # [K, pixels]
+        log_px = -torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.unsqueeze(0).expand(5, -1, -1), x.flatten(1).unsqueeze(1).expand(-1, 3, -1), reduction="none").sum(-1)
+    post = model.generative_posterior(x, 7)
+    assert torch.allclose(post, log_px.softmax(-1), atol=1e-5)
+    assert post.max() > 0.9  # not the uniform prior
+
+
+class _Prior(torch.nn.Module):
+    """q(z|x, y) = N(0, I) whatever x and y."""
+
+    def __init__(self, z_dim):
+        super().__init__()
+        self.z_dim = z_dim
+
+    def forward(self, x, y):
+        loc = torch.zeros(*y.shape[:-1], self.z_dim)
+        return loc, torch.ones_like(loc)
