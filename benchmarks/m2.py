@@ -33,6 +33,7 @@ from pyrossl import runs
 from pyrossl.config import load_config
 from pyrossl.evaluate import mean_sd
 from pyrossl.registry import build_model
+from pyrossl.runs import load_run
 from pyrossl.train import train_to_completion
 
 GUIDES = "enum,gumbel,st-gumbel,logistic-normal,sample"
@@ -49,6 +50,21 @@ def epoch_stats(out: Path, summary: dict) -> dict:
     split = summary["split"]
     per_epoch = split["unlabelled"] or split["labelled"]
     return {"seconds_per_epoch": seconds, "examples_per_second": per_epoch / seconds}
+
+
+def generative_agreement(out: Path, images: int, num_samples: int = 16) -> dict:
+    """How q(y|x) of a trained run relates to the generative model's own posterior p(y|x).
+
+    On the first ``images`` validation images: the accuracy of each and how often their classes agree.
+    M2's unlabelled term pulls q(y|x) towards p(y|x); where they agree, it has nothing left to teach.
+    """
+    run = load_run(out)
+    x, y = run.tensors("validation")
+    x, y = x[:images], y[:images]
+    q = run.predict(x)
+    p = run.model.generative_posterior(x, num_samples).argmax(-1)
+    return {"images": len(y), "q_accuracy": (q == y).double().mean().item(),
+            "generative_accuracy": (p == y).double().mean().item(), "agreement": (p == q).double().mean().item()}
 
 
 def plain_enumerated_loss(entry, x, x_lab, y_lab):
@@ -136,19 +152,24 @@ def main(argv=None) -> dict:
     p.add_argument("--timing-steps", type=int, default=20)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--timing-only", action="store_true", help="only the step timing, no training")
+    p.add_argument("--diagnose", default="enum", help="guides whose runs get the q(y|x) / p(y|x) agreement check")
+    p.add_argument("--diagnose-images", type=int, default=500)
     p.add_argument("--baseline-steps", type=int, default=2000, help="steps of the supervised-only classifier")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     stem = Path(args.recipe).stem
     rows = []
     for guide in [] if args.timing_only else args.guides.split(","):
-        accs, stats, best_epochs = [], [], []
+        accs, stats, best_epochs, agreement = [], [], [], []
         for seed in seeds:
             out = Path(args.runs) / f"{stem}-{guide}-seed{seed}"
             summary = run_one(args.recipe, args.overrides + [f"guide={guide}", f"seed={seed}"], out)
             accs.append(summary["test_accuracy"])
             best_epochs.append(summary["best_epoch"])
             stats.append(epoch_stats(out, summary))
+            if guide in args.diagnose.split(","):
+                agreement.append(generative_agreement(out, args.diagnose_images))
+                print(f"{guide} seed {seed}: q(y|x) and the generative p(y|x) on validation: {agreement[-1]}", flush=True)
             print(f"{guide} seed {seed}: test accuracy {summary['test_accuracy']:.4f} (best epoch {summary['best_epoch']})", flush=True)
         m, sd = mean_sd(accs)
         rows.append({
@@ -156,6 +177,7 @@ def main(argv=None) -> dict:
             "best_epochs": best_epochs,
             "seconds_per_epoch": statistics.mean(s["seconds_per_epoch"] for s in stats),
             "examples_per_second": statistics.mean(s["examples_per_second"] for s in stats),
+            **({"generative_agreement": agreement} if agreement else {}),
         })
     if not (args.no_baseline or args.timing_only):
         accs = []
@@ -184,6 +206,11 @@ def main(argv=None) -> dict:
     for r in rows:
         speed = (f"{r['seconds_per_epoch']:.1f} | {r['examples_per_second']:.0f}" if "seconds_per_epoch" in r else "– | –")
         print(f"| {r['method']} | {r['test_accuracy_mean']:.4f} ± {r['test_accuracy_sd']:.4f} | {speed} |")
+    for r in rows:
+        if "generative_agreement" in r:
+            mean = lambda k: statistics.mean(a[k] for a in r["generative_agreement"])  # noqa: E731
+            print(f"\n{r['method']}, validation: q(y|x) accuracy {mean('q_accuracy'):.3f}, generative p(y|x) accuracy "
+                  f"{mean('generative_accuracy'):.3f}, the two agree on {mean('agreement'):.3f} of the images")
     ms = timing["ms_per_step"]
     print(f"\none step ({timing['batch']}): SVI enum {ms['enum']:.1f} ms, plain PyTorch enum {ms['plain']:.1f} ms, "
           f"SVI gumbel {ms['gumbel']:.1f} ms; enum / plain = {timing['enum_over_plain']:.2f} (target <= 1.3), "

@@ -28,6 +28,9 @@ def test_m2_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert len(result["rows"]) == 3 and result["timing"]["enum_over_plain"] > 0
     printed = capsys.readouterr().out
     assert "| m2 / gumbel |" in printed and "enum / plain" in printed
+    (check,) = result["rows"][0]["generative_agreement"]  # enum only, by default
+    assert check["images"] > 0 and all(0 <= check[k] <= 1 for k in ("q_accuracy", "generative_accuracy", "agreement"))
+    assert "generative_agreement" not in result["rows"][1] and "generative p(y|x) accuracy" in printed
 
 
 def test_plain_enumerated_loss_matches_the_svi_loss():
