@@ -33,7 +33,6 @@ from pyrossl import runs
 from pyrossl.config import load_config
 from pyrossl.evaluate import mean_sd
 from pyrossl.registry import build_model
-from pyrossl.runs import load_run
 from pyrossl.train import train_to_completion
 
 GUIDES = "enum,gumbel,st-gumbel,logistic-normal,sample"
@@ -58,7 +57,7 @@ def generative_agreement(out: Path, images: int, num_samples: int = 16) -> dict:
     On the first ``images`` validation images: the accuracy of each and how often their classes agree.
     M2's unlabelled term pulls q(y|x) towards p(y|x); where they agree, it has nothing left to teach.
     """
-    run = load_run(out)
+    run = runs.load_run(out)
     x, y = run.tensors("validation")
     x, y = x[:images], y[:images]
     q = run.predict(x)
@@ -158,6 +157,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     stem = Path(args.recipe).stem
+    diagnosed = set(args.diagnose.split(","))
     rows = []
     for guide in [] if args.timing_only else args.guides.split(","):
         accs, stats, best_epochs, agreement = [], [], [], []
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
             accs.append(summary["test_accuracy"])
             best_epochs.append(summary["best_epoch"])
             stats.append(epoch_stats(out, summary))
-            if guide in args.diagnose.split(","):
+            if guide in diagnosed:
                 agreement.append(generative_agreement(out, args.diagnose_images))
                 print(f"{guide} seed {seed}: q(y|x) and the generative p(y|x) on validation: {agreement[-1]}", flush=True)
             print(f"{guide} seed {seed}: test accuracy {summary['test_accuracy']:.4f} (best epoch {summary['best_epoch']})", flush=True)
