@@ -33,7 +33,7 @@ from pyrossl import runs
 from pyrossl.config import load_config
 from pyrossl.evaluate import mean_sd
 from pyrossl.registry import build_model
-from pyrossl.train import train_to_completion
+from pyrossl.train import make_optimizer, train_to_completion
 
 GUIDES = "enum,gumbel,st-gumbel,logistic-normal,sample"
 
@@ -117,7 +117,7 @@ def time_steps(recipe: str, overrides: list[str], steps: int, warmup: int = 3) -
         return entry(x, xl, yl)
 
     losses = {"enum": svi_loss, "gumbel": svi_loss, "plain": plain_enumerated_loss}
-    optims = {n: torch.optim.Adam(e.parameters(), lr=config.train.lr) for n, e in entries.items()}
+    optims = {n: make_optimizer(config, e.parameters()) for n, e in entries.items()}  # the trainer's optimiser
     times = {n: [] for n in losses}
     for step in range(warmup + steps):
         u = split.unlabelled[torch.randint(len(split.unlabelled), (bs,), generator=g)]

@@ -10,6 +10,9 @@ images, each step also sees a labelled batch); the scaling efficiency of N proce
 throughput over N times that of one process. The global batch is the recipe's in every
 configuration, so each process computes 1/N of every step.
 
+Every configuration runs ``--repeats`` times, in alternating rounds (1, 2, 1, 2, ...), and its median
+epoch counts: one epoch on a shared two-core machine varies by 10-15 % from run to run.
+
 The ceiling column runs N independent one-process trainings at the same time, each with a 1/N share
 of the batch: the same computation without any communication. On a machine whose cores share
 resources (two vCPUs of one physical core, memory bandwidth) it is below 1, and no data-parallel
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -105,22 +109,38 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                         help="skip the independent runs that measure what the hardware allows")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs per configuration; the median counts")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "bench-scaling")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scaling.json")
     args = parser.parse_args(argv)
     nprocs = [int(n) for n in args.nprocs.split(",")]
     if args.device == "cuda" and torch.cuda.device_count() < max(nprocs):
         parser.error(f"--nprocs asks for {max(nprocs)} GPUs, this machine has {torch.cuda.device_count()}")
-    rows = [one_epoch(args.recipe, n, args.device, args.threads, args.set, args.runs / f"{args.device}-{n}") for n in nprocs]
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    ceiling = args.ceiling and 1 in nprocs
+    trials = {n: [] for n in nprocs}
+    alone = {n: [] for n in nprocs if n > 1 and ceiling}
+    for _ in range(args.repeats):  # alternating rounds, so that a slow spell of the machine hits every configuration
+        for n in nprocs:
+            trials[n].append(one_epoch(args.recipe, n, args.device, args.threads, args.set, args.runs / f"{args.device}-{n}"))
+            if n in alone:
+                alone[n].append(independent_epochs(args.recipe, n, args.device, args.threads, args.set,
+                                                   args.runs / f"{args.device}-{n}-independent")["images_per_second"])
+    rows = []
+    for n in nprocs:
+        row = dict(min(trials[n], key=lambda t: abs(t["epoch_seconds"] - statistics.median(u["epoch_seconds"] for u in trials[n]))))
+        row["epoch_seconds"] = statistics.median(t["epoch_seconds"] for t in trials[n])
+        row["images_per_second"] = row["images"] / row["epoch_seconds"]
+        row["epoch_seconds_each"] = [t["epoch_seconds"] for t in trials[n]]
+        rows.append(row)
     base = next((r for r in rows if r["processes"] == 1), rows[0])
     for r in rows:
         r["efficiency"] = r["images_per_second"] / (r["processes"] / base["processes"] * base["images_per_second"])
-        if args.ceiling and r["processes"] > 1 and base["processes"] == 1:
-            alone = independent_epochs(args.recipe, r["processes"], args.device, args.threads, args.set,
-                                       args.runs / f"{args.device}-{r['processes']}-independent")
-            r["independent_images_per_second"] = alone["images_per_second"]
-            r["ceiling_efficiency"] = alone["images_per_second"] / (r["processes"] * base["images_per_second"])
-    result = {"recipe": Path(args.recipe).name, "rows": rows, "cpu_count": os.cpu_count(),
+        if r["processes"] in alone:
+            r["independent_images_per_second"] = statistics.median(alone[r["processes"]])
+            r["ceiling_efficiency"] = r["independent_images_per_second"] / (r["processes"] * base["images_per_second"])
+    result = {"recipe": Path(args.recipe).name, "repeats": args.repeats, "rows": rows, "cpu_count": os.cpu_count(),
               "torch": torch.__version__}
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 from pyrossl import runs
@@ -112,8 +113,11 @@ def test_scaling_benchmark_times_one_and_two_processes(tmp_path, capsys):
     bench = _load("scaling")
     out = tmp_path / "scaling.json"
     result = bench.main(["--recipe", str(ROOT / "runs" / "m2-digits.toml"), "--nprocs", "1,2", "--runs", str(tmp_path / "runs"),
-                         "--out", str(out), "--set", "options.hidden=[32]"])
+                         "--out", str(out), "--set", "options.hidden=[32]", "--repeats", "2"])
     rows = json.loads(out.read_text())["rows"]
+    for r in rows:  # the median of the repeated epochs counts
+        assert len(r["epoch_seconds_each"]) == 2 and r["epoch_seconds"] == statistics.median(r["epoch_seconds_each"])
+        assert r["images_per_second"] == r["images"] / r["epoch_seconds"]
     assert [r["processes"] for r in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
     assert all(r["images_per_second"] > 0 and r["steps"] == rows[0]["steps"] for r in rows)  # the same global batches
     assert result["recipe"] == "m2-digits.toml" and "| 2 | cpu | 1 |" in capsys.readouterr().out

@@ -356,3 +356,23 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resumed_run_ends_the_same
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     _same_run(tmp_path / "reference", run)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizer_is_fused_on_cpu_and_takes_the_same_steps(name):
+    from pyrossl.train import make_optimizer
+
+    config = tiny_config(**{"train.optimizer": name, "train.weight_decay": 0.01, "train.lr": 0.05})
+    torch.manual_seed(0)
+    start = torch.randn(7, 5)
+    fused, loop = start.clone().requires_grad_(), start.clone().requires_grad_()
+    opt = make_optimizer(config, [fused])
+    assert opt.defaults["fused"] is True
+    reference = type(opt)([loop], lr=0.05, weight_decay=0.01, foreach=False)
+    for step in range(4):
+        grad = torch.randn(7, 5)
+        for p, o in ((fused, opt), (loop, reference)):
+            p.grad = grad.clone()
+            o.step()
+    assert not torch.equal(fused, start)
+    torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-6)
