@@ -61,6 +61,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128  # examples per step (unlabelled batch when the model uses labels)
     labelled_batch_size: int | None = None  # None: same as batch_size
+    labelled_every: int = 1  # a labelled batch joins every n-th step (1: every step; Pyro's SS-VAE example: once per epoch)
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | adamw | sgd
     weight_decay: float = 0.0

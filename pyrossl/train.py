@@ -122,6 +122,8 @@ def check_train_config(config: Config) -> None:
             raise ConfigError(f"train.{key} must be at least 1, not {getattr(t, key)}")
     if t.labelled_batch_size is not None and t.labelled_batch_size < 1:
         raise ConfigError(f"train.labelled_batch_size must be at least 1, not {t.labelled_batch_size}")
+    if t.labelled_every < 1:
+        raise ConfigError(f"train.labelled_every must be at least 1, not {t.labelled_every}")
     if not t.lr > 0:
         raise ConfigError(f"train.lr must be positive, not {t.lr}")
     if t.iwae_samples < 0:
@@ -209,7 +211,9 @@ class Trainer:
             # _end_epoch broadcasts them: DDP need not broadcast them before every forward pass
             self.loss_module = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self._has_unused_parameters(), broadcast_buffers=False)
+                # steps without a labelled batch can leave labelled-only parameters without a gradient
+                find_unused_parameters=c.train.labelled_every > 1 or self._has_unused_parameters(),
+                broadcast_buffers=False)
             # each process draws its own sampling noise; the data generator (the batch order) is shared
             pyro.set_rng_seed((c.seed * 1_000_003 + self.epoch * 7919 + self.dist.rank) % 2**32)
             distributed.barrier()  # rank 0 has written the run directory
@@ -268,9 +272,11 @@ class Trainer:
             return [(None, b) for b in labelled]
         if not labelled:
             return [(b, None) for b in unlabelled]
-        while len(labelled) < len(unlabelled):  # cycle the (small) labelled set, reshuffled each pass
+        every = t.labelled_every  # a labelled batch joins steps 0, every, 2 * every, ...
+        wanted = -(-len(unlabelled) // every)
+        while len(labelled) < wanted:  # cycle the (small) labelled set, reshuffled each pass
             labelled += batch_indices(split.labelled, lab_bs, g)
-        return list(zip(unlabelled, labelled[: len(unlabelled)]))
+        return [(b, labelled[i // every] if i % every == 0 else None) for i, b in enumerate(unlabelled)]
 
     def _inputs(self, index: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if index is None:

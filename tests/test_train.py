@@ -124,7 +124,8 @@ def test_non_finite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "key, value, message",
     [("train.batch_size", 0, "batch_size must be at least 1"), ("train.epochs", 0, "epochs must be at least 1"),
-     ("train.optimizer", "adagrad", "unknown optimizer"), ("device", "tpu", "unknown device")],
+     ("train.optimizer", "adagrad", "unknown optimizer"), ("device", "tpu", "unknown device"),
+     ("train.labelled_every", 0, "labelled_every must be at least 1")],
 )
 def test_bad_training_settings(tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -376,3 +377,25 @@ def test_optimizer_is_fused_on_cpu_and_takes_the_same_steps(name):
             o.step()
     assert not torch.equal(fused, start)
     torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-6)
+
+
+def test_a_labelled_batch_joins_every_nth_step(tmp_path):
+    from pyrossl.train import Trainer
+
+    settings = {"model": "m2", "data.labels_per_class": 3, "train.batch_size": 64, "train.labelled_batch_size": 10,
+                "options": {"z_dim": 4, "hidden": [32]}}
+    every_step = Trainer(tiny_config(**settings), tmp_path / "a")
+    every_step.setup()
+    third = Trainer(tiny_config(**settings, **{"train.labelled_every": 3}), tmp_path / "b")
+    third.setup()
+    plain, sparse = every_step._batches(), third._batches()
+    assert all(lab is not None for _, lab in plain)
+    assert [u.tolist() for u, _ in sparse] == [u.tolist() for u, _ in plain]  # the same unlabelled order
+    assert [i for i, (_, lab) in enumerate(sparse) if lab is not None] == list(range(0, len(sparse), 3))
+    labelled = set(third.split.labelled.tolist())
+    drawn = [lab for _, lab in sparse if lab is not None]
+    assert all(set(b.tolist()) <= labelled and len(b) == 10 for b in drawn)
+    assert [b.tolist() for b in drawn] == [lab.tolist() for _, lab in plain[: len(drawn)]]  # the same label cycle
+    # and it trains: the steps without labels score the unlabelled term alone
+    summary = train(tiny_config(**settings, **{"train.labelled_every": 3, "train.epochs": 1}), tmp_path / "c")
+    assert summary["steps"] == len(sparse) and math.isfinite(runs.read_metrics(tmp_path / "c")[0]["loss"])
