@@ -129,10 +129,10 @@ def main(argv=None) -> dict:
                                                    args.runs / f"{args.device}-{n}-independent")["images_per_second"])
     rows = []
     for n in nprocs:
-        row = dict(min(trials[n], key=lambda t: abs(t["epoch_seconds"] - statistics.median(u["epoch_seconds"] for u in trials[n]))))
-        row["epoch_seconds"] = statistics.median(t["epoch_seconds"] for t in trials[n])
-        row["images_per_second"] = row["images"] / row["epoch_seconds"]
-        row["epoch_seconds_each"] = [t["epoch_seconds"] for t in trials[n]]
+        each = [t["epoch_seconds"] for t in trials[n]]
+        median = statistics.median(each)
+        row = dict(min(trials[n], key=lambda t: abs(t["epoch_seconds"] - median)))  # the other fields: the median trial's
+        row.update(epoch_seconds=median, images_per_second=row["images"] / median, epoch_seconds_each=each)
         rows.append(row)
     base = next((r for r in rows if r["processes"] == 1), rows[0])
     for r in rows:

@@ -211,8 +211,7 @@ class Trainer:
             # _end_epoch broadcasts them: DDP need not broadcast them before every forward pass
             self.loss_module = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                # steps without a labelled batch can leave labelled-only parameters without a gradient
-                find_unused_parameters=c.train.labelled_every > 1 or self._has_unused_parameters(),
+                find_unused_parameters=self._has_unused_parameters(),
                 broadcast_buffers=False)
             # each process draws its own sampling noise; the data generator (the batch order) is shared
             pyro.set_rng_seed((c.seed * 1_000_003 + self.epoch * 7919 + self.dist.rank) % 2**32)
@@ -273,7 +272,7 @@ class Trainer:
         if not labelled:
             return [(b, None) for b in unlabelled]
         every = t.labelled_every  # a labelled batch joins steps 0, every, 2 * every, ...
-        wanted = -(-len(unlabelled) // every)
+        wanted = math.ceil(len(unlabelled) / every)
         while len(labelled) < wanted:  # cycle the (small) labelled set, reshuffled each pass
             labelled += batch_indices(split.labelled, lab_bs, g)
         return [(b, labelled[i // every] if i % every == 0 else None) for i, b in enumerate(unlabelled)]
@@ -289,26 +288,33 @@ class Trainer:
 
     def _has_unused_parameters(self) -> bool:
         """Whether a step leaves some trainable parameter without a gradient (DDP must then look for them
-        every step): one trial step on a few training examples, whose side effects are undone."""
+        every step): one trial step of each kind on a few training examples, whose side effects are undone."""
         saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        unused = False
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            unlab, lab = (b[:2] if b is not None else None for b in self._batches_peek())
-            x, _ = self._inputs(unlab)
-            x_lab, y_lab = self._inputs(lab)
-            kwargs = {"index": unlab.to(self.device)} if self.model.wants_index and unlab is not None else {}
-            loss = self.model(x, x_lab, y_lab, **kwargs)
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for step in self._first_steps():
+                unlab, lab = (b[:2] if b is not None else None for b in step)
+                x, _ = self._inputs(unlab)
+                x_lab, y_lab = self._inputs(lab)
+                kwargs = {"index": unlab.to(self.device)} if self.model.wants_index and unlab is not None else {}
+                loss = self.model(x, x_lab, y_lab, **kwargs)
+                unused |= any(g is None for g in torch.autograd.grad(loss, params, allow_unused=True))
         self.model.load_state_dict(saved)
-        return any(g is None for g in grads)
+        return unused
 
-    def _batches_peek(self):
-        """The first step's (unlabelled, labelled) index pair, without moving the data generator."""
+    def _first_steps(self) -> list:
+        """The first (unlabelled, labelled) index pair of each kind of step, with and without a labelled
+        batch (``train.labelled_every``), without moving the data generator."""
         state = self.generator.get_state()
         try:
-            return self._batches()[0]
+            batches = self._batches()
         finally:
             self.generator.set_state(state)
+        kinds = {}
+        for unlab, lab in batches:
+            kinds.setdefault(lab is None, (unlab, lab))
+        return list(kinds.values())
 
     def _shard(self, unlab, lab):
         """This process's share of a global step, and the weight of its loss (see :func:`distributed.loss_scale`)."""

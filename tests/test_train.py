@@ -399,3 +399,23 @@ def test_a_labelled_batch_joins_every_nth_step(tmp_path):
     # and it trains: the steps without labels score the unlabelled term alone
     summary = train(tiny_config(**settings, **{"train.labelled_every": 3, "train.epochs": 1}), tmp_path / "c")
     assert summary["steps"] == len(sparse) and math.isfinite(runs.read_metrics(tmp_path / "c")[0]["loss"])
+
+
+def test_unused_parameters_are_probed_on_each_kind_of_step(tmp_path):
+    from pyrossl.train import Trainer
+
+    settings = {"model": "m2", "data.labels_per_class": 3, "train.batch_size": 64, "train.labelled_batch_size": 10,
+                "options": {"z_dim": 4, "hidden": [32]}}
+    trainer = Trainer(tiny_config(**settings, **{"train.labelled_every": 3}), tmp_path / "run")
+    trainer.setup()
+    state = trainer.generator.get_state()
+    steps = trainer._first_steps()
+    assert torch.equal(trainer.generator.get_state(), state)  # peeking does not move the batch order
+    assert [lab is None for _, lab in steps] == [False, True]
+    assert trainer._has_unused_parameters() is False  # M2's unlabelled term alone reaches every parameter
+    # a parameter that only the labelled steps reach is found by the step without labels
+    trainer.model.guide.classifier.register_parameter("labelled_only", torch.nn.Parameter(torch.zeros(1)))
+    forward = trainer.model.forward
+    trainer.model.forward = lambda x, x_lab=None, y_lab=None: forward(x, x_lab, y_lab) + (
+        trainer.model.guide.classifier.labelled_only.sum() if x_lab is not None else 0)
+    assert trainer._has_unused_parameters() is True
