@@ -9,6 +9,7 @@ Everything the trainer needs to know about the other processes lives here: with 
 - :func:`shard` cuts one global batch of indices into this process's share; :func:`loss_scale`
   weighs its loss so that ``DistributedDataParallel``'s gradient average is the gradient of the
   global batch's mean loss, even when the shares are unequal or one is empty.
+- :func:`wrap`: the loss module in ``DistributedDataParallel``, which averages the gradients.
 - :func:`is_writer`: only rank 0 writes files and shows the progress bar.
 - :func:`broadcast_object`, :func:`broadcast_state`, :func:`all_true`, :func:`all_true_each`,
   :func:`sum_over_processes`:
@@ -20,6 +21,7 @@ Everything the trainer needs to know about the other processes lives here: with 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -113,6 +115,21 @@ def device_for(device: torch.device) -> torch.device:
     if device.type == "cuda" and env.active:
         return torch.device("cuda", env.local_rank)
     return device
+
+
+def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool) -> torch.nn.Module:
+    """``module`` in ``DistributedDataParallel``: its gradients are averaged over the processes.
+
+    Buffers (label priors, mixtures, schedules) change only outside the gradient steps, where the
+    trainer broadcasts them: DDP need not broadcast them before every forward pass. PyTorch 2.13 names
+    that switch ``forward_sync_buffers`` (``broadcast_buffers`` is deprecated and warns); older
+    versions know only ``broadcast_buffers``.
+    """
+    accepted = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in accepted else {"broadcast_buffers": False}
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters, **no_buffer_sync)
 
 
 def is_writer() -> bool:

@@ -207,12 +207,7 @@ class Trainer:
         self.loss_module = self.model
         if self.dist.active:
             # gradients averaged over the processes; the entry itself stays what checkpoints hold
-            # buffers (label priors, mixtures, schedules) change only outside the gradient steps, where
-            # _end_epoch broadcasts them: DDP need not broadcast them before every forward pass
-            self.loss_module = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self._has_unused_parameters(),
-                broadcast_buffers=False)
+            self.loss_module = distributed.wrap(self.model, self.device, self._has_unused_parameters())
             # each process draws its own sampling noise; the data generator (the batch order) is shared
             pyro.set_rng_seed((c.seed * 1_000_003 + self.epoch * 7919 + self.dist.rank) % 2**32)
             distributed.barrier()  # rank 0 has written the run directory

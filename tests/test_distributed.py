@@ -67,6 +67,7 @@ def _launch(tmp_path, config, out, nproc=2, resume=False):
     done = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), str(tmp_path / "script.py"), *args],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-3000:]
+    assert "Warning" not in done.stderr, done.stderr[-3000:]  # e.g. a deprecated DistributedDataParallel argument
     return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
