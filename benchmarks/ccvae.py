@@ -32,7 +32,7 @@ from pyrossl.config import load_config
 from pyrossl.evaluate import mean_sd
 from pyrossl.judge import fit_judge, judge_accuracy
 from pyrossl.runs import load_run, read_metrics
-from pyrossl.train import train_to_completion
+from pyrossl.train import train_to_completion, tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ",".join(f"{ROOT}/runs/{name}.toml" for name in ("ccvae-fmnist", "ccvae-fmnist-1000", "ccvae-shapes"))
@@ -161,4 +161,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # as `pyrossl train` does: this process only trains
     main()

@@ -33,6 +33,7 @@ import torch
 
 from pyrossl.data import load_dataset, make_split
 from pyrossl.evaluate import clustering_metrics, mean_sd
+from pyrossl.train import tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = "kmeans-pixels,gmm-pca18-sklearn,gmm-pca18-pyro,serket-plain,serket,gmm-vae"
@@ -194,4 +195,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # as `pyrossl train` does: this process only trains
     main()

@@ -33,7 +33,7 @@ from pyrossl import runs
 from pyrossl.config import load_config
 from pyrossl.evaluate import mean_sd
 from pyrossl.registry import build_model
-from pyrossl.train import make_optimizer, train_to_completion
+from pyrossl.train import make_optimizer, train_to_completion, tune_allocator
 
 GUIDES = "enum,gumbel,st-gumbel,logistic-normal,sample"
 
@@ -221,4 +221,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # as `pyrossl train` does: this process only trains
     main()

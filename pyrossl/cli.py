@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from pyrossl import runs
     from pyrossl.config import load_config
-    from pyrossl.train import train
+    from pyrossl.train import train, tune_allocator
 
     overrides = list(args.overrides)
     for flag in ("device", "seed", "threads"):
@@ -101,6 +101,7 @@ def cmd_train(args) -> int:
         out = Path(args.out) if args.out else Path("outputs") / f"{Path(args.recipe).stem}-seed{config.seed}"
     if args.nproc is not None:
         return launch_processes(args, config, out)
+    tune_allocator()  # this process only trains: keep each step's memory for the next
     summary = train(config, out, resume=bool(args.resume))
     if distributed.environment().rank == 0:  # one summary per job, not one per process
         print(format_summary(summary))
@@ -189,6 +190,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def cmd_ablate(args) -> int:
     from pyrossl.ablate import ablate
+    from pyrossl.train import tune_allocator
+
+    tune_allocator()  # this process only trains (see pyrossl train)
 
     guides = [g.strip() for g in args.guides.split(",") if g.strip()]
     if not guides and not args.vary:

@@ -53,6 +53,15 @@ def test_train_eval_and_resume(tmp_path, recipe, capsys):
     assert code == 2 and "differs in train.lr" in err
 
 
+def test_train_tunes_the_allocator_of_its_own_process(tmp_path, recipe, capsys, monkeypatch):
+    import pyrossl.train
+
+    calls = []
+    monkeypatch.setattr(pyrossl.train, "tune_allocator", lambda: calls.append(1) or True)
+    code, _, err = run_cli(["train", recipe, "--out", tmp_path / "run", "--set", "train.epochs=1", "--quiet"], capsys)
+    assert code == 0 and calls == [1], err
+
+
 def test_eval_of_a_model_without_a_likelihood(tmp_path, recipe, capsys):
     out_dir = tmp_path / "clf"
     args = ["train", recipe, "--out", out_dir, "--set", "model=classifier", "--set", "options={}", "--set", "data.labels_per_class=5"]
