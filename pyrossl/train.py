@@ -313,6 +313,15 @@ class Trainer:
             x = binarize(x)
         return x, self.data.y[index]
 
+    def _loss(self, module: torch.nn.Module, unlab: torch.Tensor | None, lab: torch.Tensor | None) -> torch.Tensor:
+        """The loss of ``module`` (the entry, or its DDP wrapper) on one step's index batches; an entry
+        that ``wants_index`` also gets the unlabelled images' dataset indices."""
+        x, _ = self._inputs(unlab)
+        x_lab, y_lab = self._inputs(lab)
+        if self.model.wants_index and unlab is not None:
+            return module(x, x_lab, y_lab, index=unlab.to(self.device))
+        return module(x, x_lab, y_lab)
+
     def _has_unused_parameters(self) -> bool:
         """Whether a step leaves some trainable parameter without a gradient (DDP must then look for them
         every step): one trial step of each kind on a few training examples, whose side effects are undone."""
@@ -321,11 +330,7 @@ class Trainer:
         unused = False
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             for step in self._first_steps():
-                unlab, lab = (b[:2] if b is not None else None for b in step)
-                x, _ = self._inputs(unlab)
-                x_lab, y_lab = self._inputs(lab)
-                kwargs = {"index": unlab.to(self.device)} if self.model.wants_index and unlab is not None else {}
-                loss = self.model(x, x_lab, y_lab, **kwargs)
+                loss = self._loss(self.model, *(b[:2] if b is not None else None for b in step))
                 unused |= any(g is None for g in torch.autograd.grad(loss, params, allow_unused=True))
         self.model.load_state_dict(saved)
         return unused
@@ -359,12 +364,7 @@ class Trainer:
 
     def _step(self, unlab, lab) -> float | None:
         unlab, lab, scale = self._shard(unlab, lab)
-        x, _ = self._inputs(unlab)
-        x_lab, y_lab = self._inputs(lab)
-        if self.model.wants_index:
-            loss = self.loss_module(x, x_lab, y_lab, index=None if unlab is None else unlab.to(self.device))
-        else:
-            loss = self.loss_module(x, x_lab, y_lab)
+        loss = self._loss(self.loss_module, unlab, lab)
         self.step += 1
         finite_loss = bool(torch.isfinite(loss))
         if not finite_loss and not self.dist.active:

@@ -1,6 +1,8 @@
 import errno
 import json
 import math
+import os
+import platform
 import random
 import signal
 import subprocess
@@ -14,7 +16,7 @@ from conftest import tiny_config
 from pyrossl import runs
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from pyrossl.registry import resolve
-from pyrossl.train import Trainer, train, train_to_completion
+from pyrossl.train import Trainer, make_optimizer, train, train_to_completion
 
 
 def _params(run_dir, name=runs.CHECKPOINT):
@@ -361,8 +363,6 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resumed_run_ends_the_same
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_optimizer_is_fused_on_cpu_and_takes_the_same_steps(name):
-    from pyrossl.train import make_optimizer
-
     config = tiny_config(**{"train.optimizer": name, "train.weight_decay": 0.01, "train.lr": 0.05})
     torch.manual_seed(0)
     start = torch.randn(7, 5)
@@ -380,8 +380,6 @@ def test_optimizer_is_fused_on_cpu_and_takes_the_same_steps(name):
 
 
 def test_a_labelled_batch_joins_every_nth_step(tmp_path):
-    from pyrossl.train import Trainer
-
     settings = {"model": "m2", "data.labels_per_class": 3, "train.batch_size": 64, "train.labelled_batch_size": 10,
                 "options": {"z_dim": 4, "hidden": [32]}}
     every_step = Trainer(tiny_config(**settings), tmp_path / "a")
@@ -402,8 +400,6 @@ def test_a_labelled_batch_joins_every_nth_step(tmp_path):
 
 
 def test_unused_parameters_are_probed_on_each_kind_of_step(tmp_path):
-    from pyrossl.train import Trainer
-
     settings = {"model": "m2", "data.labels_per_class": 3, "train.batch_size": 64, "train.labelled_batch_size": 10,
                 "options": {"z_dim": 4, "hidden": [32]}}
     trainer = Trainer(tiny_config(**settings, **{"train.labelled_every": 3}), tmp_path / "run")
@@ -436,12 +432,10 @@ print(tuned, round(before - resident(), 1))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="tunes glibc's malloc only")
 @pytest.mark.parametrize("setting", ["tuned", "default"])
 def test_tuned_allocator_keeps_freed_step_memory_for_the_next_step(setting):
-    import os
-
     env = {**os.environ, "PYROSSL_MALLOC": setting}
     env.pop("GLIBC_TUNABLES", None)
     done = subprocess.run([sys.executable, "-c", _ALLOCATOR_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
