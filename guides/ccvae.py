@@ -3,7 +3,9 @@
 Sites, in the ``data`` plate:
 
 - ``z_c`` (one dimension per label: per attribute, or per class of a categorical label) and ``z_s``
-  (style), both diagonal Gaussians from one encoder;
+  (style), from one encoder; each block's q is the chosen z-guide (:mod:`pyrossl.guides.zguide`,
+  ``diag-normal`` by default): q(z|x) = q(z_c|x) q(z_s|x), so a low-rank or flow z-guide correlates the
+  units within a block (the model scores z_c and z_s as two sites, with their own priors);
 - ``y`` ~ q(y|z_c). Unlabelled: enumerated in parallel for a categorical label (the exact sum over
   classes), sampled for binary attributes (Pyro scores it with a score-function gradient).
   Labelled: observed, so the trace holds log q(y|z_c);
@@ -21,7 +23,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrossl.guides.normal import DiagonalNormalGuide
+from pyrossl.guides.normal import CodeGuide
+from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
 
 
 class DiagonalClassifier(nn.Module):
@@ -45,30 +48,54 @@ def label_distribution(logits: torch.Tensor, multilabel: bool) -> dist.Distribut
 
 class CCVAEGuide(nn.Module):
     def __init__(self, image_shape, num_labels: int, z_style: int, multilabel: bool, hidden=(500,),
-                 act: str = "relu", net: str = "mlp", k: int = 100):
+                 act: str = "relu", net: str = "mlp", k: int = 100, z_guide: str = DEFAULT_Z_GUIDE,
+                 z_options: ZGuideOptions | None = None):
         super().__init__()
         self.num_labels, self.z_style, self.multilabel, self.k = num_labels, z_style, multilabel, k
-        self.encoder = DiagonalNormalGuide(image_shape, num_labels + z_style, hidden, act, net)
+        # the encoder's own z-guide stays diagonal: its (mu, sigma) are split into the two blocks below
+        self.encoder = CodeGuide(image_shape, num_labels + z_style, hidden, act, net)
+        width = self.encoder.head.features
+        self.z_c_guide = make_z_guide(z_guide, num_labels, width, z_options)
+        # an empty style block (z_style = 0) has nothing to correlate
+        self.z_s_guide = make_z_guide(z_guide if z_style else DEFAULT_Z_GUIDE, z_style, width, z_options)
         self.classifier = DiagonalClassifier(num_labels)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Location and scale of q(z|x), z = [z_c, z_s]."""
-        return self.encoder.encode(x)
+    def blocks(self, x: torch.Tensor, encoded=None) -> tuple[dist.Distribution, dist.Distribution]:
+        """q(z_c|x) and q(z_s|x), each of batch shape [B] (``encoded``: the encoder's output for x, if at hand)."""
+        c = self.num_labels
+        loc, scale, h = encoded or self.encoder.encode_all(x)
+        return (self.z_c_guide.distribution(loc[:, :c], scale[:, :c], h),
+                self.z_s_guide.distribution(loc[:, c:], scale[:, c:], h))
 
-    def q_y_x(self, loc_c: torch.Tensor, scale_c: torch.Tensor, k: int | None = None) -> dist.Distribution:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and standard deviation of each unit of q(z|x), z = [z_c, z_s] (Monte Carlo for a flow)."""
+        c = self.num_labels
+        loc, scale, h = self.encoder.encode_all(x)
+        (mc, vc), (ms, vs) = (self.z_c_guide.moments(loc[:, :c], scale[:, :c], h),
+                              self.z_s_guide.moments(loc[:, c:], scale[:, c:], h))
+        return torch.cat([mc, ms], -1), torch.cat([vc, vs], -1).sqrt()
+
+    def point(self, x: torch.Tensor) -> torch.Tensor:
+        """A deterministic code z = [z_c, z_s] per image (the posterior mean of a Gaussian z-guide)."""
+        c = self.num_labels
+        loc, scale, h = self.encoder.encode_all(x)
+        return torch.cat([self.z_c_guide.point(loc[:, :c], scale[:, :c], h),
+                          self.z_s_guide.point(loc[:, c:], scale[:, c:], h)], -1)
+
+    def q_y_x(self, q_c: dist.Distribution, k: int | None = None) -> dist.Distribution:
         """q(y|x) ~= 1/k sum_j q(y|z_c^j), z_c^j ~ q(z_c|x) (reparameterised): a uniform mixture, batch shape [B]."""
         k = k or self.k
-        z = dist.Normal(loc_c, scale_c).rsample((k,)).transpose(0, 1)  # [B, k, c]
+        z = q_c.rsample((k,)).transpose(0, 1)  # [B, k, c]
         logits = self.classifier(z)
         mixing = dist.Categorical(logits=torch.zeros(logits.shape[:-1], dtype=logits.dtype, device=logits.device))
         return dist.MixtureSameFamily(mixing, label_distribution(logits, self.multilabel))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        c = self.num_labels
-        loc, scale = self.encode(x)
+        encoded = self.encoder.encode_all(x)
+        q_c, q_s = self.blocks(x, encoded)
         with pyro.plate("data", x.shape[0]):
-            z_c = pyro.sample("z_c", dist.Normal(loc[:, :c], scale[:, :c]).to_event(1))
-            pyro.sample("z_s", dist.Normal(loc[:, c:], scale[:, c:]).to_event(1))
+            z_c = pyro.sample("z_c", q_c)
+            pyro.sample("z_s", q_s)
             q_y = label_distribution(self.classifier(z_c), self.multilabel)
             if y is None:
                 infer = {} if self.multilabel else {"enumerate": "parallel"}
@@ -76,4 +103,5 @@ class CCVAEGuide(nn.Module):
                 return
             pyro.sample("y", q_y, obs=y)
             pyro.sample("y_weight", label_distribution(self.classifier(z_c.detach()), self.multilabel), obs=y)
-            pyro.sample("y_x", self.q_y_x(loc[:, :c], scale[:, :c]), obs=y)
+            # a fresh distribution: q_c's transforms cache the site's own sample, which these draws must not evict
+            pyro.sample("y_x", self.q_y_x(self.blocks(x, encoded)[0]), obs=y)

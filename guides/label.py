@@ -1,28 +1,54 @@
 """Guides for a model with a class label y and a continuous code z: q(y|x) q(z|x, y).
 
-They differ only in how the label site ``y`` is drawn when it is not observed; the site names
-(``y`` as a one-hot or relaxed one-hot vector, ``z``) and the networks are the same, so the model
-never changes when a guide is swapped. Each guide names the Pyro ELBO that trains it:
+The first five differ only in how the label site ``y`` is drawn when it is not observed; the site
+names (``y`` as a one-hot or relaxed one-hot vector, ``z``) and the networks are the same, so the
+model never changes when one of them is swapped. The last two go with a model of their own (vae_ssl's):
+the label's relaxed proxy alpha, a point of the simplex, is a latent of the *generative model*,
 
-=================  =====================================================  ===================
-name               q(y|x) at the unobserved site ``y``                    ELBO
-=================  =====================================================  ===================
-enum               OneHotCategorical, enumerated in parallel (exact sum)  TraceEnum_ELBO
-gumbel             Gumbel-softmax relaxation, annealed temperature        TraceMeanField_ELBO
-st-gumbel          straight-through Gumbel-softmax (hard forward)         TraceMeanField_ELBO
-logistic-normal    softmax(sharpness * (logits + sigma * eps))            TraceMeanField_ELBO
-sample             OneHotCategorical sample, score-function gradient      Trace_ELBO
-=================  =====================================================  ===================
+    alpha ~ p(alpha),  z ~ N(0, I),  x ~ p(x | alpha, z),  y ~ Cat(alpha) (observed for labelled x only),
 
-The relaxed guides take the KL of q(y|x) to the prior on the categoricals, in closed form
-(:mod:`pyrossl.infer.relaxed`); the z term's KL is analytic too. A labelled example is scored with
-its observed one-hot y exactly, whatever the guide.
+and the guide draws alpha from q(alpha|x) for every image, labelled or not. Each guide names the Pyro
+ELBO that trains it and says what its unlabelled loss U(x) is:
+
+======================  ===================================================  ===================  ===============
+name                    q at the unobserved label site                       ELBO                 U(x)
+======================  ===================================================  ===================  ===============
+enum                    ``y``: OneHotCategorical, enumerated in parallel     TraceEnum_ELBO       bound
+                        (exact sum)
+gumbel                  ``y``: Gumbel-softmax relaxation, annealed           TraceMeanField_ELBO  surrogate
+                        temperature
+st-gumbel               ``y``: straight-through Gumbel-softmax (hard         TraceMeanField_ELBO  surrogate
+                        forward)
+logistic-normal         ``y``: softmax(sharpness * (logits + sigma * eps))   TraceMeanField_ELBO  surrogate
+sample                  ``y``: OneHotCategorical sample, score-function      Trace_ELBO           bound
+                        gradient
+dirichlet               ``alpha``: Dirichlet(softplus(logits) + 0.01),       TraceMeanField_ELBO  bound (its own
+                        prior Dirichlet(c 1)                                                      model)
+logistic-normal-latent  ``logits``: N(logits(x), diag sigma(x)^2), prior     TraceMeanField_ELBO  bound (its own
+                        N(0, I); alpha = softmax(sharpness * logits)                              model)
+======================  ===================================================  ===================  ===============
+
+"bound": U(x) is an estimate of -ELBO >= -log p(x) of the model it trains. "surrogate": the relaxed
+guides feed a simplex point to the decoder but take, as the label's KL, the closed-form KL of
+Cat(softmax(logits)) to the categorical prior (:mod:`pyrossl.infer.relaxed`), not a KL of what they
+actually draw, so their U(x) bounds nothing. For ``logistic-normal`` even the class the sample points
+to, argmax(logits + sigma eps), does not follow softmax(logits). ``dirichlet`` and
+``logistic-normal-latent`` take the exact KLs of their latents (torch's Dirichlet/Dirichlet and
+Normal/Normal), and ``train.objective = "iwae"`` trains them with the importance-weighted bound.
+
+q(z|x, .) is the z-guide of the family (:mod:`pyrossl.guides.zguide`, ``z_guide =``), conditioned on
+the vector the decoder takes (y, or alpha): the z term's KL is analytic for ``diag-normal`` and a
+Monte Carlo estimate otherwise (``TraceMeanField_ELBO`` takes the closed form where one is
+registered, per site). With the first five guides a labelled example is scored with its observed
+one-hot y exactly; with the last two the model observes y ~ Cat(alpha) and alpha is still drawn.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
+
 import pyro
 import pyro.distributions as dist
 from pyro import poutine
@@ -30,6 +56,9 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch import nn
 
+from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
+from pyrossl.infer.objective import Objective, particle_settings
+from pyrossl.infer.objective import make_elbo as objective_elbo
 from pyrossl.infer.relaxed import ConcreteLabel, LogisticNormalLabel
 from pyrossl.nn import MLP, ConvEncoder, activation
 
@@ -50,14 +79,16 @@ def make_features(image_shape: Sequence[int], hidden: Sequence[int], act: str, n
 
 
 class ConditionalGaussianEncoder(nn.Module):
-    """q(z|x, y) = N(mu(x, y), diag sigma(x, y)^2) on top of a feature stage f(x).
+    """q(z|x, y) on top of a feature stage f(x): hidden features h(x, y) and (mu, sigma) of them, made
+    into a distribution by the z-guide (``diag-normal``: N(mu(x, y), diag sigma(x, y)^2)).
 
     The first layer acts on the concatenation [f(x), y]; it is computed as W_x f(x) + W_y y, the
     same map, so that with y enumerated over K classes ([K, 1, K]) the costly W_x f(x) is computed
     once and broadcast, not K times.
     """
 
-    def __init__(self, features: nn.Module, num_features: int, num_classes: int, z_dim: int, hidden: Sequence[int], act: str):
+    def __init__(self, features: nn.Module, num_features: int, num_classes: int, z_dim: int, hidden: Sequence[int], act: str,
+                 z_guide: str = DEFAULT_Z_GUIDE, z_options: ZGuideOptions | None = None):
         super().__init__()
         self.features = features
         self.from_x = nn.Linear(num_features, hidden[0])
@@ -68,17 +99,37 @@ class ConditionalGaussianEncoder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.loc = nn.Linear(hidden[-1], z_dim)
         self.scale = nn.Linear(hidden[-1], z_dim)
+        self.z_guide = make_z_guide(z_guide, z_dim, hidden[-1], z_options)
+
+    def encode_all(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base location and scale of q(z|x, y), and the features h(x, y) they are read from."""
+        h = self.body(self.from_x(self.features(x)) + self.from_y(y))
+        return self.loc(h), nn.functional.softplus(self.scale(h)) + 1e-4, h
+
+    def distribution(self, x: torch.Tensor, y: torch.Tensor):
+        return self.z_guide.distribution(*self.encode_all(x, y))
+
+    def point(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A deterministic code per image: the mean of a Gaussian q(z|x, y), the flow's image of its base mean."""
+        return self.z_guide.point(*self.encode_all(x, y))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(self.from_x(self.features(x)) + self.from_y(y))
-        return self.loc(h), nn.functional.softplus(self.scale(h)) + 1e-4
+        """The mean and standard deviation of each unit of z under q(z|x, y) (Monte Carlo for a flow)."""
+        mean, var = self.z_guide.moments(*self.encode_all(x, y))
+        return mean, var.sqrt()
 
 
 class LabelGuide(nn.Module):
-    """q(y|x) q(z|x, y); subclasses say how an unobserved y is drawn (:meth:`label_site`)."""
+    """q(y|x) q(z|x, y); subclasses say how an unobserved y is drawn (:meth:`label_site`), or, where the
+    label's proxy is a latent of the model (:attr:`label_latent`), what is drawn (:meth:`label_input`)."""
+
+    #: the model's label variant (:class:`pyrossl.models.m2.M2Model`): None (y ~ Cat(1/K) feeds the
+    #: decoder), "dirichlet" or "logistic-normal" (a simplex latent feeds it, y ~ Cat(alpha))
+    label_latent: ClassVar[str | None] = None
 
     def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp",
-                 classifier_net: str | None = None, shared_trunk: bool = False):
+                 classifier_net: str | None = None, shared_trunk: bool = False, z_guide: str = DEFAULT_Z_GUIDE,
+                 z_options: ZGuideOptions | None = None):
         super().__init__()
         self.num_classes = num_classes
         self.z_kl_weight = 1.0  # beta of the z term; the model's z site must carry the same weight
@@ -88,34 +139,38 @@ class LabelGuide(nn.Module):
             features, width = make_features(image_shape, hidden, act, classifier_net or net)
             trunk = nn.Sequential(features, nn.Linear(width, hidden[0]), activation(act))
             self.classifier = nn.Sequential(trunk, nn.Linear(hidden[0], num_classes))
-            self.z_encoder = ConditionalGaussianEncoder(trunk, hidden[0], num_classes, z_dim, hidden, act)
+            self.z_encoder = ConditionalGaussianEncoder(trunk, hidden[0], num_classes, z_dim, hidden, act, z_guide, z_options)
         else:
             self.classifier = make_classifier(image_shape, num_classes, hidden, act, classifier_net or net)
-            self.z_encoder = ConditionalGaussianEncoder(*make_features(image_shape, hidden, act, net), num_classes, z_dim, hidden, act)
+            self.z_encoder = ConditionalGaussianEncoder(*make_features(image_shape, hidden, act, net), num_classes, z_dim, hidden, act,
+                                                        z_guide, z_options)
 
     @classmethod
-    def make_elbo(cls) -> ELBO:
-        """The Pyro ELBO that estimates the unlabelled term with this guide."""
-        return TraceMeanField_ELBO()
+    def make_elbo(cls, objective: Objective | None = None) -> ELBO:
+        """The Pyro ELBO that estimates the unlabelled term with this guide (``objective.particles`` samples)."""
+        return TraceMeanField_ELBO(**particle_settings(objective))
 
     def label_site(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def label_input(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The vector that q(z|x, .) (and the model's decoder) takes: an observed one-hot y as it is,
+        else a draw at the label site. Inside the data plate."""
+        return y if y is not None else self.label_site(self.classifier(x))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         with pyro.plate("data", x.shape[0]):
-            if y is None:
-                y = self.label_site(self.classifier(x))
-            loc, scale = self.z_encoder(x, y)
+            label = self.label_input(x, y)
             with poutine.scale(scale=self.z_kl_weight):
-                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+                pyro.sample("z", self.z_encoder.distribution(x, label))
 
 
 class EnumeratedLabelGuide(LabelGuide):
     """y summed out exactly: every class in parallel, weighted by q(y|x) (Kingma et al. 2014, eq. 7)."""
 
     @classmethod
-    def make_elbo(cls) -> ELBO:
-        return TraceEnum_ELBO(max_plate_nesting=1)
+    def make_elbo(cls, objective=None) -> ELBO:
+        return TraceEnum_ELBO(**particle_settings(objective))
 
     def label_site(self, logits):
         return pyro.sample("y", dist.OneHotCategorical(logits=logits), infer={"enumerate": "parallel"})
@@ -155,11 +210,94 @@ class SampledLabelGuide(LabelGuide):
     """y ~ q(y|x) sampled, with the score-function (REINFORCE) gradient: high variance, an ablation baseline."""
 
     @classmethod
-    def make_elbo(cls) -> ELBO:
-        return Trace_ELBO()
+    def make_elbo(cls, objective=None) -> ELBO:
+        return Trace_ELBO(**particle_settings(objective))
 
     def label_site(self, logits):
         return pyro.sample("y", dist.OneHotCategorical(logits=logits))
+
+
+class SimplexLatentGuide(LabelGuide):
+    """q(alpha|x) q(z|x, alpha) for a model whose label proxy alpha (on the simplex) is a latent:
+
+        alpha ~ p(alpha),  z ~ N(0, I),  x ~ p(x|alpha, z),  y ~ Cat(alpha) where y is observed
+
+    (the models of vae_ssl). alpha is drawn for every image: a labelled one too, whose y the model then
+    observes, so :meth:`label_input` ignores y. Both subclasses have a closed-form KL of their latent to
+    its prior, so ``TraceMeanField_ELBO`` (or, with ``train.objective = "iwae"``, the IWAE bound) trains them.
+    """
+
+    #: the name of the latent sample site, in the model and here
+    latent_site: ClassVar[str]
+
+    @classmethod
+    def make_elbo(cls, objective: Objective | None = None) -> ELBO:
+        return objective_elbo(objective)  # TraceMeanField_ELBO, or IWAE_ELBO for train.objective = "iwae"
+
+    def latent_distribution(self, x: torch.Tensor) -> dist.Distribution:
+        """q of the latent site given x, batch shape ``[n]``."""
+        raise NotImplementedError
+
+    def simplex(self, latent: torch.Tensor) -> torch.Tensor:
+        """alpha, the point of the simplex that the latent site's value stands for."""
+        return latent
+
+    def label_input(self, x, y):
+        return self.simplex(pyro.sample(self.latent_site, self.latent_distribution(x)))
+
+
+class DirichletLabelGuide(SimplexLatentGuide):
+    """q(alpha|x) = Dirichlet(beta(x)), beta(x) = softplus(logits(x)) + 0.01, reparameterised; the model's
+    prior is Dirichlet(c 1), and KL(q || p) is torch's closed form.
+
+    softplus rather than exp: beta grows linearly, not exponentially, with a logit, so logits of +-50
+    give beta of at most ~50 (exp would give 5e21, where lgamma/digamma of the sum lose all float32
+    precision and the Gamma sampler's gradients overflow); it is increasing, so argmax beta (the mode
+    class of q, that of its mean beta / sum beta) is argmax logits, the classifier's prediction. The floor
+    keeps beta away from 0, where softplus of a very negative logit underflows and the reparameterised
+    Gamma gradient blows up (its largest value over 1000 draws: ~1e5 at beta = 1e-3, ~2e3 at 1e-2, ~24 at 0.1).
+    """
+
+    label_latent = "dirichlet"
+    latent_site = "alpha"
+    floor = 1e-2
+
+    def concentration(self, logits: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(logits) + self.floor
+
+    def latent_distribution(self, x):
+        return dist.Dirichlet(self.concentration(self.classifier(x)))
+
+
+class LogisticNormalLatentGuide(SimplexLatentGuide):
+    """q(logits|x) = N(m(x), diag s(x)^2) with m(x) the classifier's logits and a learned per-image scale
+    s(x) = softplus(W f(x) + b) + 1e-4, f the z-encoder's feature stage; the model's prior is N(0, I_K)
+    and alpha = softmax(sharpness * logits) feeds the decoder. KL(q || p) is the Normal/Normal closed form.
+
+    W starts at zero and b at softplus^-1(sigma), so every image starts with the scale ``sigma`` and
+    learns its own (vae_ssl's LogisticNormal learns it too). The prediction, argmax m(x), is the mode
+    class of q: argmax softmax(sharpness * m) = argmax m.
+    """
+
+    label_latent = "logistic-normal"
+    latent_site = "logits"
+
+    def __init__(self, *args, sigma: float = 1.0, sharpness: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sharpness = sharpness
+        self.logit_scale = nn.Linear(self.z_encoder.from_x.in_features, self.num_classes)
+        with torch.no_grad():
+            self.logit_scale.weight.zero_()
+            self.logit_scale.bias.fill_(math.log(math.expm1(sigma)))
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(self.logit_scale(self.z_encoder.features(x))) + 1e-4
+
+    def latent_distribution(self, x):
+        return dist.Normal(self.classifier(x), self.scale(x)).to_event(1)
+
+    def simplex(self, latent):
+        return torch.softmax(self.sharpness * latent, dim=-1)
 
 
 LABEL_GUIDES: dict[str, type[LabelGuide]] = {
@@ -168,4 +306,6 @@ LABEL_GUIDES: dict[str, type[LabelGuide]] = {
     "st-gumbel": StraightThroughGumbelGuide,
     "logistic-normal": LogisticNormalGuide,
     "sample": SampledLabelGuide,
+    "dirichlet": DirichletLabelGuide,
+    "logistic-normal-latent": LogisticNormalLatentGuide,
 }

@@ -29,6 +29,7 @@ from torch import nn
 
 from pyrossl.errors import ConfigError
 from pyrossl.guides.ccvae import CCVAEGuide
+from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.models.vae import BernoulliDecoder
 from pyrossl.nn import check_network_options
 from pyrossl.zoo import ZooModel
@@ -37,7 +38,7 @@ LIKELIHOODS = ("bernoulli", "laplace")
 
 
 @dataclass
-class CCVAEOptions:
+class CCVAEOptions(ZGuideOptions):
     z_style: int = 20  # dimensions of z_s; z_c has one per label (per class for a categorical label)
     hidden: list[int] = field(default_factory=lambda: [500])
     act: str = "relu"
@@ -49,6 +50,7 @@ class CCVAEOptions:
 
     def __post_init__(self):
         check_network_options(self)
+        check_z_guide_options(self)
         if self.z_style < 0:
             raise ConfigError(f"options.z_style must be at least 0, not {self.z_style}")
         if self.likelihood not in LIKELIHOODS:
@@ -169,16 +171,24 @@ class CCVAE(ZooModel):
     Options = CCVAEOptions
     guides = {"ccvae": "encoder q(z|x) and diagonal classifier q(y|z_c); y enumerated (categorical) or sampled (attributes)"}
     default_guide = "ccvae"
+    z_guides = Z_GUIDES
     uses_labels = True
     selection_metric = "accuracy"
 
-    def __init__(self, meta: dict, options: CCVAEOptions, guide: str = "ccvae"):
-        super().__init__(meta, options, guide)
+    @classmethod
+    def check_objective(cls, guide, z_guide, objective):
+        super().check_objective(guide, z_guide, objective)
+        if objective.particles != 1:
+            raise ConfigError("train.particles must be 1 for ccvae: its labelled bound (Joy et al., eq. 4) is estimated with one sample")
+
+    def __init__(self, meta: dict, options: CCVAEOptions, guide: str = "ccvae", **settings):
+        super().__init__(meta, options, guide, **settings)
         o = options
         shape, labels, multilabel = meta["image_shape"], meta["num_classes"], bool(meta.get("multilabel"))
         self.multilabel = multilabel
         self.model = CCVAEModel(shape, labels, o.z_style, multilabel, o)
-        self.guide = CCVAEGuide(shape, labels, o.z_style, multilabel, o.hidden, o.act, o.net, o.k)
+        self.guide = CCVAEGuide(shape, labels, o.z_style, multilabel, o.hidden, o.act, o.net, o.k,
+                                z_guide=self.z_guide_name, z_options=o)
         self.elbo = CCVAE_ELBO(enumerate_labels=not multilabel)
 
     @property
@@ -209,10 +219,9 @@ class CCVAE(ZooModel):
         return sum(terms)
 
     # --- classification --------------------------------------------------------------------
-    def _q_y(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """q(y|x) from q(z|x)'s location and scale, by Monte Carlo over k samples of z_c."""
-        c = self.meta["num_classes"]
-        logits = self.guide.classifier(torch.distributions.Normal(loc[:, :c], scale[:, :c]).sample((self.options.k,)))
+    def _q_y(self, x: torch.Tensor) -> torch.Tensor:
+        """q(y|x), by Monte Carlo over k samples of z_c ~ q(z_c|x)."""
+        logits = self.guide.classifier(self.guide.blocks(x)[0].sample((self.options.k,)))
         return torch.sigmoid(logits).mean(0) if self.multilabel else logits.softmax(-1).mean(0)
 
     def _labels(self, probs: torch.Tensor) -> torch.Tensor:
@@ -221,7 +230,7 @@ class CCVAE(ZooModel):
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """q(y|x): attribute probabilities [N, L] or class probabilities [N, K]."""
-        return torch.cat([self._q_y(*self.guide.encode(xb)) for xb in torch.split(x, batch_size)])
+        return torch.cat([self._q_y(xb) for xb in torch.split(x, batch_size)])
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
@@ -249,11 +258,32 @@ class CCVAE(ZooModel):
     @torch.no_grad()
     def posterior(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         loc, scale = self.guide.encode(x)
-        return {"y_probs": self._q_y(loc, scale), "z_loc": loc, "z_scale": scale}
+        return {"y_probs": self._q_y(x), "z_loc": loc, "z_scale": scale}
+
+    @torch.no_grad()
+    def code_moments(self, x):
+        mean, std = self.guide.encode(x)
+        return mean, std**2
+
+    @torch.no_grad()
+    def prior_moments(self, x, code_mean):
+        """z_c: each unit's moments under sum_y p(y) p(z_c|y) (p(y) the labelled data's frequencies); z_s: N(0, 1)."""
+        prior, probs = self.model.prior, self.model.y_probs
+        loc, var = prior.loc, (2 * prior.log_scale).exp()
+        if self.multilabel:  # attribute i: y_i = 1 with probability p_i
+            w = torch.stack([1 - probs, probs], -1)
+            mean_c = (w * loc).sum(-1)
+            var_c = (w * (var + loc**2)).sum(-1) - mean_c**2
+        else:  # class k with probability p_k: rows of loc
+            mean_c = probs @ loc
+            var_c = probs @ (var + loc**2) - mean_c**2
+        s = self.options.z_style
+        mean = torch.cat([mean_c, mean_c.new_zeros(s)])
+        return mean.expand_as(code_mean), torch.cat([var_c, var_c.new_ones(s)]).expand_as(code_mean)
 
     @torch.no_grad()
     def latent(self, x: torch.Tensor) -> torch.Tensor:
-        return self.guide.encode(x)[0]
+        return self.guide.point(x)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -287,9 +317,8 @@ class CCVAE(ZooModel):
     def walk(self, x: torch.Tensor, label: int, steps: int = 7) -> torch.Tensor:
         """Latent walk [steps, N, C, H, W]: z_c[label] moves from its y = 0 prior mean to its y = 1 prior mean
         (a categorical label: z_c from the prior mean of x's predicted class to that of class ``label``), z_s held."""
-        loc, scale = self.guide.encode(x)
-        z, c, prior = loc, self.meta["num_classes"], self.model.prior.loc
-        start = None if self.multilabel else prior[self._labels(self._q_y(loc, scale))]  # one prediction for every frame
+        z, c, prior = self.latent(x), self.meta["num_classes"], self.model.prior.loc
+        start = None if self.multilabel else prior[self._labels(self._q_y(x))]  # one prediction for every frame
         frames = []
         for t in torch.linspace(0, 1, steps):
             zt = z.clone()

@@ -59,8 +59,8 @@ class Classifier(LabelClassifier, ZooModel):
     uses_unlabelled = False
     selection_metric = "accuracy"
 
-    def __init__(self, meta: dict, options: ClassifierOptions, guide: str = "none"):
-        super().__init__(meta, options, guide)
+    def __init__(self, meta: dict, options: ClassifierOptions, guide: str = "none", **settings):
+        super().__init__(meta, options, guide, **settings)
         network = make_classifier(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.classifier_net or options.net)
         self.loss = Trace_ELBO()(ClassifierModel(network), NoLatentGuide())
 

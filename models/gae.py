@@ -114,8 +114,8 @@ class GAE(ZooModel):
     default_guide = "point"
     selection_metric = "accuracy"
 
-    def __init__(self, meta: dict, options: GAEOptions, guide: str = "point"):
-        super().__init__(meta, options, guide)
+    def __init__(self, meta: dict, options: GAEOptions, guide: str = "point", **settings):
+        super().__init__(meta, options, guide, **settings)
         o = options
         shape, k = meta["image_shape"], meta["num_classes"]
         self.loss = Trace_ELBO()(AutoencoderModel(shape, o.z_dim, o.hidden, o.act, o.net),

@@ -47,14 +47,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import TraceEnum_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 from pyrossl import plots
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import (cluster_mapping, clustering_metrics, confusion_matrix, iwae_log_likelihood, label_table,
                               pairs_from_table)
-from pyrossl.guides.normal import DiagonalNormalGuide
+from pyrossl.guides.normal import CodeGuide
+from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
+from pyrossl.infer.objective import Objective, make_elbo
 from pyrossl.mixture import PyroGaussianMixture
 from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
 from pyrossl.nn import check_network_options
@@ -85,17 +86,24 @@ class _ClusteringVAE(ZooModel):
     evaluate_on_train = True
     selection_metric = "elbo"
 
-    def _networks(self, o) -> tuple[DiagonalNormalGuide, BernoulliDecoder]:
+    guides = {"amortised": "an encoder x -> q(z|x); the family of q is the z_guide"}
+    default_guide = "amortised"
+    guide_aliases = {"diag-normal": "amortised"}  # its name before the z-guides (now z_guide = "diag-normal")
+    z_guides = Z_GUIDES
+
+    def _networks(self, o) -> tuple[CodeGuide, BernoulliDecoder]:
         shape = self.meta["image_shape"]
-        guide = DiagonalNormalGuide(shape, o.z_dim, o.hidden, o.act, o.net)
+        guide = CodeGuide(shape, o.z_dim, o.hidden, o.act, o.net, z_guide=self.z_guide_name, z_options=o)
         decoder = BernoulliDecoder(shape, o.z_dim, o.hidden, o.act, o.net)
         if o.init_std is not None:
-            serket_init(guide, o.init_std)
+            # the encoder and decoder as Serket's; a flow keeps Pyro's near-identity start
+            serket_init(guide.features, o.init_std)
+            serket_init(guide.head, o.init_std)
             serket_init(decoder, o.init_std)
         return guide, decoder
 
     @property
-    def guide(self) -> DiagonalNormalGuide:
+    def guide(self) -> CodeGuide:
         return self.loss.guide
 
     @property
@@ -108,13 +116,22 @@ class _ClusteringVAE(ZooModel):
 
     @torch.no_grad()
     def q_z(self, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-        """The location and scale of q(z|x) for every image, encoded in batches."""
+        """The mean and standard deviation of each unit of q(z|x) for every image, encoded in batches."""
         loc, scale = zip(*(self.guide.encode(xb) for xb in torch.split(x, batch_size)))
         return torch.cat(loc), torch.cat(scale)
 
     @torch.no_grad()
+    def code_moments(self, x):
+        return self.guide.moments(x)
+
+    @torch.no_grad()
+    def sample_codes(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """One draw of z ~ q(z|x) for every image."""
+        return torch.cat([self.guide.distribution(xb).rsample() for xb in torch.split(x, batch_size)])
+
+    @torch.no_grad()
     def latent(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        return self.q_z(x, batch_size)[0]
+        return torch.cat([self.guide.point(xb) for xb in torch.split(x, batch_size)])
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -141,7 +158,7 @@ class _ClusteringVAE(ZooModel):
     @torch.no_grad()
     def posterior(self, x):
         loc, scale = self.q_z(x)
-        return {"z_loc": loc, "z_scale": scale, "cluster_probs": self.cluster_probs(loc)}
+        return {"z_loc": loc, "z_scale": scale, "cluster_probs": self.cluster_probs(self.latent(x))}
 
     def figures(self, folder, x, y):
         folder = Path(folder)
@@ -167,7 +184,7 @@ class _ClusteringVAE(ZooModel):
 # Serket mode
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class SerketOptions:
+class SerketOptions(ZGuideOptions):
     z_dim: int = 18
     hidden: list[int] = field(default_factory=lambda: [100])
     act: str = "relu"
@@ -183,6 +200,7 @@ class SerketOptions:
 
     def __post_init__(self):
         check_network_options(self)
+        check_z_guide_options(self)
         if self.clusters < 2 or self.epochs_per_round < 1 or not self.alpha >= 0:
             raise ConfigError("options: clusters must be at least 2, epochs_per_round at least 1, alpha >= 0")
         if self.message not in ("sample", "mean"):
@@ -212,15 +230,16 @@ class SerketVAEGMM(_ClusteringVAE):
     name = "serket-vae-gmm"
     description = "Serket's VAE+GMM: a VAE and a Pyro GMM exchanging messages (KL to the assigned cluster mean)"
     Options = SerketOptions
-    guides = {"diag-normal": "amortised diagonal Gaussian q(z|x)"}
-    default_guide = "diag-normal"
+    objectives = ("elbo", "iwae")
     wants_index = True
 
-    def __init__(self, meta: dict, options: SerketOptions, guide: str = "diag-normal"):
-        super().__init__(meta, options, guide)
+    def __init__(self, meta: dict, options: SerketOptions, guide: str = "amortised", **settings):
+        super().__init__(meta, options, guide, **settings)
         o = options
         encoder, decoder = self._networks(o)
-        self.loss = TraceMeanField_ELBO()(MessagePriorVAE(decoder, o.alpha), encoder)
+        self.loss = self.make_elbo()(MessagePriorVAE(decoder, o.alpha), encoder)
+        # evaluation reports the one-sample ELBO, whatever the training objective
+        self.eval_elbo = make_elbo(Objective(), analytic_kl=encoder.z_guide.analytic_kl)
         self.set_alpha(o.alpha)
         self.gmm = PyroGaussianMixture(o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init,
                                        covariance_type=o.covariance)
@@ -250,6 +269,14 @@ class SerketVAEGMM(_ClusteringVAE):
             raise ConfigError("serket-vae-gmm trains on unlabelled batches with their dataset rows (index=)")
         return self.loss(x, self.prior_loc(self.assignment[index])) / x.shape[0]
 
+    @torch.no_grad()
+    def prior_moments(self, x, code_mean):
+        """N(mu_k, I), the message of each image's cluster k (k from its code's posterior mean; N(0, I) before the first)."""
+        if int(self.rounds) == 0:
+            return super().prior_moments(x, code_mean)
+        loc = self.prior_loc(self.gmm.predict(code_mean))
+        return loc, torch.ones_like(loc)
+
     def cluster_probs(self, z):
         if int(self.rounds) == 0:
             raise RuntimeError("the GMM has not been fitted yet (it is fitted at the end of the first round)")
@@ -261,8 +288,7 @@ class SerketVAEGMM(_ClusteringVAE):
             return {}
         data = encode_data()
         self.eval()
-        loc, scale = self.q_z(data["x"])
-        codes = loc + scale * torch.randn_like(loc) if self.options.message == "sample" else loc
+        codes = self.sample_codes(data["x"]) if self.options.message == "sample" else self.latent(data["x"])
         self.gmm.seed = int(self.rounds)  # each update's restarts are seeded, differently per round
         self.gmm.fit(codes)
         classes = self.gmm.predict(codes)
@@ -282,7 +308,7 @@ class SerketVAEGMM(_ClusteringVAE):
         clusters = self.gmm.predict(codes) if fitted else torch.full((x.shape[0],), -1, device=x.device)
         self.set_alpha(1.0)
         try:
-            elbo = -sum(self.loss(xb, self.prior_loc(cb)).item()
+            elbo = -sum(self.eval_elbo.loss(self.loss.model, self.guide, xb, self.prior_loc(cb))
                         for xb, cb in zip(torch.split(x, batch_size), torch.split(clusters, batch_size)))
         finally:
             self.set_alpha(self.options.alpha)
@@ -352,7 +378,7 @@ class SerketVAEGMM(_ClusteringVAE):
 # End-to-end mode
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class GMMVAEOptions:
+class GMMVAEOptions(ZGuideOptions):
     z_dim: int = 10
     hidden: list[int] = field(default_factory=lambda: [500, 500])
     act: str = "relu"
@@ -368,6 +394,7 @@ class GMMVAEOptions:
 
     def __post_init__(self):
         check_network_options(self)
+        check_z_guide_options(self)
         if self.clusters < 2 or self.warmup_epochs < 0 or not self.min_scale > 0 or not self.kl_weight > 0:
             raise ConfigError("options: clusters must be at least 2, warmup_epochs >= 0, min_scale > 0, kl_weight > 0")
         if self.covariance not in ("full", "diag"):
@@ -446,16 +473,14 @@ class GMMVAE(_ClusteringVAE):
     name = "gmm-vae"
     description = "VAE with a Gaussian-mixture prior learned end to end (VaDE), the cluster enumerated exactly"
     Options = GMMVAEOptions
-    guides = {"diag-normal": "amortised diagonal Gaussian q(z|x); the cluster c is summed out in the model"}
-    default_guide = "diag-normal"
 
-    def __init__(self, meta: dict, options: GMMVAEOptions, guide: str = "diag-normal"):
-        super().__init__(meta, options, guide)
+    def __init__(self, meta: dict, options: GMMVAEOptions, guide: str = "amortised", **settings):
+        super().__init__(meta, options, guide, **settings)
         o = options
         encoder, decoder = self._networks(o)
         prior = MixturePriorVAE(decoder, o.clusters, o.z_dim, o.min_scale, full=o.covariance == "full")
-        self.loss = TraceEnum_ELBO(max_plate_nesting=1)(prior, encoder)
-        self.warmup_elbo = TraceMeanField_ELBO()  # the warm-up's plain VAE has nothing to enumerate
+        self.loss = self.make_elbo(enumerated=True)(prior, encoder)
+        self.warmup_elbo = self.make_elbo()  # the warm-up's plain VAE has nothing to enumerate
         self.prior.mixture_on.fill_(o.warmup_epochs == 0)
         if o.warmup_epochs == 0:  # no warm-up: the components start spread around the origin
             with torch.no_grad():
@@ -482,6 +507,17 @@ class GMMVAE(_ClusteringVAE):
         return self.prior.log_prior(z).softmax(-1)
 
     @torch.no_grad()
+    def prior_moments(self, x, code_mean):
+        """Each unit's mean and variance under the mixture sum_c pi_c N(mu_c, Sigma_c) (N(0, 1) in the warm-up)."""
+        p = self.prior
+        if not p.mixture:
+            return super().prior_moments(x, code_mean)
+        pi = p.logits.softmax(-1)[:, None]
+        variances = p.scale_tril.pow(2).sum(-1)  # diagonal of L L^T
+        mean = (pi * p.loc).sum(0)
+        return mean, (pi * (variances + p.loc**2)).sum(0) - mean**2
+
+    @torch.no_grad()
     def end_epoch(self, epoch, encode_data, evaluating=True):
         if epoch != self.options.warmup_epochs or self.prior.mixture:
             return {}
@@ -489,8 +525,7 @@ class GMMVAE(_ClusteringVAE):
         x = encode_data()["x"]
         # the prior should match the aggregate posterior q(z) = mean_n q(z|x_n), so the mixture is fitted
         # to samples of q(z|x), not to its means: means alone give components too narrow for q's spread
-        loc, scale = self.q_z(x)
-        codes = loc + scale * torch.randn_like(loc)
+        codes = self.sample_codes(x)
         gmm = PyroGaussianMixture(o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init, covariance_type=o.covariance).fit(codes)
         p = self.prior
         p.logits.copy_(gmm.log_weights.to(p.logits))
@@ -518,13 +553,12 @@ class GMMVAE(_ClusteringVAE):
     def log_likelihood(self, x, num_samples, batch_size=100):
         """IWAE estimate of log p(x) with the mixture prior's exact marginal log sum_c p(c) p(z|c)."""
         def one(xb):
-            loc, scale = self.guide.encode(xb)
-            q = torch.distributions.Normal(loc, scale)
+            q = self.guide.distribution(xb)
             z = q.rsample((num_samples,))  # [k, n, d]
             log_pz = self.prior.log_prior(z.reshape(-1, z.shape[-1])).logsumexp(-1).reshape(num_samples, -1) \
                 if self.prior.mixture else torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
             log_px = pixel_likelihood(self.decoder(z)).log_prob(xb.flatten(1))
-            return iwae_log_likelihood(log_px + log_pz - q.log_prob(z).sum(-1))
+            return iwae_log_likelihood(log_px + log_pz - q.log_prob(z))
 
         return torch.cat([one(xb) for xb in torch.split(x, batch_size)])
 

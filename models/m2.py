@@ -15,6 +15,18 @@ so ``aux_weight`` is per labelled example and the labelled ELBO is not swamped b
 How y is drawn in U(x) is the guide's business
 (:mod:`pyrossl.guides.label`): summed out exactly (``enum``), relaxed (``gumbel``, ``st-gumbel``,
 ``logistic-normal``) or sampled (``sample``); a labelled y is always scored exactly.
+
+Two guides come with a variant of the model (vae_ssl's), in which the decoder takes a latent point
+alpha of the simplex in place of the one-hot y, and y ~ Cat(alpha) is observed for labelled images:
+
+    alpha ~ Dirichlet(c 1)                                   (``dirichlet``), or
+    alpha = softmax(sharpness * l),  l ~ N(0, I_K)           (``logistic-normal-latent``),
+    z ~ N(0, I),   x ~ Bernoulli(sigmoid(f_theta(alpha, z))),   y ~ Cat(alpha) where labelled.
+
+Every image, labelled or not, is then scored by the ELBO of this model with q(alpha|x) q(z|x, alpha),
+whose alpha (or l) KL is in closed form; ``train.objective = "iwae"`` trains these two with the
+importance-weighted bound instead. A one-hot y is a vertex of the simplex, so sampling and decoding
+with a class still means p(x | alpha = e_y, z).
 """
 
 from __future__ import annotations
@@ -34,14 +46,16 @@ from pyrossl import plots
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import confusion_matrix, iwae_log_likelihood
 from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide
+from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
+from pyrossl.infer.objective import make_elbo, particle_settings
 from pyrossl.models.vae import pixel_likelihood
 from pyrossl.nn import check_network_options, MLP, ConvDecoder, activation
 from pyrossl.zoo import LabelClassifier, ZooModel
 
 
 @dataclass
-class M2Options:
+class M2Options(ZGuideOptions):
     z_dim: int = 50
     hidden: list[int] = field(default_factory=lambda: [500])
     act: str = "softplus"
@@ -53,15 +67,19 @@ class M2Options:
     temperature_start: float = 1.0  # gumbel, st-gumbel: t_e = max(end, start * exp(-anneal * (e - 1)))
     temperature_end: float = 0.5
     temperature_anneal: float = 0.05
-    sigma: float = 1.0  # logistic-normal noise scale
-    sharpness: float = 1.0  # logistic-normal
+    sigma: float = 1.0  # logistic-normal noise scale; logistic-normal-latent: the initial scale of q(logits|x)
+    sharpness: float = 1.0  # logistic-normal, logistic-normal-latent: alpha = softmax(sharpness * logits)
+    dirichlet_concentration: float = 1.0  # dirichlet: c of the prior p(alpha) = Dirichlet(c 1)
 
     def __post_init__(self):
         check_network_options(self)
+        check_z_guide_options(self)
         if self.aux_weight < 0 or not 0 < self.temperature_end <= self.temperature_start or self.temperature_anneal < 0:
             raise ConfigError("options: aux_weight and temperature_anneal must be >= 0, and 0 < temperature_end <= temperature_start")
         if not (self.sigma > 0 and self.sharpness > 0):
             raise ConfigError("options.sigma and options.sharpness must be positive")
+        if not self.dirichlet_concentration > 0:
+            raise ConfigError(f"options.dirichlet_concentration must be positive, not {self.dirichlet_concentration}")
 
 
 class LabelledDecoder(nn.Module):
@@ -82,27 +100,53 @@ class LabelledDecoder(nn.Module):
         return out.reshape(*out.shape[: z.dim() - 1], -1)
 
 
-class M2Model(nn.Module):
-    """p(y) p(z) p(x|y, z). ``y`` is a one-hot (or relaxed one-hot) vector; ``x=None`` samples."""
+LABEL_LATENTS = (None, "dirichlet", "logistic-normal")
 
-    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp"):
+
+class M2Model(nn.Module):
+    """p(y) p(z) p(x|y, z). ``y`` is a one-hot (or relaxed one-hot) vector; ``x=None`` samples.
+
+    ``label_latent`` picks the model variant (the guide's :attr:`~pyrossl.guides.label.LabelGuide.label_latent`):
+    None is M2 itself; ``"dirichlet"`` and ``"logistic-normal"`` decode from a latent alpha on the simplex,
+    alpha ~ Dirichlet(concentration 1) at site ``alpha``, or alpha = softmax(sharpness * l) with
+    l ~ N(0, I_K) at site ``logits``, and observe y ~ Cat(alpha) at site ``y`` where y is given.
+    """
+
+    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp",
+                 label_latent: str | None = None, concentration: float = 1.0, sharpness: float = 1.0):
         super().__init__()
+        if label_latent not in LABEL_LATENTS:
+            raise ValueError(f"label_latent must be one of {LABEL_LATENTS}, not {label_latent!r}")
+        self.label_latent, self.concentration, self.sharpness = label_latent, concentration, sharpness
         self.z_kl_weight = 1.0  # beta of the z term (log p(z) - log q(z|x,y)); the guide carries the same
         self.register_buffer("prior_logits", torch.zeros(num_classes), persistent=False)
         self.register_buffer("z_loc", torch.zeros(z_dim), persistent=False)
         self.decoder = LabelledDecoder(image_shape, num_classes, z_dim, hidden, act, net)
 
-    def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, num: int | None = None):
-        n = x.shape[0] if x is not None else (y.shape[0] if y is not None else num)
-        with pyro.plate("data", n):
+    def label_input(self, n: int, y: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's label input: y itself, or alpha of the simplex-latent variants (inside the data plate)."""
+        if self.label_latent is None:
             # relaxed guides put simplex points at this site: they are scored by the categorical KL
             # (pyrossl.infer.relaxed), so the one-hot support is not checked here
             prior = dist.OneHotCategorical(logits=self.prior_logits.expand(n, -1), validate_args=False)
-            y = pyro.sample("y", prior, obs=y)
+            return pyro.sample("y", prior, obs=y)
+        if self.label_latent == "dirichlet":
+            alpha = pyro.sample("alpha", dist.Dirichlet(torch.full_like(self.prior_logits, self.concentration).expand(n, -1)))
+        else:
+            loc = self.prior_logits.expand(n, -1)
+            alpha = torch.softmax(self.sharpness * pyro.sample("logits", dist.Normal(loc, torch.ones_like(loc)).to_event(1)), -1)
+        if y is not None:
+            pyro.sample("y", dist.OneHotCategorical(probs=alpha), obs=y)
+        return alpha
+
+    def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, num: int | None = None):
+        n = x.shape[0] if x is not None else (y.shape[0] if y is not None else num)
+        with pyro.plate("data", n):
+            label = self.label_input(n, y)
             loc = self.z_loc.expand(n, -1)
             with poutine.scale(scale=self.z_kl_weight):
                 z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
-            logits = self.decoder(y, z)
+            logits = self.decoder(label, z)
             return pyro.sample("x", pixel_likelihood(logits), obs=None if x is None else x.flatten(1))
 
 
@@ -116,29 +160,45 @@ class M2(LabelClassifier, ZooModel):
         "st-gumbel": "straight-through Gumbel-softmax: hard one-hot forward, relaxed gradient",
         "logistic-normal": "y = softmax(sharpness * (logits + sigma * eps))",
         "sample": "discrete sample with score-function gradient (ablation baseline)",
+        "dirichlet": "alpha ~ Dirichlet(c) is the model's label latent, q(alpha|x) = Dirichlet(softplus(logits)), exact KL",
+        "logistic-normal-latent": "logits ~ N(0, I) is the model's label latent, alpha = softmax; learned q scale, exact KL",
     }
+    #: the guides whose every site is reparameterised and not enumerated: they train with ``train.objective = "iwae"``
+    iwae_guides = ("dirichlet", "logistic-normal-latent")
+    objectives = ("elbo", "iwae")
     default_guide = "enum"
+    z_guides = Z_GUIDES
     uses_labels = True
     selection_metric = "accuracy"
 
-    def __init__(self, meta: dict, options: M2Options, guide: str = "enum"):
-        super().__init__(meta, options, guide)
+    @classmethod
+    def check_objective(cls, guide, z_guide, objective):
+        super().check_objective(guide, z_guide, objective)
+        if objective.name == "iwae" and guide not in cls.iwae_guides:
+            raise ConfigError(f"train.objective 'iwae' fits m2 only with guide {' or '.join(cls.iwae_guides)}, not '{guide}'")
+
+    def __init__(self, meta: dict, options: M2Options, guide: str = "enum", **settings):
+        super().__init__(meta, options, guide, **settings)
         o = options
         shape, k = meta["image_shape"], meta["num_classes"]
         extra = {}
         if guide in ("gumbel", "st-gumbel"):
             extra = {"temperature": o.temperature_start}
-        elif guide == "logistic-normal":
+        elif guide in ("logistic-normal", "logistic-normal-latent"):
             extra = {"sigma": o.sigma, "sharpness": o.sharpness}
         guide_cls = LABEL_GUIDES[guide]
-        self.model = M2Model(shape, k, o.z_dim, o.hidden, o.act, o.net)
+        self.model = M2Model(shape, k, o.z_dim, o.hidden, o.act, o.net, label_latent=guide_cls.label_latent,
+                             concentration=o.dirichlet_concentration, sharpness=o.sharpness)
         self.guide = guide_cls(shape, k, o.z_dim, o.hidden, o.act, o.net, classifier_net=o.classifier_net,
-                               shared_trunk=o.shared_trunk, **extra)
-        # U(x) is estimated as the guide says; L(x, y) has no label to draw, and with z Gaussian in
-        # both model and guide its KL is analytic, whatever the guide
+                               shared_trunk=o.shared_trunk, z_guide=self.z_guide_name, z_options=o, **extra)
+        # U(x) is estimated as the guide says; L(x, y) has no label to draw (the simplex-latent guides
+        # draw alpha all the same, and the model observes y ~ Cat(alpha)): its z term's KL is
+        # analytic with a diagonal z-guide (TraceMeanField_ELBO falls back to Monte Carlo otherwise)
         self.model.z_kl_weight = self.guide.z_kl_weight = o.z_kl_weight
-        self.unlabelled_elbo = guide_cls.make_elbo()
-        self.labelled_elbo = TraceMeanField_ELBO()
+        self.unlabelled_elbo = guide_cls.make_elbo(self.objective)
+        self.labelled_elbo = TraceMeanField_ELBO(**particle_settings(self.objective))
+        if self.objective.name == "iwae":  # check_objective let it through for the simplex-latent guides only
+            self.unlabelled_elbo, self.labelled_elbo = make_elbo(self.objective), make_elbo(self.objective)
 
     def one_hot(self, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.one_hot(y, self.meta["num_classes"]).to(torch.get_default_dtype())
@@ -172,7 +232,12 @@ class M2(LabelClassifier, ZooModel):
     # --- generative side ----------------------------------------------------------------
     @torch.no_grad()
     def class_log_joint(self, x, num_samples, batch_size=100):
-        """log p(x, y) for every class y, ``[n, K]``: each p(x|y) an IWAE bound over z (``num_samples``)."""
+        """log p(x, y) for every class y, ``[n, K]``: each p(x|y) an IWAE bound over z (``num_samples``).
+
+        With a simplex-latent guide, p(x, y) = E_p(alpha) p(z)[alpha_y p(x|alpha, z)], the IWAE bound over
+        (alpha, z) drawn from q(alpha|x) q(z|x, alpha): the proposal ignores y, which leaves it valid
+        (importance sampling needs only its support), if less tight than a y-aware one.
+        """
         out = []
         for xb in torch.split(x, batch_size):
             per_class = []
@@ -185,15 +250,23 @@ class M2(LabelClassifier, ZooModel):
 
     @torch.no_grad()
     def log_likelihood(self, x, num_samples, batch_size=100):
-        """log p(x) = log sum_y p(x, y): the sum over classes is exact, each p(x|y) an IWAE bound over z."""
-        return self.class_log_joint(x, num_samples, batch_size).logsumexp(-1)
+        """log p(x) = log sum_y p(x, y): the sum over classes is exact, each p(x|y) an IWAE bound over z.
+
+        With a simplex-latent guide y is not a latent of p(x) = E[p(x|alpha, z)] (sum_y alpha_y = 1):
+        one IWAE bound over (alpha, z), the model's y site absent.
+        """
+        if self.guide.label_latent is None:
+            return self.class_log_joint(x, num_samples, batch_size).logsumexp(-1)
+        return torch.cat([iwae_log_likelihood(importance_log_weights(self.model, self.guide, xb, num_samples=num_samples))
+                          for xb in torch.split(x, batch_size)])
 
     @torch.no_grad()
     def generative_posterior(self, x, num_samples=16, batch_size=100):
         """p(y|x) of the generative model, p(x, y) / sum_y' p(x, y'), with the IWAE estimates of p(x|y).
 
         M2's unlabelled term pulls q(y|x) towards this posterior; where the two agree on the
-        unlabelled images, the unlabelled data has nothing left to teach the classifier.
+        unlabelled images, the unlabelled data has nothing left to teach the classifier. With a
+        simplex-latent guide it is E_p(alpha|x)[alpha_y].
         """
         return self.class_log_joint(x, num_samples, batch_size).softmax(-1)
 
@@ -210,15 +283,19 @@ class M2(LabelClassifier, ZooModel):
         return {"y_probs": probs, "z_loc": loc, "z_scale": scale}
 
     @torch.no_grad()
+    def code_moments(self, x):
+        """The moments of q(z|x, y) at the predicted class."""
+        return self.guide.z_encoder.z_guide.moments(*self.guide.z_encoder.encode_all(x, self.one_hot(self.predict(x))))
+
+    @torch.no_grad()
     def latent(self, x):
-        """The mean of q(z|x, y) at the predicted class."""
-        return self.guide.z_encoder(x, self.one_hot(self.predict(x)))[0]
+        """The mean of q(z|x, y) at the predicted class (a flow: its image of the base mean)."""
+        return self.guide.z_encoder.point(x, self.one_hot(self.predict(x)))
 
     @torch.no_grad()
     def reconstruct(self, x):
         y = self.one_hot(self.predict(x))
-        z = self.guide.z_encoder(x, y)[0]
-        return self.decode(y, z)
+        return self.decode(y, self.guide.z_encoder.point(x, y))
 
     @torch.no_grad()
     def sample(self, n, y=None):

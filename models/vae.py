@@ -5,9 +5,11 @@ Generative model, for each image x with D pixels:
     z ~ N(0, I_d),    x ~ Bernoulli(sigmoid(f_theta(z)))  (D independent pixels)
 
 trained by maximising the ELBO  E_q(z|x)[log p(x|z)] - beta * KL(q(z|x) || p(z))  with the guide
-q(z|x) = N(mu_phi(x), diag sigma_phi(x)^2) (:class:`~pyrossl.guides.normal.DiagonalNormalGuide`).
-The KL is analytic (``TraceMeanField_ELBO``). Grey-level pixels in [0, 1] are scored with the
-Bernoulli log-likelihood as a cross-entropy (or binarised per batch with ``data.binarize``).
+q(z|x) of the z-guide family (:mod:`pyrossl.guides.zguide`; ``diag-normal`` is N(mu_phi(x), diag
+sigma_phi(x)^2)), or the importance-weighted bound (``train.objective = "iwae"``, Burda et al. 2016).
+The KL is analytic for the diagonal Gaussian (``TraceMeanField_ELBO``), a Monte Carlo estimate for the
+others. Grey-level pixels in [0, 1] are scored with the Bernoulli log-likelihood as a cross-entropy
+(or binarised per batch with ``data.binarize``).
 """
 
 from __future__ import annotations
@@ -20,19 +22,20 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
 from pyrossl import plots
 from pyrossl.evaluate import iwae_log_likelihood
-from pyrossl.guides.normal import DiagonalNormalGuide
+from pyrossl.guides.normal import CodeGuide
+from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
+from pyrossl.infer.objective import Objective, make_elbo
 from pyrossl.nn import check_network_options, ConvDecoder, MLP
 from pyrossl.zoo import ZooModel
 
 
 @dataclass
-class VAEOptions:
+class VAEOptions(ZGuideOptions):
     z_dim: int = 16
     hidden: list[int] = field(default_factory=lambda: [256])
     act: str = "relu"
@@ -41,6 +44,7 @@ class VAEOptions:
 
     def __post_init__(self):
         check_network_options(self)
+        check_z_guide_options(self)
 
 
 class BernoulliDecoder(nn.Module):
@@ -101,18 +105,23 @@ class VAE(ZooModel):
     name = "vae"
     description = "plain Bernoulli VAE (M1): ELBO, reconstructions, samples, IWAE log-likelihood"
     Options = VAEOptions
-    guides = {"diag-normal": "amortised diagonal Gaussian q(z|x) (MLP or conv encoder)"}
-    default_guide = "diag-normal"
+    guides = {"amortised": "an encoder x -> q(z|x); the family of q is the z_guide"}
+    default_guide = "amortised"
+    guide_aliases = {"diag-normal": "amortised"}  # its name before the z-guides (now z_guide = "diag-normal")
+    z_guides = Z_GUIDES
+    objectives = ("elbo", "iwae")
     selection_metric = "elbo"
 
-    def __init__(self, meta: dict, options: VAEOptions, guide: str = "diag-normal"):
-        super().__init__(meta, options, guide)
+    def __init__(self, meta: dict, options: VAEOptions, guide: str = "amortised", **settings):
+        super().__init__(meta, options, guide, **settings)
         o = options
         shape = meta["image_shape"]
-        self.loss = TraceMeanField_ELBO()(
+        self.loss = self.make_elbo()(
             VAEModel(shape, o.z_dim, o.hidden, o.act, o.net),
-            DiagonalNormalGuide(shape, o.z_dim, o.hidden, o.act, o.net),
+            CodeGuide(shape, o.z_dim, o.hidden, o.act, o.net, z_guide=self.z_guide_name, z_options=o),
         )
+        # evaluation reports the one-sample ELBO, whatever the training objective
+        self.eval_elbo = make_elbo(Objective(), analytic_kl=self.guide.z_guide.analytic_kl)
         self.set_beta(o.beta)
 
     def set_beta(self, beta: float) -> None:
@@ -124,7 +133,7 @@ class VAE(ZooModel):
         return self.loss.model
 
     @property
-    def guide(self) -> DiagonalNormalGuide:
+    def guide(self) -> CodeGuide:
         return self.loss.guide
 
     def forward(self, x, x_lab=None, y_lab=None):
@@ -136,7 +145,7 @@ class VAE(ZooModel):
         beta = self.model.beta
         self.set_beta(1.0)
         try:
-            elbo = sum(-self.loss(xb).item() for xb in torch.split(x, batch_size))
+            elbo = sum(-self.eval_elbo.loss(self.model, self.guide, xb) for xb in torch.split(x, batch_size))
         finally:
             self.set_beta(beta)
         z = torch.cat([self.latent(xb) for xb in torch.split(x, batch_size)])
@@ -160,8 +169,12 @@ class VAE(ZooModel):
         return torch.sigmoid(self.model.decoder(z)).reshape(z.shape[0], *self.meta["image_shape"])
 
     @torch.no_grad()
+    def code_moments(self, x):
+        return self.guide.moments(x)
+
+    @torch.no_grad()
     def latent(self, x):
-        return self.guide.encode(x)[0]
+        return self.guide.point(x)
 
     @torch.no_grad()
     def posterior(self, x):

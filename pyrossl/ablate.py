@@ -1,6 +1,6 @@
 """Ablations: one recipe trained over guides, config values and seeds, then summarised.
 
-``pyrossl ablate RECIPE --guides enum,gumbel --vary options.aux_weight=1,5 --seeds 0,1,2`` trains
+``pyrossl ablate RECIPE --guides enum,gumbel --z-guides diag-normal,flow --vary options.aux_weight=1,5 --seeds 0,1,2`` trains
 every combination into ``OUT/<variant>-seed<s>/`` (a finished run is read, a stopped one resumed:
 re-running an ablation only trains what is missing) and writes into ``OUT``:
 
@@ -69,8 +69,9 @@ def _split_values(text: str) -> list[str]:
     return items
 
 
-def variants(guides: list[str], vary: list[tuple[str, list[str]]]) -> list[Variant]:
-    axes = ([[("guide", g) for g in guides]] if guides else []) + [[(k, v) for v in values] for k, values in vary]
+def variants(guides: list[str], vary: list[tuple[str, list[str]]], z_guides: list[str] = ()) -> list[Variant]:
+    axes = ([[("guide", g) for g in guides]] if guides else []) + ([[("z_guide", g) for g in z_guides]] if z_guides else []) \
+        + [[(k, v) for v in values] for k, values in vary]
     out = []
     for combo in itertools.product(*axes):
         out.append(Variant(",".join(f"{k}={v}" for k, v in combo), [f"{k}={v}" for k, v in combo]))
@@ -86,18 +87,19 @@ def curve_key(records: list[dict], selection_metric: str) -> str:
 
 
 def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: list[int] = (0,),
-           vary: list[str] = (), overrides: list[str] = (), device: str | None = None) -> dict:
-    """Train every variant × seed (finishing only what is missing) and write the three summaries."""
+           vary: list[str] = (), overrides: list[str] = (), device: str | None = None, z_guides: list[str] = ()) -> dict:
+    """Train every variant (guides × z-guides × varied values) × seed (finishing only what is missing)
+    and write the three summaries."""
     from pyrossl.train import train_to_completion
 
     parsed = [parse_vary(v) for v in vary]
     keys = [k for k, _ in parsed]
-    if len(set(keys)) != len(keys) or ("guide" in keys and guides):
-        raise ConfigError("each key may be varied once (guides count as the key 'guide')")
+    if len(set(keys)) != len(keys) or ("guide" in keys and guides) or ("z_guide" in keys and z_guides):
+        raise ConfigError("each key may be varied once (--guides counts as the key 'guide', --z-guides as 'z_guide')")
     if not seeds:
         raise ConfigError("--seeds needs at least one seed")
     extra = [*overrides, "train.progress=false"] + ([f"device={device!r}"] if device else [])
-    all_variants = variants(list(guides), parsed)
+    all_variants = variants(list(guides), parsed, list(z_guides))
     # every config is built before anything trains: a bad key or value fails at once
     configs = {(v.label, s): load_config(recipe, [*extra, *v.overrides, f"seed={s}"]) for v in all_variants for s in seeds}
     out = Path(out)

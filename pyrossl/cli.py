@@ -46,9 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--iwae", type=int, default=0, metavar="K", help="also estimate log p(x) with K importance samples")
     e.add_argument("--device", default="cpu")
 
-    a = sub.add_parser("ablate", help="train a recipe over guides, config values and seeds; write a table and a figure")
+    a = sub.add_parser("ablate", help="train a recipe over guides, z-guides, config values and seeds; write a table and a figure")
     a.add_argument("recipe", help="TOML recipe")
     a.add_argument("--guides", default="", help="comma-separated guides, e.g. enum,gumbel")
+    a.add_argument("--z-guides", default="", help="comma-separated guides of the code z, e.g. diag-normal,flow")
     a.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                    help="a config key and its values, e.g. options.aux_weight=1,5 (repeatable: all combinations)")
     a.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
@@ -195,11 +196,12 @@ def cmd_ablate(args) -> int:
     tune_allocator()  # this process only trains (see pyrossl train)
 
     guides = [g.strip() for g in args.guides.split(",") if g.strip()]
-    if not guides and not args.vary:
-        raise PyrosslError("ablate needs --guides or --vary (what to compare)")
+    z_guides = [g.strip() for g in args.z_guides.split(",") if g.strip()]
+    if not guides and not z_guides and not args.vary:
+        raise PyrosslError("ablate needs --guides, --z-guides or --vary (what to compare)")
     out = Path(args.out) if args.out else Path("outputs") / f"ablate-{Path(args.recipe).stem}"
     result = ablate(args.recipe, out, guides=guides, seeds=_int_list(args.seeds, "--seeds"), vary=args.vary,
-                    overrides=args.overrides, device=args.device)
+                    overrides=args.overrides, device=args.device, z_guides=z_guides)
     print(result["table"])
     print(f"\nwrote {result['csv']}, {result['markdown']}, {result['figure']}")
     return 0
@@ -217,10 +219,13 @@ def cmd_list(args) -> int:
     from pyrossl.data import dataset_names
     from pyrossl.registry import MODELS
 
-    print("models (guides; * = default):")
+    print("models (guides, z-guides of the code z; * = default):")
     for name, cls in MODELS.items():
         guides = ", ".join(g + ("*" if g == cls.default_guide else "") for g in cls.guides)
         print(f"  {name:10s} {cls.description}\n  {'':10s} guides: {guides}")
+        if cls.z_guides:
+            default = next(iter(cls.z_guides))
+            print(f"  {'':10s} z-guides: {', '.join(g + ('*' if g == default else '') for g in cls.z_guides)}")
     print("datasets:")
     print("  " + ", ".join(dataset_names()))
     return 0

@@ -3,7 +3,8 @@
 A recipe looks like::
 
     model = "vae"            # a zoo entry (``pyrossl list``)
-    guide = "diag-normal"    # one of the guides that fit it; omitted -> the model's default
+    guide = "amortised"      # one of the guides that fit it; omitted -> the model's default
+    z_guide = "flow"         # the guide of the continuous code z; omitted -> diag-normal
     seed = 0
 
     [data]                   # DataConfig
@@ -69,6 +70,8 @@ class TrainConfig:
     eval_batch_size: int = 1000
     eval_every: int = 1  # evaluate (and select the best epoch) every n epochs, and after the last
     checkpoint_every: int = 1  # write checkpoint.pt every n epochs, after every evaluation, and after the last
+    particles: int = 1  # samples of the latents per example and step in the ELBO (or the IWAE bound)
+    objective: str = "elbo"  # elbo | iwae (importance-weighted bound with `particles` samples; no enumerated sites)
     iwae_samples: int = 0  # k of the IWAE log-likelihood estimate at the end; 0 turns it off
     progress: bool = True
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
@@ -78,6 +81,7 @@ class TrainConfig:
 class Config:
     model: str = "vae"
     guide: str | None = None
+    z_guide: str | None = None  # the guide of the continuous code (diag-normal, lowrank-normal, flow); None: diag-normal
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None

@@ -43,9 +43,21 @@ class GaussianHead(nn.Module):
         self.scale = nn.Linear(sizes[-2], sizes[-1])
         self.min_scale = min_scale
 
+    @property
+    def features(self) -> int:
+        """The width of the last hidden layer, from which the location and scale are read."""
+        return self.loc.in_features
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer's activations (a z-guide's context)."""
+        return self.act(self.body(h))
+
+    def params(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The location and scale from :meth:`hidden`'s output."""
+        return self.loc(hidden), nn.functional.softplus(self.scale(hidden)) + self.min_scale
+
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.act(self.body(h))
-        return self.loc(h), nn.functional.softplus(self.scale(h)) + self.min_scale
+        return self.params(self.hidden(h))
 
 
 class ConvEncoder(nn.Module):

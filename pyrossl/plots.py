@@ -415,3 +415,39 @@ def plot_bands(
     ax.grid(alpha=0.3)
     ax.set_title(title or f"{key}: mean ± sd over seeds")
     return _save(fig, path)
+
+
+def plot_kl_per_unit(records: Sequence[Mapping[str, Any]], prefix: str, path: PathLike, xkey: str = "epoch") -> Path:
+    """The KL of each latent unit over epochs (``<prefix>kl_per_unit``, one line per unit, units ordered by
+    their last KL) beside the number of active units (``<prefix>active_units``), as vae_ssl's KL plots.
+
+    A unit whose KL stays near zero carries no information about x (posterior collapse of that unit).
+    """
+    rows = [(r.get(xkey, i), r[prefix + "kl_per_unit"]) for i, r in enumerate(records)
+            if isinstance(r.get(prefix + "kl_per_unit"), list) and r[prefix + "kl_per_unit"]]
+    fig = _new_figure(11.0, 4.0)
+    ax, ax_active = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    if rows:
+        xs = np.array([x for x, _ in rows], dtype=float)
+        kl = np.array([k for _, k in rows], dtype=float)  # [epochs, units]
+        order = np.argsort(-kl[-1])
+        colours = colormaps["viridis"]
+        for rank, u in enumerate(order):
+            ax.plot(xs, kl[:, u], color=colours(rank / max(1, len(order) - 1)), linewidth=1,
+                    marker="o" if len(xs) < 30 else None, markersize=2)
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_title(f"KL of each of the {kl.shape[1]} units, {'training' if prefix == 'train_' else 'validation'} images")
+        ax.set_ylabel("nats per image")
+        ax.grid(alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, f"no values of {prefix}kl_per_unit", ha="center", va="center", transform=ax.transAxes)
+    active = [(x, v) for x, v in ((_finite_number(r.get(xkey, i)), _finite_number(r.get(prefix + "active_units")))
+                                  for i, r in enumerate(records)) if x is not None and v is not None]
+    if active:
+        ax_active.plot(*zip(*active), marker="o" if len(active) < 30 else None, markersize=3)
+        ax_active.set_ylim(0, (len(rows[-1][1]) if rows else max(v for _, v in active)) + 0.5)
+        ax_active.grid(alpha=0.3)
+    ax_active.set_title("active units (Cov_x E_q[z_u] > 0.01)")
+    for a in (ax, ax_active):
+        a.set_xlabel(xkey)
+    return _save(fig, path)

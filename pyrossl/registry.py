@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pyrossl.config import Config, suggest, unknown_key
 from pyrossl.errors import ConfigError
+from pyrossl.infer.objective import Objective
 from pyrossl.models.ccvae import CCVAE
 from pyrossl.models.classifier import Classifier
 from pyrossl.models.gae import GAE
@@ -26,17 +27,39 @@ def resolve_guide(cls: type[ZooModel], guide: str | None) -> str:
     """The guide name to use for ``cls``: its default when ``guide`` is None; an error if it does not fit."""
     if guide is None:
         return cls.default_guide
+    guide = cls.guide_aliases.get(guide, guide)
     if guide not in cls.guides:
+        if guide in cls.z_guides:
+            raise ConfigError(f"guide '{guide}' does not fit model '{cls.name}': it is a guide of the code z, "
+                              f"chosen with z_guide = \"{guide}\" (guides: {', '.join(cls.guides)})")
         raise ConfigError(f"guide '{guide}' does not fit model '{cls.name}'{suggest(guide, list(cls.guides))}")
     return guide
+
+
+def resolve_z_guide(cls: type[ZooModel], z_guide: str | None) -> str | None:
+    """The z-guide of ``cls``: its default (``diag-normal``) when None; an error naming those that fit."""
+    if z_guide is None:
+        return next(iter(cls.z_guides), None)
+    if z_guide not in cls.z_guides:
+        if not cls.z_guides:
+            raise ConfigError(f"z_guide '{z_guide}' does not fit model '{cls.name}': it has no Gaussian code "
+                              f"(models with one: {', '.join(n for n, c in MODELS.items() if c.z_guides)})")
+        raise ConfigError(f"z_guide '{z_guide}' does not fit model '{cls.name}'{suggest(z_guide, list(cls.z_guides))}")
+    return z_guide
+
+
+def objective_of(config: Config) -> Objective:
+    return Objective(config.train.objective, config.train.particles)
 
 
 def build_model(config: Config, meta: dict) -> ZooModel:
     """The zoo entry a config names, built for a dataset's metadata."""
     cls = model_class(config.model)
     guide = resolve_guide(cls, config.guide)
+    z_guide = resolve_z_guide(cls, config.z_guide)
     options = cls.make_options(config.options)
-    return cls(meta, options, guide)
+    cls.check_objective(guide, z_guide, objective_of(config))
+    return cls(meta, options, guide, z_guide=z_guide, objective=objective_of(config))
 
 
 def resolve(config: Config) -> Config:
@@ -49,4 +72,6 @@ def resolve(config: Config) -> Config:
     if config.data.name not in dataset_names():
         raise unknown_key(config.data.name, dataset_names(), what="dataset")
     options = cls.make_options(config.options)
-    return replace(config, guide=resolve_guide(cls, config.guide), options=cls.options_dict(options))
+    guide, z_guide = resolve_guide(cls, config.guide), resolve_z_guide(cls, config.z_guide)
+    cls.check_objective(guide, z_guide, objective_of(config))
+    return replace(config, guide=guide, z_guide=z_guide, options=cls.options_dict(options))

@@ -30,11 +30,15 @@ def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.
     folder = Path(folder)
     paths = []
     keys = sorted({k for r in records for k, v in r.items()
-                   if k.startswith(("train_", "val_", "test_")) and k != "train_seconds" and isinstance(v, (int, float))})
+                   if k.startswith(("train_", "val_", "test_")) and k != "train_seconds" and isinstance(v, (int, float))
+                   and not k.endswith("active_units")})  # a count, drawn with the KL per unit
     if records:
         paths.append(plots.plot_curves(records, ["loss"], folder / "loss.png", title="training loss"))
         if keys:
             paths.append(plots.plot_curves(records, keys, folder / "metrics.png", title="held-out metrics"))
+        kl_prefix = next((p for p in ("val_", "train_") if any(p + "kl_per_unit" in r for r in records)), None)
+        if kl_prefix:
+            paths.append(plots.plot_kl_per_unit(records, kl_prefix, folder / "kl_per_unit.png"))
     x, y = x[:2000], y[:2000]
     model.eval()
     try:
@@ -62,7 +66,7 @@ def write_index(run_dir: str | Path, figures: list[Path]) -> Path:
     best, last = summary.get("best", {}), summary.get("last", {})
     rows = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{_cell(best[k])}</td><td>{_cell(last.get(k, ''))}</td></tr>"
                      for k in best if isinstance(best[k], (int, float)))
-    head = {k: summary[k] for k in ("model", "guide", "dataset", "seed", "epochs", "best_epoch", "selection_metric", "seconds", "device")
+    head = {k: summary[k] for k in ("model", "guide", "z_guide", "dataset", "seed", "epochs", "best_epoch", "selection_metric", "seconds", "device")
             if k in summary}
     images = "\n".join(f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">'
                        f"<figcaption>{html.escape(p.name)}</figcaption></figure>" for p in figures)

@@ -188,7 +188,8 @@ class Trainer:
     def _check_resumable(self) -> None:
         if not runs.is_run(self.out):
             raise CheckpointError(f"cannot resume: {self.out} is not a run directory (no {runs.CONFIG})")
-        saved_d, new_d = _flat(runs.read_config(self.out).to_dict()), _flat(self.config.to_dict())
+        # resolved, so a run written before a key existed compares equal with that key's default
+        saved_d, new_d = _flat(resolve(runs.read_config(self.out)).to_dict()), _flat(self.config.to_dict())
         diff = [k for k in sorted(set(saved_d) | set(new_d)) if saved_d.get(k) != new_d.get(k) and k not in RUNTIME_KEYS]
         if diff:
             raise CheckpointError(f"cannot resume {self.out}: its config differs in {', '.join(diff)}")
@@ -420,6 +421,10 @@ class Trainer:
                 values = self.model.metrics_from_counts(counts)
             else:
                 values = self.model.evaluate(x, y, size)
+            if part == parts[0] and self.model.z_guides:
+                # the code's use per unit, on the first part (validation, or the scored training set)
+                code = self.model.code_counts(x, size) if x.shape[0] else None
+                values.update(self.model.code_metrics(distributed.sum_counts(code) if split else code))
             metrics.update({prefix[part] + k: v for k, v in values.items()})
         return metrics
 
@@ -570,7 +575,7 @@ class Trainer:
         c = self.config
         records = runs.read_metrics(self.out)
         summary = {
-            "model": c.model, "guide": c.guide, "dataset": c.data.name, "seed": c.seed,
+            "model": c.model, "guide": c.guide, "z_guide": c.z_guide, "dataset": c.data.name, "seed": c.seed,
             "epochs": self.epoch, "best_epoch": self.best_epoch, "selection_metric": "val_" + self.model.selection_metric,
             "seconds": round(self.seconds, 3), "steps": self.step, "device": str(self.device),
             "processes": self.dist.world_size,

@@ -14,7 +14,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pyro.infer import ELBO
+
 from pyrossl.config import build_dataclass
+from pyrossl.errors import ConfigError
+from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, Z_GUIDE_CLASSES
+from pyrossl.infer.objective import OBJECTIVES, Objective, make_elbo
 
 
 class ZooModel(nn.Module):
@@ -33,6 +38,8 @@ class ZooModel(nn.Module):
     #: guide name -> one-line description; the registry checks ``guide =`` against it
     guides: ClassVar[dict[str, str]]
     default_guide: ClassVar[str]
+    #: former guide names that recipes and run directories may still hold -> today's name
+    guide_aliases: ClassVar[dict[str, str]] = {}
     #: whether the trainer feeds labelled batches (``x_lab``, ``y_lab``) to :meth:`forward`
     uses_labels: ClassVar[bool] = False
     #: whether it trains on unlabelled batches too (False: labelled batches only)
@@ -46,12 +53,36 @@ class ZooModel(nn.Module):
     selection_metric: ClassVar[str] = "elbo"
     #: one line for `pyrossl list`
     description: ClassVar[str] = ""
+    #: z-guide name -> description: the guides of the continuous code it takes (``z_guide =``); empty
+    #: for entries without a Gaussian code
+    z_guides: ClassVar[dict[str, str]] = {}
+    #: the ``train.objective`` values it trains with
+    objectives: ClassVar[tuple[str, ...]] = ("elbo",)
 
-    def __init__(self, meta: dict, options: Any, guide: str):
+    def __init__(self, meta: dict, options: Any, guide: str, z_guide: str | None = None, objective: Objective | None = None):
         super().__init__()
         self.meta = dict(meta)
         self.options = options
         self.guide_name = guide
+        self.z_guide_name = z_guide or (DEFAULT_Z_GUIDE if self.z_guides else None)
+        self.objective = objective or Objective()
+
+    @classmethod
+    def check_objective(cls, guide: str, z_guide: str | None, objective: Objective) -> None:
+        """A ConfigError where ``train.objective`` cannot train this entry with these guides."""
+        if objective.name not in OBJECTIVES:
+            raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, not '{objective.name}'")
+        if objective.particles < 1:
+            raise ConfigError(f"train.particles must be at least 1, not {objective.particles}")
+        if objective.name not in cls.objectives:
+            raise ConfigError(f"train.objective '{objective.name}' does not fit model '{cls.name}' "
+                              f"(it has enumerated or non-reparameterised sites; valid: {', '.join(cls.objectives)})")
+
+    def make_elbo(self, enumerated: bool = False) -> ELBO:
+        """The Pyro ELBO of ``train.objective`` / ``train.particles`` for this entry's z-guide
+        (:func:`pyrossl.infer.objective.make_elbo`)."""
+        analytic = self.z_guide_name is None or Z_GUIDE_CLASSES[self.z_guide_name].analytic_kl
+        return make_elbo(self.objective, enumerated=enumerated, analytic_kl=analytic)
 
     @classmethod
     def make_options(cls, values: dict) -> Any:
@@ -124,6 +155,49 @@ class ZooModel(nn.Module):
     def log_likelihood(self, x: torch.Tensor, num_samples: int, batch_size: int = 100) -> torch.Tensor:
         """Per-example importance-weighted estimate of log p(x) (nats); models without one raise."""
         raise NotImplementedError(f"{self.name} has no likelihood estimate")
+
+    # --- the continuous code -----------------------------------------------------------------
+    @torch.no_grad()
+    def code_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and variance of each unit of z under q(z|x), ``[n, d]`` each (entries with a Gaussian code)."""
+        raise NotImplementedError(f"{self.name} has no continuous code")
+
+    @torch.no_grad()
+    def prior_moments(self, x: torch.Tensor, code_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and variance of each unit of z under the prior the images ``x`` are scored with
+        (broadcastable to ``[n, d]``): N(0, 1) unless the entry says otherwise."""
+        return torch.zeros_like(code_mean), torch.ones_like(code_mean)
+
+    @torch.no_grad()
+    def code_counts(self, x: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
+        """Sums over the images of the KL of each unit and of the posterior means and their squares
+        (they add up over disjoint parts, like :meth:`evaluation_counts`); empty without a code.
+
+        The KL of unit u is that of the Gaussians with q's and the prior's moments of z_u,
+        KL_u = 1/2 (log(s_p / s_q) + (s_q + (m_q - m_p)^2) / s_p - 1) (s: variances): exact for
+        the Gaussian z-guides and a Gaussian prior, a moment-matched approximation for a flow or a
+        mixture prior. The units' KLs sum to the KL of mean-field q only; a correlated q's total KL is
+        smaller by the units' multi-information.
+        """
+        if not self.z_guides:
+            return {}
+        kl = mean = mean_sq = 0.0
+        for xb in torch.split(x, batch_size):
+            m, v = self.code_moments(xb)
+            pm, pv = self.prior_moments(xb, m)
+            kl_b = 0.5 * (torch.log(pv / v) + (v + (m - pm) ** 2) / pv - 1)
+            kl, mean, mean_sq = kl + kl_b.double().sum(0), mean + m.double().sum(0), mean_sq + (m.double() ** 2).sum(0)
+        return {"code_kl": kl, "code_mean": mean, "code_mean_sq": mean_sq, "code_count": torch.tensor(x.shape[0])}
+
+    @staticmethod
+    def code_metrics(counts: dict[str, torch.Tensor]) -> dict:
+        """``kl_per_unit`` (nats, mean over the images) and ``active_units``: units whose posterior mean
+        varies over the images, Cov_x(E_q[z_u]) > 0.01 (Burda et al. 2016, section 5.2)."""
+        if not counts or not int(counts["code_count"]):
+            return {}
+        n = float(counts["code_count"])
+        variance = counts["code_mean_sq"] / n - (counts["code_mean"] / n) ** 2
+        return {"kl_per_unit": (counts["code_kl"] / n).tolist(), "active_units": int((variance > 0.01).sum())}
 
     # --- inspection -----------------------------------------------------------------------
     @torch.no_grad()

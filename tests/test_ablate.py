@@ -53,8 +53,21 @@ def test_ablation_over_a_config_key_from_the_cli(tmp_path, capsys):
     assert {p.name for p in tmp_path.iterdir()} >= {"ablation.csv", "ablation.md", "ablation.png"}
 
 
+def test_ablation_over_guides_and_z_guides_from_the_cli(tmp_path, capsys):
+    args = ["ablate", RECIPE, "--guides", "enum,gumbel", "--z-guides", "diag-normal,flow", "--seeds", "0",
+            "--out", str(tmp_path), "--set", "train.epochs=1"]
+    assert cli.main(args + sum((["--set", s] for s in TINY[1:]), [])) == 0
+    rows = list(csv.DictReader((tmp_path / "ablation.csv").open()))
+    assert [r["variant"] for r in rows] == ["guide=enum,z_guide=diag-normal", "guide=enum,z_guide=flow",
+                                            "guide=gumbel,z_guide=diag-normal", "guide=gumbel,z_guide=flow"]
+    configs = [(tmp_path / r["run"] / "config.toml").read_text() for r in rows]
+    assert ['z_guide = "flow"' in c for c in configs] == [False, True, False, True]
+
+
 @pytest.mark.parametrize("args,message", [
-    ([], "--guides or --vary"),
+    ([], "--guides, --z-guides or --vary"),
+    (["--z-guides", "flw"], "z_guide 'flw' does not fit model 'm2' (did you mean 'flow'?)"),
+    (["--z-guides", "flow", "--vary", "z_guide=diag-normal"], "each key may be varied once"),
     (["--guides", "enum", "--seeds", "a"], "--seeds"),
     (["--guides", "nope"], "guide"),
     (["--vary", "options.no_such_key=1,2"], "no_such_key"),

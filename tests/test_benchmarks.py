@@ -128,3 +128,20 @@ def test_scaling_benchmark_times_one_and_two_processes(tmp_path, capsys):
     alone = runs.read_config(tmp_path / "runs" / "cpu-2-independent" / "alone-0")
     digits = runs.read_config(tmp_path / "runs" / "cpu-1")
     assert alone.train.batch_size == digits.train.batch_size // 2
+
+
+def test_guides_benchmark_runs_every_z_guide_and_writes_json(tmp_path, capsys):
+    bench = _load("guides")
+    out = tmp_path / "guides.json"
+    assert bench.main(["--part", "vae", "--seeds", "0", "--runs", str(tmp_path / "runs"), "--out", str(out),
+                       "--set", "train.epochs=1", "--set", "data.name=digits", "--set", "data.validation=0.1",
+                       "--set", "data.test=0.2", "--set", "options.hidden=[16]", "--set", "options.z_dim=2",
+                       "--set", "train.iwae_samples=3"]) == 0
+    saved = json.loads(out.read_text())
+    assert set(saved["results"]) == {"diag-normal", "lowrank-normal", "flow", "targets"}
+    assert saved["results"]["flow"]["test_log_likelihood"][0] < 0
+    printed = capsys.readouterr().out
+    assert "| flow |" in printed and "epoch ratio" in printed
+    # the M2 part lists every label guide with both z-guides and the classifier on the same labels
+    labels = [label for label, _, _ in bench.PARTS["m2-mnist5k"]["variants"]]
+    assert "enum / flow" in labels and "dirichlet / diag-normal" in labels and labels[-1].startswith("labels alone")

@@ -76,7 +76,7 @@ def test_eval_of_a_model_without_a_likelihood(tmp_path, recipe, capsys):
 def test_list_names_models_guides_and_datasets(capsys):
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0
-    for word in ("vae", "diag-normal*", "digits", "mnist5k", "fashion-mnist", "npz"):
+    for word in ("vae", "amortised*", "z-guides: diag-normal*, lowrank-normal, flow", "digits", "mnist5k", "fashion-mnist", "npz"):
         assert word in out
 
 
@@ -91,7 +91,21 @@ def test_data_info(capsys):
         (["train", "{recipe}", "--set", "train.epoch=3"], "did you mean 'train.epochs'"),
         (["train", "{recipe}", "--set", "model=vea"], "unknown model 'vea' (did you mean 'vae'?)"),
         (["train", "{recipe}", "--set", "guide=diag-norm"], "guide 'diag-norm' does not fit model 'vae'"),
-        (["train", "{recipe}", "--set", "guide=diag-norml"], "(did you mean 'diag-normal'?)"),
+        (["train", "{recipe}", "--set", "guide=amortsed"], "(did you mean 'amortised'?)"),
+        (["train", "{recipe}", "--set", "guide=flow"], 'chosen with z_guide = "flow"'),
+        (["train", "{recipe}", "--set", "z_guide=flw"], "z_guide 'flw' does not fit model 'vae' (did you mean 'flow'?)"),
+        (["train", "{recipe}", "--set", "model=gae", "--set", "guide=point", "--set", "z_guide=flow"],
+         "it has no Gaussian code (models with one: vae, m2, gmm-vae, serket-vae-gmm, ccvae)"),
+        (["train", "{recipe}", "--set", "model=m2", "--set", "guide=enum", "--set", "train.objective=iwae"],
+         "train.objective 'iwae' fits m2 only with guide dirichlet or logistic-normal-latent, not 'enum'"),
+        (["train", "{recipe}", "--set", "model=gmm-vae", "--set", "train.objective=iwae"],
+         "train.objective 'iwae' does not fit model 'gmm-vae'"),
+        (["train", "{recipe}", "--set", "model=ccvae", "--set", "options={{}}", "--set", "train.particles=2"],
+         "train.particles must be 1 for ccvae"),
+        (["train", "{recipe}", "--set", "train.objective=elbbo"], "train.objective must be one of elbo, iwae"),
+        (["train", "{recipe}", "--set", "train.particles=0"], "train.particles must be at least 1"),
+        (["train", "{recipe}", "--set", "options.flows=0"], "options.flows must be at least 1"),
+        (["train", "{recipe}", "--set", "options.z_rank=0"], "options.z_rank must be at least 1"),
         (["train", "{recipe}", "--set", "data.name=fashion-mnst"], "did you mean 'fashion-mnist'"),
         (["train", "{recipe}", "--set", "options.z_dimm=3"], "did you mean 'options.z_dim'"),
         (["train", "{recipe}", "--set", "train.batch_size=0"], "batch_size must be at least 1"),

@@ -125,6 +125,19 @@ def test_two_processes_end_identical_and_write_one_run_directory(tmp_path):
             assert summary["last"][prefix + key] == pytest.approx(value, rel=1e-6, nan_ok=True), key  # float32 sums
 
 
+def test_two_processes_train_the_new_guides_and_write_the_kl_of_each_unit(tmp_path):
+    """M2 with the Dirichlet label latent and a flow z-guide: identical ranks, a checkpoint load_run reloads,
+    and the per-unit KL summed over the processes' shares of the validation set."""
+    out = tmp_path / "run"
+    config = _config(**{"model": "m2", "guide": "dirichlet", "z_guide": "flow", "data.labels_per_class": 5,
+                        "options": {"z_dim": 3, "hidden": [16], "flow_hidden": [8]}})
+    states = _launch(tmp_path, config, out)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any("z_guide.maps" in k for k in states[0]) and runs.load_run(out, "last").model.z_guide_name == "flow"
+    last = runs.read_metrics(out)[-1]
+    assert len(last["val_kl_per_unit"]) == 3 and 0 <= last["val_active_units"] <= 3
+
+
 def test_two_processes_with_half_batches_match_one_process_with_whole_batches(tmp_path):
     """A model without sampling noise: DDP's averaged gradients equal the gradients of the global batch."""
     config = _config(**{"model": "classifier", "data.labels_per_class": None, "train.epochs": 3, "train.batch_size": 50,

@@ -94,3 +94,163 @@ def test_shared_trunk_is_one_module_under_both_networks():
     fresh = M2(META, M2Options(z_dim=2, hidden=[16], shared_trunk=True), "enum")
     fresh.load_state_dict(state)
     assert torch.equal(fresh.predict(x), model.predict(x))
+
+
+# --- the simplex-latent guides: alpha is a latent of the model --------------------------------------
+
+LATENT_GUIDES = ["dirichlet", "logistic-normal-latent"]
+
+
+def _last_linear(classifier):
+    return [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def _set_logits(model, values):
+    """Make the classifier output ``values`` for every image (a zero last layer, its bias = values)."""
+    last = _last_linear(model.guide.classifier)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor(values))
+
+
+@pytest.mark.parametrize("guide", LATENT_GUIDES)
+def test_simplex_latent_sites_and_gradients(guide):
+    """alpha (or its logits) is drawn for labelled and unlabelled images alike; the model observes y."""
+    from pyro import poutine
+
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16], aux_weight=0.0), guide)
+    site = model.guide.latent_site
+    x, y = _batch()
+    labelled = poutine.trace(model.guide).get_trace(x[:4], model.one_hot(y[:4]))
+    assert [n for n, s in labelled.nodes.items() if s["type"] == "sample"] == ["data", site, "z"]
+    replayed = poutine.trace(poutine.replay(model.model, trace=labelled)).get_trace(x[:4], model.one_hot(y[:4]))
+    assert [n for n, s in replayed.nodes.items() if s["type"] == "sample"] == ["data", site, "y", "z", "x"]
+    assert replayed.nodes["y"]["is_observed"] and not replayed.nodes[site]["is_observed"]
+    unlabelled = poutine.trace(model.model).get_trace(x)
+    assert "y" not in unlabelled.nodes  # y is observed where there is a label, absent otherwise
+    # each term alone trains the classifier, the z-encoder and the decoder (the labelled one through alpha)
+    for args in ((x,), (None, x[:4], y[:4])):
+        model.zero_grad()
+        loss = model(*args)
+        assert torch.isfinite(loss)
+        loss.backward()
+        for part in (model.guide.classifier, model.guide.z_encoder, model.model.decoder):
+            grads = [p.grad for p in part.parameters()]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            assert sum(g.abs().sum() for g in grads) > 0
+    if guide == "logistic-normal-latent":
+        assert model.guide.logit_scale.weight.grad.abs().sum() > 0  # the learned scale of q(logits|x)
+
+
+@pytest.mark.parametrize("guide, options, logits", [
+    ("dirichlet", {"dirichlet_concentration": 1e-3}, [50.0, -50.0, 0.0]),
+    ("dirichlet", {"dirichlet_concentration": 1e3}, [50.0, -50.0, 0.0]),
+    ("dirichlet", {"dirichlet_concentration": 1e-3}, [-50.0, -50.0, -50.0]),
+    ("logistic-normal-latent", {"sharpness": 10.0}, [50.0, -50.0, 0.0]),
+    ("logistic-normal-latent", {"sharpness": 10.0, "sigma": 1e-3}, [-50.0, 50.0, 50.0]),
+])
+def test_simplex_latent_guides_finite_at_extremes(guide, options, logits):
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16], **options), guide)
+    _set_logits(model, logits)
+    x, y = _batch(64)
+    loss = model(x, x[:16], y[:16])
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_dirichlet_prediction_is_the_mode_class_of_q():
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16]), "dirichlet")
+    x, _ = _batch(50)
+    logits = model.guide.classifier(x)
+    beta = model.guide.latent_distribution(x).concentration
+    assert torch.equal(beta.argmax(-1), model.predict(x)) and torch.equal(logits.argmax(-1), model.predict(x))
+    assert (beta >= model.guide.floor).all()
+    latent = M2(META, M2Options(z_dim=2, hidden=[16]), "logistic-normal-latent")
+    assert torch.equal(latent.guide.latent_distribution(x).mean.argmax(-1), latent.predict(x))
+
+
+def _prior_of_latent(model, n):
+    """The model's distribution at the latent site, read off a trace."""
+    from pyro import poutine
+
+    trace = poutine.trace(model.model).get_trace(num=n)
+    return trace.nodes[model.guide.latent_site]["fn"]
+
+
+@pytest.mark.parametrize("guide, options", [("dirichlet", {"dirichlet_concentration": 0.5}),
+                                            ("dirichlet", {"dirichlet_concentration": 3.0}),
+                                            ("logistic-normal-latent", {"sigma": 0.7})])
+def test_latent_kl_matches_monte_carlo(guide, options):
+    """KL(q(alpha|x) || p(alpha)) in closed form against the mean of log q - log p over many draws."""
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16], **options), guide)
+    x, _ = _batch(4)
+    with torch.no_grad():
+        if guide == "logistic-normal-latent":
+            model.guide.logit_scale.weight.normal_(0.0, 0.1)  # a scale of its own per image
+        q, p = model.guide.latent_distribution(x), _prior_of_latent(model, 4)
+        closed = torch.distributions.kl_divergence(q, p)
+        draws = q.sample((200_000,))
+        mc = (q.log_prob(draws) - p.log_prob(draws)).mean(0)
+    assert closed.shape == (4,)
+    assert torch.allclose(mc, closed, rtol=0.02, atol=0.01), (mc, closed)
+
+
+@pytest.mark.parametrize("guide", LATENT_GUIDES)
+def test_trace_mean_field_elbo_takes_the_closed_form_kls(guide):
+    """The loss, by hand: -log p(x|alpha, z) - log p(y|alpha) + KL_alpha + KL_z at the guide's draws.
+    A Monte Carlo alpha term (log q - log p at the draw) would differ from it."""
+    from pyro import poutine
+    from torch.distributions import kl_divergence
+
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16]), guide)
+    x, y = _batch(6)
+    y = model.one_hot(y)
+    site = model.guide.latent_site
+    with torch.no_grad():
+        for args in ((x,), (x, y)):
+            torch.manual_seed(1)
+            loss = model.labelled_elbo.loss(model.model, model.guide, *args)
+            torch.manual_seed(1)
+            guide_trace = poutine.trace(model.guide).get_trace(*args)
+            model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(*args)
+            model_trace.compute_log_prob()
+            guide_trace.compute_log_prob()
+            q, p = guide_trace.nodes[site]["fn"], model_trace.nodes[site]["fn"]
+            qz, pz = guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]
+            observed = sum(model_trace.nodes[s]["log_prob_sum"] for s in ("x", "y") if s in model_trace.nodes)
+            by_hand = -observed + kl_divergence(q, p).sum() + kl_divergence(qz, pz).sum()
+            monte_carlo = -observed + sum(guide_trace.nodes[s]["log_prob_sum"] - model_trace.nodes[s]["log_prob_sum"]
+                                          for s in (site, "z"))
+            assert loss == pytest.approx(by_hand.item(), rel=1e-5)
+            assert abs(loss - monte_carlo.item()) > 1e-3
+
+
+@pytest.mark.parametrize("guide", LATENT_GUIDES)
+@pytest.mark.parametrize("z_guide", ["flow", "lowrank-normal"])
+def test_simplex_latent_guides_with_other_z_guides(guide, z_guide):
+    from pyrossl.config import load_config
+    from pyrossl.registry import build_model
+
+    torch.manual_seed(0)
+    meta = {"image_shape": (1, 8, 8), "num_classes": 4, "classes": [0, 1, 2, 3], "num_examples": 100}
+    config = load_config(base={"model": "m2", "guide": guide, "z_guide": z_guide,
+                               "options": {"z_dim": 3, "hidden": [16], "flows": 1, "z_rank": 1}})
+    model = build_model(config, meta)
+    assert model.guide.label_latent == model.model.label_latent
+    x, y = torch.rand(10, 1, 8, 8), torch.randint(4, (10,))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = model(x, x[:4], y[:4])
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    optimiser.step()
+    assert torch.isfinite(model.log_likelihood(x[:3], 5)).all()
+    assert model.latent(x[:3]).shape == (3, 3) and model.reconstruct(x[:3]).shape == (3, 1, 8, 8)

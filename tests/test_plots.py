@@ -135,3 +135,11 @@ def test_plot_reconstructions(tmp_path):
     assert_png(plots.plot_reconstructions(x, x.reshape(12, -1), tmp_path / "flat.png"))
     with pytest.raises(ValueError, match="x_rec"):
         plots.plot_reconstructions(x, torch.rand(12, 35), tmp_path / "bad.png")
+
+
+def test_plot_kl_per_unit(tmp_path):
+    records = [{"epoch": 1, "val_kl_per_unit": [0.5, 0.0, 2.0], "val_active_units": 2},
+               {"epoch": 2},  # not evaluated
+               {"epoch": 3, "val_kl_per_unit": [0.7, 0.001, 2.5], "val_active_units": 2}]
+    assert_png(plots.plot_kl_per_unit(records, "val_", tmp_path / "kl.png"))
+    assert_png(plots.plot_kl_per_unit([{"epoch": 1}], "val_", tmp_path / "none.png"))

@@ -28,12 +28,14 @@ def test_run_directory_is_complete(tmp_path):
     run = tmp_path / "run"
     for name in (runs.CONFIG, runs.METRICS, runs.SUMMARY, runs.CHECKPOINT, runs.BEST):
         assert (run / name).is_file(), name
-    for figure in ("loss.png", "metrics.png", "latent_pca.png", "reconstructions.png", "samples.png"):
+    for figure in ("loss.png", "metrics.png", "kl_per_unit.png", "latent_pca.png", "reconstructions.png", "samples.png"):
         assert (run / "figures" / figure).stat().st_size > 0, figure
     saved = json.loads((run / runs.SUMMARY).read_text())
     for key in ("model", "guide", "dataset", "seed", "epochs", "seconds", "best_epoch", "test_elbo", "test_log_likelihood"):
         assert key in saved, key
-    assert saved["guide"] == "diag-normal" and saved["epochs"] == 3
+    assert saved["guide"] == "amortised" and saved["z_guide"] == "diag-normal" and saved["epochs"] == 3
+    z_dim = runs.read_config(run).options["z_dim"]
+    assert len(saved["val_kl_per_unit"]) == z_dim and 0 <= saved["val_active_units"] <= z_dim
     assert summary["last"]["test_elbo"] == saved["last"]["test_elbo"]
     records = runs.read_metrics(run)
     assert [r["epoch"] for r in records] == [1, 2, 3]

@@ -9,6 +9,16 @@ stand in for the one-hot label fed to a decoder. Its KL divergence to a categori
 registered with ``torch.distributions.kl_divergence``, so ``TraceMeanField_ELBO`` uses it in
 closed form and never needs a relaxed density inside the loss.
 
+This KL is a *surrogate*: it is the KL of Cat(softmax(logits)) to the prior, not that of the law of
+the relaxed sample (a density on the simplex, against a prior that has none), nor that of the class
+the sample points to. For :class:`LogisticNormalLabel` the latter is the law of
+argmax_k (logits_k + sigma eps_k), which is not softmax(logits): for logits (0.3, -1.2, 0.7) and
+sigma = 1 it is about (0.373, 0.038, 0.589) against softmax's (0.368, 0.082, 0.549)
+(``tests/test_relaxed.py`` measures it). An unlabelled loss built on these KLs is therefore not a
+bound on -log p(x) of any model; where a bound is wanted, the relaxed vector must be a latent of the
+model itself with a KL of its own law (``dirichlet`` and ``logistic-normal-latent`` in
+:mod:`pyrossl.guides.label`, whose KLs are torch's Dirichlet/Dirichlet and Normal/Normal ones).
+
 - :class:`ConcreteLabel`: Gumbel-softmax / Concrete (Jang et al. 2017; Maddison et al. 2017),
   ``straight_through=True`` gives the hard one-hot forward with the relaxed gradient.
 - :class:`LogisticNormalLabel`: y = softmax(sharpness * (logits + sigma * eps)), eps ~ N(0, I).
@@ -140,7 +150,11 @@ def _categorical_kl(q: _RelaxedLabel, p_logits: torch.Tensor) -> torch.Tensor:
     return (q.probs * (q.logits - p_logits)).sum(-1)
 
 
-# registered on torch's OneHotCategorical, so Pyro's subclass of it is covered too
+# registered on torch's OneHotCategorical, so Pyro's subclass of it is covered too.
+# The surrogate KL of the categoricals is kept for LogisticNormalLabel (not replaced by the Gaussian
+# KL of its logits): against M2's categorical prior no KL of the relaxed sample's own law exists,
+# and a Gaussian-logit KL would mean a different model, which is the ``logistic-normal-latent``
+# guide's; ``logistic-normal`` stays the relaxation of the categorical model, like Gumbel-softmax.
 @register_kl(ConcreteLabel, torch.distributions.OneHotCategorical)
 @register_kl(LogisticNormalLabel, torch.distributions.OneHotCategorical)
 def _kl_relaxed_categorical(q, p):

@@ -1,0 +1,123 @@
+"""Guide benchmark: the z-guides and the label guides of the zoo, several seeds, mean ± sd.
+
+    python benchmarks/guides.py --part vae                  # VAE on binarised mnist5k, every z-guide
+    python benchmarks/guides.py --part m2-mnist5k           # M2, 100 labels: label guides x {diag-normal, flow}
+    python benchmarks/guides.py --part m2-fmnist            # the same on Fashion-MNIST (long: about 14 min a run)
+    python benchmarks/guides.py --part gmm-vae              # gmm-vae on the 3,000 digits, every z-guide
+    python benchmarks/guides.py --part ccvae                # ccvae on shapes, every z-guide
+    python benchmarks/guides.py --part vae --seeds 0 --set train.epochs=2 --runs /tmp/b   # a quick look
+
+Every run is a recipe of ``runs/`` with ``z_guide``, ``guide`` and the part's overrides, trained (or
+finished, or just read) in ``--runs/<part>/<variant>-seed<s>``. Reported per variant, mean ± sd over
+the seeds:
+
+- ``vae``: test ELBO and IWAE log p(x) (k = 1000) at the best validation epoch, seconds per epoch;
+  targets: ``flow`` at least 1 nat above ``diag-normal`` in IWAE log p(x), its epoch at most 1.6x;
+- ``m2-*``: test accuracy at the best validation epoch and at the last epoch, for every label guide
+  with ``diag-normal`` and ``flow``, beside the supervised-only classifier on the same labels;
+- ``gmm-vae``: cluster accuracy, NMI and the ELBO of the 3,000 digits; ``ccvae``: test accuracy.
+A Markdown table goes to stdout, every number to JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from pyrossl import runs
+from pyrossl.config import load_config
+from pyrossl.evaluate import mean_sd
+from pyrossl.train import train_to_completion, tune_allocator
+
+ROOT = Path(__file__).resolve().parents[1]
+Z_GUIDES = ["diag-normal", "lowrank-normal", "flow"]
+LABEL_GUIDES = ["enum", "gumbel", "st-gumbel", "logistic-normal", "sample", "dirichlet", "logistic-normal-latent"]
+
+
+def _m2_part(recipe: str, extra: list[str]) -> dict:
+    variants = [(f"{g} / {z}", [f"guide={g}", f"z_guide={z}"], recipe) for g in LABEL_GUIDES for z in ("diag-normal", "flow")]
+    # the baseline: the network of q(y|x) on the labels alone
+    variants.append(("labels alone (classifier)", ["model=classifier", "guide=none", "options={}"], recipe))
+    return {"variants": variants, "extra": extra, "metrics": ["test_accuracy", "last_test_accuracy"]}
+
+
+PARTS = {
+    "vae": {"variants": [(z, [f"z_guide={z}"], "runs/vae-mnist5k.toml") for z in Z_GUIDES],
+            "extra": ["data.binarize=true", "train.iwae_samples=1000"],
+            "metrics": ["test_elbo", "test_log_likelihood"]},
+    "m2-mnist5k": _m2_part("runs/m2-mnist5k-100.toml", []),
+    "m2-fmnist": _m2_part("runs/m2-fmnist-100.toml", []),
+    "gmm-vae": {"variants": [(z, [f"z_guide={z}"], "runs/gmm-vae-mnist3000.toml") for z in Z_GUIDES], "extra": [],
+                "metrics": ["train_cluster_accuracy", "train_nmi", "train_elbo"]},
+    "ccvae": {"variants": [(z, [f"z_guide={z}"], "runs/ccvae-shapes.toml") for z in Z_GUIDES], "extra": [],
+              "metrics": ["test_accuracy", "last_test_accuracy"]},
+}
+
+
+def run_one(recipe: str, overrides: list[str], out: Path) -> dict:
+    """Train (or finish, or read) one run; its metrics, including the last epoch's as ``last_*``."""
+    summary = train_to_completion(load_config(ROOT / recipe, overrides + ["train.progress=false"]), out)
+    records = runs.read_metrics(out)
+    seconds = [r["train_seconds"] for r in records if "train_seconds" in r]
+    row = {k: v for k, v in summary["best"].items() if isinstance(v, (int, float))}
+    row.update({f"last_{k}": v for k, v in summary["last"].items() if isinstance(v, (int, float))})
+    row["seconds_per_epoch"] = statistics.mean(seconds) if seconds else float("nan")
+    row["best_epoch"] = summary["best_epoch"]
+    for key in ("val_active_units", "train_active_units"):
+        if key in summary["best"]:
+            row["active_units"] = summary["best"][key]
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=list(PARTS), required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default="", help="comma-separated variant labels to run (default: all)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs", default=str(ROOT / "outputs" / "bench-guides"))
+    parser.add_argument("--out", help="JSON file (default benchmarks/results/guides-<part>.json)")
+    args = parser.parse_args(argv)
+    tune_allocator()
+    part = PARTS[args.part]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
+    start = time.time()
+    results = {}
+    for label, overrides, recipe in part["variants"]:
+        if wanted and label not in wanted:
+            continue
+        slug = label.replace(" / ", "-").replace(" ", "-").replace("(", "").replace(")", "")
+        rows = []
+        for seed in seeds:
+            out = Path(args.runs) / args.part / f"{slug}-seed{seed}"
+            rows.append(run_one(recipe, [*part["extra"], *overrides, *args.overrides, f"seed={seed}"], out))
+            print(f"{label} seed {seed}: " + ", ".join(f"{k}={rows[-1][k]:.4f}" for k in part["metrics"] if k in rows[-1]),
+                  flush=True)
+        keys = [*part["metrics"], "seconds_per_epoch", "active_units"]
+        results[label] = {"runs": rows, **{k: mean_sd([r[k] for r in rows]) for k in keys if all(k in r for r in rows)}}
+    columns = [*part["metrics"], "seconds_per_epoch", "active_units"]
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, res in results.items():
+        cells = [f"{res[k][0]:.4f} ± {res[k][1]:.4f}" if k in res else "—" for k in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(f"\n{args.part}, seeds {args.seeds}, overrides {part['extra'] + args.overrides}\n\n{table}")
+    if args.part == "vae" and {"diag-normal", "flow"} <= results.keys():
+        gain = results["flow"]["test_log_likelihood"][0] - results["diag-normal"]["test_log_likelihood"][0]
+        ratio = results["flow"]["seconds_per_epoch"][0] / results["diag-normal"]["seconds_per_epoch"][0]
+        print(f"\nflow - diag-normal IWAE log p(x): {gain:+.3f} nats (target >= 1); epoch ratio {ratio:.2f} (target <= 1.6)")
+        results["targets"] = {"log_likelihood_gain": gain, "epoch_ratio": ratio}
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"guides-{args.part}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"part": args.part, "seeds": seeds, "overrides": part["extra"] + args.overrides,
+                               "seconds": round(time.time() - start, 1), "results": results, "table": table}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
