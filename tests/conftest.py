@@ -30,6 +30,18 @@ def tiny_config(**overrides):
     return config_from_dict(raw)
 
 
+def one_checked_step(model, x, x_lab, y_lab):
+    """One Adam step of a zoo entry's loss: finite, and every parameter gets a finite gradient."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = model(x, x_lab, y_lab)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    optimiser.step()
+    return loss
+
+
 class WritesAFile:
     """Pickles to ``open(target, "w")``: a checkpoint holding it would create a file when unpickled."""
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from pyro.infer import TraceEnum_ELBO, TraceMeanField_ELBO
 
+from conftest import one_checked_step
 from pyrossl.guides.label import LABEL_GUIDES, ConditionalGaussianEncoder
 from pyrossl.models.m2 import M2, M2Options
 
@@ -245,12 +246,6 @@ def test_simplex_latent_guides_with_other_z_guides(guide, z_guide):
     model = build_model(config, meta)
     assert model.guide.label_latent == model.model.label_latent
     x, y = torch.rand(10, 1, 8, 8), torch.randint(4, (10,))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss = model(x, x[:4], y[:4])
-    assert torch.isfinite(loss)
-    loss.backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    optimiser.step()
+    one_checked_step(model, x, x[:4], y[:4])
     assert torch.isfinite(model.log_likelihood(x[:3], 5)).all()
     assert model.latent(x[:3]).shape == (3, 3) and model.reconstruct(x[:3]).shape == (3, 1, 8, 8)
