@@ -217,7 +217,14 @@ M2_SMALL = {"model": "m2", "guide": "gumbel", "data.labels_per_class": 5, "train
             "train.epochs": 3, "data.binarize": True, "options": {"z_dim": 4, "hidden": [32]}}
 
 
-@pytest.mark.parametrize("overrides, stop_step", [({"data.binarize": True}, 15), (M2_SMALL, 30)], ids=["vae", "m2-gumbel"])
+M2_NEW_GUIDES = {**M2_SMALL, "guide": "dirichlet", "z_guide": "lowrank-normal", "train.particles": 2}
+VAE_FLOW = {"data.binarize": True, "z_guide": "flow", "train.objective": "iwae", "train.particles": 3,
+            "options": {"z_dim": 4, "hidden": [32], "flow_hidden": [16]}}
+
+
+@pytest.mark.parametrize("overrides, stop_step", [({"data.binarize": True}, 15), (M2_SMALL, 30), (VAE_FLOW, 15),
+                                                  (M2_NEW_GUIDES, 30)],
+                         ids=["vae", "m2-gumbel", "vae-flow-iwae", "m2-dirichlet-lowrank"])
 def test_a_stop_inside_an_epoch_checkpoints_there_and_resumes_to_the_same_numbers(tmp_path, monkeypatch, overrides, stop_step):
     config = tiny_config(**overrides)
     train(config, tmp_path / "full")
