@@ -16,7 +16,8 @@ the seeds:
 - ``m2-*``: test accuracy at the best validation epoch and at the last epoch, for every label guide
   with ``diag-normal`` and ``flow``, beside the supervised-only classifier on the same labels;
 - ``gmm-vae``: cluster accuracy, NMI and the ELBO of the 3,000 digits; ``ccvae``: test accuracy.
-A Markdown table goes to stdout, every number to JSON (``--out``).
+A Markdown table goes to stdout, every number to JSON (``--out``), and the validation curve of each
+variant (mean ± sd over seeds) to a PNG beside it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-from pyrossl import runs
+from pyrossl import plots, runs
 from pyrossl.config import load_config
 from pyrossl.evaluate import mean_sd
 from pyrossl.train import train_to_completion, tune_allocator
@@ -41,7 +42,7 @@ def _m2_part(recipe: str, extra: list[str]) -> dict:
     variants = [(f"{g} / {z}", [f"guide={g}", f"z_guide={z}"], recipe) for g in LABEL_GUIDES for z in ("diag-normal", "flow")]
     # the baseline: the network of q(y|x) on the labels alone
     variants.append(("labels alone (classifier)", ["model=classifier", "guide=none", "options={}"], recipe))
-    return {"variants": variants, "extra": extra, "metrics": ["test_accuracy", "last_test_accuracy"]}
+    return {"variants": variants, "extra": extra, "metrics": ["test_accuracy", "last_test_accuracy"], "curve": "val_accuracy"}
 
 
 PARTS = {
@@ -49,13 +50,13 @@ PARTS = {
             # 300 epochs (the recipe's 40 leave every z-guide far from converged: validation ELBO still
             # rising by 1 nat per 5 epochs); the best validation epoch is tested
             "extra": ["data.binarize=true", "train.iwae_samples=1000", "train.epochs=300"],
-            "metrics": ["test_elbo", "test_log_likelihood"]},
+            "metrics": ["test_elbo", "test_log_likelihood"], "curve": "val_elbo"},
     "m2-mnist5k": _m2_part("runs/m2-mnist5k-100.toml", []),
     "m2-fmnist": _m2_part("runs/m2-fmnist-100.toml", []),
     "gmm-vae": {"variants": [(z, [f"z_guide={z}"], "runs/gmm-vae-mnist3000.toml") for z in Z_GUIDES], "extra": [],
-                "metrics": ["train_cluster_accuracy", "train_nmi", "train_elbo"]},
+                "metrics": ["train_cluster_accuracy", "train_nmi", "train_elbo"], "curve": "train_cluster_accuracy"},
     "ccvae": {"variants": [(z, [f"z_guide={z}"], "runs/ccvae-shapes.toml") for z in Z_GUIDES], "extra": [],
-              "metrics": ["test_accuracy", "last_test_accuracy"]},
+              "metrics": ["test_accuracy", "last_test_accuracy"], "curve": "val_accuracy"},
 }
 
 
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
     start = time.time()
-    results = {}
+    results, curves = {}, {}
     for label, overrides, recipe in part["variants"]:
         if wanted and label not in wanted:
             continue
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             out = Path(args.runs) / args.part / f"{slug}-seed{seed}"
             rows.append(run_one(recipe, [*part["extra"], *overrides, *args.overrides, f"seed={seed}"], out))
+            curves.setdefault(label, []).append(runs.read_metrics(out))
             print(f"{label} seed {seed}: " + ", ".join(f"{k}={rows[-1][k]:.4f}" for k in part["metrics"] if k in rows[-1]),
                   flush=True)
         keys = [*part["metrics"], "seconds_per_epoch", "active_units"]
@@ -115,9 +117,14 @@ def main(argv=None) -> int:
         results["targets"] = {"log_likelihood_gain": gain, "epoch_ratio": ratio}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"guides-{args.part}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    # the first tenth of the epochs left out: their steep rise would flatten the differences
+    start = max((r.get("epoch", 0) for rs in curves.values() for recs in rs for r in recs), default=0) // 10
+    shown = {label: [[r for r in recs if r.get("epoch", 0) > start] for recs in rs] for label, rs in curves.items()}
+    figure = plots.plot_bands(shown, part["curve"], out.with_suffix(".png"),
+                              title=f"{args.part}: {part['curve']} after epoch {start}, mean ± sd over seeds {args.seeds}")
     out.write_text(json.dumps({"part": args.part, "seeds": seeds, "overrides": part["extra"] + args.overrides,
                                "seconds": round(time.time() - start, 1), "results": results, "table": table}, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out} and {figure}")
     return 0
 
 

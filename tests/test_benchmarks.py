@@ -142,6 +142,7 @@ def test_guides_benchmark_runs_every_z_guide_and_writes_json(tmp_path, capsys):
     assert saved["results"]["flow"]["test_log_likelihood"][0] < 0
     printed = capsys.readouterr().out
     assert "| flow |" in printed and "epoch ratio" in printed
+    assert out.with_suffix(".png").stat().st_size > 5000
     # the M2 part lists every label guide with both z-guides and the classifier on the same labels
     labels = [label for label, _, _ in bench.PARTS["m2-mnist5k"]["variants"]]
     assert "enum / flow" in labels and "dirichlet / diag-normal" in labels and labels[-1].startswith("labels alone")
