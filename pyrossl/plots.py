@@ -385,9 +385,10 @@ def plot_bands(
     ``curves[label]`` is a list of runs, each a list of records (the lines of ``metrics.jsonl``). At
     each x the mean and the sample sd are taken over the runs that have a finite value there.
     """
-    fig = _new_figure(6.5, 4.2)
+    many = len(curves) > 6  # the legend goes beside the axes, where it hides no curve
+    fig = _new_figure(9.5 if many else 6.5, 4.2)
     ax = fig.add_subplot()
-    colours = colormaps["tab10"]
+    colours = colormaps["tab20" if len(curves) > 10 else "tab10"]
     drawn = 0
     for i, (label, run_records) in enumerate(curves.items()):
         by_x: dict[float, list[float]] = {}
@@ -401,13 +402,13 @@ def plot_bands(
         xs = np.array(sorted(by_x))
         mean = np.array([np.mean(by_x[x]) for x in xs])
         sd = np.array([np.std(by_x[x], ddof=1) if len(by_x[x]) > 1 else 0.0 for x in xs])
-        colour = colours(i % 10)
+        colour = colours(i % colours.N)
         n = max(len(v) for v in by_x.values())
         ax.plot(xs, mean, color=colour, marker="o" if len(xs) < 30 else None, markersize=3, label=f"{label} (n={n})")
         ax.fill_between(xs, mean - sd, mean + sd, color=colour, alpha=0.2, linewidth=0)
         drawn += 1
     if drawn:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, **({"loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if many else {}))
     else:
         ax.text(0.5, 0.5, f"no values of {key}", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(xkey)
