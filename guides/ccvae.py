@@ -60,27 +60,30 @@ class CCVAEGuide(nn.Module):
         self.z_s_guide = make_z_guide(z_guide if z_style else DEFAULT_Z_GUIDE, z_style, width, z_options)
         self.classifier = DiagonalClassifier(num_labels)
 
+    def _per_block(self, method: str, encoded) -> tuple:
+        """``method`` of the z_c and the z_s guide, each on its slice of the encoder's (mu, sigma) and on h."""
+        c = self.num_labels
+        loc, scale, h = encoded
+        return (getattr(self.z_c_guide, method)(loc[:, :c], scale[:, :c], h),
+                getattr(self.z_s_guide, method)(loc[:, c:], scale[:, c:], h))
+
     def blocks(self, x: torch.Tensor, encoded=None) -> tuple[dist.Distribution, dist.Distribution]:
         """q(z_c|x) and q(z_s|x), each of batch shape [B] (``encoded``: the encoder's output for x, if at hand)."""
-        c = self.num_labels
-        loc, scale, h = encoded or self.encoder.encode_all(x)
-        return (self.z_c_guide.distribution(loc[:, :c], scale[:, :c], h),
-                self.z_s_guide.distribution(loc[:, c:], scale[:, c:], h))
+        return self._per_block("distribution", encoded or self.encoder.encode_all(x))
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and variance of each unit of q(z|x), z = [z_c, z_s] (Monte Carlo for a flow)."""
+        (mc, vc), (ms, vs) = self._per_block("moments", self.encoder.encode_all(x))
+        return torch.cat([mc, ms], -1), torch.cat([vc, vs], -1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean and standard deviation of each unit of q(z|x), z = [z_c, z_s] (Monte Carlo for a flow)."""
-        c = self.num_labels
-        loc, scale, h = self.encoder.encode_all(x)
-        (mc, vc), (ms, vs) = (self.z_c_guide.moments(loc[:, :c], scale[:, :c], h),
-                              self.z_s_guide.moments(loc[:, c:], scale[:, c:], h))
-        return torch.cat([mc, ms], -1), torch.cat([vc, vs], -1).sqrt()
+        """The mean and standard deviation of each unit of q(z|x), z = [z_c, z_s]."""
+        mean, var = self.moments(x)
+        return mean, var.sqrt()
 
     def point(self, x: torch.Tensor) -> torch.Tensor:
         """A deterministic code z = [z_c, z_s] per image (the posterior mean of a Gaussian z-guide)."""
-        c = self.num_labels
-        loc, scale, h = self.encoder.encode_all(x)
-        return torch.cat([self.z_c_guide.point(loc[:, :c], scale[:, :c], h),
-                          self.z_s_guide.point(loc[:, c:], scale[:, c:], h)], -1)
+        return torch.cat(self._per_block("point", self.encoder.encode_all(x)), -1)
 
     def q_y_x(self, q_c: dist.Distribution, k: int | None = None) -> dist.Distribution:
         """q(y|x) ~= 1/k sum_j q(y|z_c^j), z_c^j ~ q(z_c|x) (reparameterised): a uniform mixture, batch shape [B]."""

@@ -113,9 +113,13 @@ class ConditionalGaussianEncoder(nn.Module):
         """A deterministic code per image: the mean of a Gaussian q(z|x, y), the flow's image of its base mean."""
         return self.z_guide.point(*self.encode_all(x, y))
 
+    def moments(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and variance of each unit of z under q(z|x, y) (Monte Carlo for a flow)."""
+        return self.z_guide.moments(*self.encode_all(x, y))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean and standard deviation of each unit of z under q(z|x, y) (Monte Carlo for a flow)."""
-        mean, var = self.z_guide.moments(*self.encode_all(x, y))
+        """The mean and standard deviation of each unit of z under q(z|x, y)."""
+        mean, var = self.moments(x, y)
         return mean, var.sqrt()
 
 

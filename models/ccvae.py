@@ -262,8 +262,7 @@ class CCVAE(ZooModel):
 
     @torch.no_grad()
     def code_moments(self, x):
-        mean, std = self.guide.encode(x)
-        return mean, std**2
+        return self.guide.moments(x)
 
     @torch.no_grad()
     def prior_moments(self, x, code_mean):

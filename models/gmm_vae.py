@@ -55,7 +55,7 @@ from pyrossl.evaluate import (cluster_mapping, clustering_metrics, confusion_mat
                               pairs_from_table)
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
-from pyrossl.infer.objective import Objective, make_elbo
+from pyrossl.infer.objective import Objective
 from pyrossl.mixture import PyroGaussianMixture
 from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
 from pyrossl.nn import check_network_options
@@ -239,7 +239,7 @@ class SerketVAEGMM(_ClusteringVAE):
         encoder, decoder = self._networks(o)
         self.loss = self.make_elbo()(MessagePriorVAE(decoder, o.alpha), encoder)
         # evaluation reports the one-sample ELBO, whatever the training objective
-        self.eval_elbo = make_elbo(Objective(), analytic_kl=encoder.z_guide.analytic_kl)
+        self.eval_elbo = self.make_elbo(objective=Objective())
         self.set_alpha(o.alpha)
         self.gmm = PyroGaussianMixture(o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init,
                                        covariance_type=o.covariance)

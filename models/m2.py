@@ -285,7 +285,7 @@ class M2(LabelClassifier, ZooModel):
     @torch.no_grad()
     def code_moments(self, x):
         """The moments of q(z|x, y) at the predicted class."""
-        return self.guide.z_encoder.z_guide.moments(*self.guide.z_encoder.encode_all(x, self.one_hot(self.predict(x))))
+        return self.guide.z_encoder.moments(x, self.one_hot(self.predict(x)))
 
     @torch.no_grad()
     def latent(self, x):

@@ -29,7 +29,7 @@ from pyrossl.evaluate import iwae_log_likelihood
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
-from pyrossl.infer.objective import Objective, make_elbo
+from pyrossl.infer.objective import Objective
 from pyrossl.nn import check_network_options, ConvDecoder, MLP
 from pyrossl.zoo import ZooModel
 
@@ -121,7 +121,7 @@ class VAE(ZooModel):
             CodeGuide(shape, o.z_dim, o.hidden, o.act, o.net, z_guide=self.z_guide_name, z_options=o),
         )
         # evaluation reports the one-sample ELBO, whatever the training objective
-        self.eval_elbo = make_elbo(Objective(), analytic_kl=self.guide.z_guide.analytic_kl)
+        self.eval_elbo = self.make_elbo(objective=Objective())
         self.set_beta(o.beta)
 
     def set_beta(self, beta: float) -> None:

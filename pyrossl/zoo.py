@@ -78,11 +78,11 @@ class ZooModel(nn.Module):
             raise ConfigError(f"train.objective '{objective.name}' does not fit model '{cls.name}' "
                               f"(it has enumerated or non-reparameterised sites; valid: {', '.join(cls.objectives)})")
 
-    def make_elbo(self, enumerated: bool = False) -> ELBO:
-        """The Pyro ELBO of ``train.objective`` / ``train.particles`` for this entry's z-guide
-        (:func:`pyrossl.infer.objective.make_elbo`)."""
+    def make_elbo(self, enumerated: bool = False, objective: Objective | None = None) -> ELBO:
+        """The Pyro ELBO of ``objective`` (default: ``train.objective`` / ``train.particles``) for this
+        entry's z-guide (:func:`pyrossl.infer.objective.make_elbo`)."""
         analytic = self.z_guide_name is None or Z_GUIDE_CLASSES[self.z_guide_name].analytic_kl
-        return make_elbo(self.objective, enumerated=enumerated, analytic_kl=analytic)
+        return make_elbo(objective or self.objective, enumerated=enumerated, analytic_kl=analytic)
 
     @classmethod
     def make_options(cls, values: dict) -> Any:
