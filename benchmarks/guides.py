@@ -118,10 +118,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"guides-{args.part}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     # the first tenth of the epochs left out: their steep rise would flatten the differences
-    start = max((r.get("epoch", 0) for rs in curves.values() for recs in rs for r in recs), default=0) // 10
-    shown = {label: [[r for r in recs if r.get("epoch", 0) > start] for recs in rs] for label, rs in curves.items()}
+    cut = max((r.get("epoch", 0) for rs in curves.values() for recs in rs for r in recs), default=0) // 10
+    shown = {label: [[r for r in recs if r.get("epoch", 0) > cut] for recs in rs] for label, rs in curves.items()}
     figure = plots.plot_bands(shown, part["curve"], out.with_suffix(".png"),
-                              title=f"{args.part}: {part['curve']} after epoch {start}, mean ± sd over seeds {args.seeds}")
+                              title=f"{args.part}: {part['curve']} after epoch {cut}, mean ± sd over seeds {args.seeds}")
     out.write_text(json.dumps({"part": args.part, "seeds": seeds, "overrides": part["extra"] + args.overrides,
                                "seconds": round(time.time() - start, 1), "results": results, "table": table}, indent=2) + "\n")
     print(f"\nwrote {out} and {figure}")
