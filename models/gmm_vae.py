@@ -49,7 +49,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrossl import plots
+from pyrossl import plots, runs
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import (cluster_mapping, clustering_metrics, confusion_matrix, iwae_log_likelihood, label_table,
                               pairs_from_table)
@@ -358,14 +358,24 @@ class SerketVAEGMM(_ClusteringVAE):
         np.savetxt(out / "category.txt", truth.numpy(), fmt="%d")
         return paths + [out / "index.txt", out / "category.txt"]
 
+    @classmethod
+    def read_outputs(cls, run_dir, options) -> dict:
+        """The codes before the first message and after the last (``rounds/001`` and the top
+        ``module001_vae/z_learn.txt``) with the true classes (``category.txt``), checked; empty before a round."""
+        run = Path(run_dir)
+        first = run / "rounds" / "001" / "module001_vae" / "z_learn.txt"
+        if not (first.exists() or (run / "category.txt").exists()):
+            return {}
+        truth = runs.read_table(run / "category.txt", dtype=int)
+        shape = (len(truth), options.z_dim)
+        return {"truth": truth, "before": runs.read_table(first, shape=shape),
+                "after": runs.read_table(run / "module001_vae" / "z_learn.txt", shape=shape)}
+
     def figures(self, folder, x, y):
+        kept = self.read_outputs(Path(folder).parent, self.options)  # first: a damaged file stops before any figure is drawn
         paths = super().figures(folder, x, y)
-        run = Path(folder).parent
-        first, last = run / "rounds" / "001", run
-        if (first / "module001_vae" / "z_learn.txt").exists() and (run / "category.txt").exists():
-            truth = np.loadtxt(run / "category.txt", dtype=int)
-            before = np.loadtxt(first / "module001_vae" / "z_learn.txt", ndmin=2)
-            after = np.loadtxt(last / "module001_vae" / "z_learn.txt", ndmin=2)
+        if kept:
+            truth, before, after = kept["truth"], kept["before"], kept["after"]
             rounds = int(self.rounds)
             paths.append(plots.plot_latent_pair(
                 before, after, truth, Path(folder) / "latent_before_after.png", classes=self.meta.get("classes"),

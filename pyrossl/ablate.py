@@ -90,7 +90,8 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
            vary: list[str] = (), overrides: list[str] = (), device: str | None = None, z_guides: list[str] = ()) -> dict:
     """Train every variant (guides × z-guides × varied values) × seed (finishing only what is missing)
     and write the three summaries."""
-    from pyrossl.train import train_to_completion
+    from pyrossl.registry import resolve
+    from pyrossl.train import check_train_config, train_to_completion
 
     parsed = [parse_vary(v) for v in vary]
     keys = [k for k, _ in parsed]
@@ -106,6 +107,9 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
     slugs = [v.slug for v in all_variants]
     if len(set(slugs)) != len(slugs):
         raise ConfigError(f"two variants would share a run folder ({', '.join(sorted({s for s in slugs if slugs.count(s) > 1}))}): make the values differ in letters or digits")
+    for config in configs.values():  # every run's settings, checked before the first one trains
+        check_train_config(resolve(config))
+    runs.prepare_output(out)  # before any data is loaded
     rows, curves, selection = [], {}, None
     for v in all_variants:
         curves[v.label] = []

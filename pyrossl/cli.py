@@ -266,6 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyrossl: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named or can fix: a bug, with its traceback
+            raise
+        # a file or folder the command was pointed at (a permission, a full disk, a vanished folder)
+        if distributed.environment().rank == 0:
+            print(f"pyrossl: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        # an allocation too large for this machine (sizes in the recipe): say so; any other RuntimeError is a bug
+        import torch
+
+        if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)):
+            raise
+        print("pyrossl: error: out of memory: lower train.batch_size, train.eval_batch_size or the network's sizes",
+              file=sys.stderr)
+        return 2
 
 
 def console() -> int:

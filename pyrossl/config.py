@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -142,10 +143,14 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise ConfigError(f"'{key}' must be an integer, not {value!r}")
+        if not -2**63 <= value < 2**63:  # TOML's range; a float such as 1e30 is integral but no setting's size
+            raise ConfigError(f"'{key}' = {value!r} is out of range")
         return int(value)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{key}' must be a number, not {value!r}")
+        if not math.isfinite(value):  # TOML has nan and inf; no setting means them
+            raise ConfigError(f"'{key}' must be a finite number, not {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

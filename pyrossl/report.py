@@ -91,7 +91,9 @@ figure{{display:inline-block;margin:1em;vertical-align:top}} img{{max-width:560p
 
 def write_report(run_dir: str | Path, which: str = "best", device: str = "cpu") -> tuple[Path, list[Path]]:
     """Redraw every figure of a run from its checkpoint and write ``figures/index.html``."""
+    runs.prepare_output(Path(run_dir) / runs.FIGURES)  # a run that cannot take its figures is said before anything loads
     run = runs.load_run(run_dir, which=which, device=device)
+    type(run.model).read_outputs(run_dir, run.model.options)  # the entry's own files, checked before anything is redrawn
     part = figure_part(run.split, run.model.evaluate_on_train)
     x, y = run.tensors(part)
     figures = draw_figures(run.model, run.dataset, run.metrics, x, y, Path(run_dir) / runs.FIGURES)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pyrossl.config import Config, dumps, load_config
-from pyrossl.errors import CheckpointError, PyrosslError
+from pyrossl.errors import CheckpointError, ConfigError, PyrosslError
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -66,6 +66,25 @@ def child(folder: Path, name: str) -> Path:
     return Path(folder) / name
 
 
+def prepare_output(folder: Path) -> Path:
+    """Create ``folder`` (and its parents) and prove it writable by writing and deleting a file in it.
+
+    Called before any data is loaded or any step is taken, so that an ``--out`` that cannot hold
+    a run is one line at once instead of a failure at the first checkpoint.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise CheckpointError(f"cannot write into {folder}: a file of that name exists") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot write into {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary files a killed write left in ``folder`` (never a finished file)."""
     stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()] if Path(folder).is_dir() else []
@@ -83,34 +102,101 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """A checkpoint's dict, loaded with ``weights_only=True``: a file that would run code is refused."""
+def _text(path: Path) -> str:
+    """The text of a run file, or a CheckpointError that names it (unreadable, not UTF-8)."""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not a text (UTF-8) file (byte {exc.start})") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _json_error(path: Path, exc: json.JSONDecodeError, line: int | None = None) -> CheckpointError:
+    where = f"line {line}" if line is not None else f"line {exc.lineno}, column {exc.colno}"
+    return CheckpointError(f"{path}: {where}: not JSON ({exc.msg})")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) -> dict:
+    """A checkpoint's dict, loaded with ``weights_only=True``: a file that would run code is refused.
+
+    ``keys`` must be present; the ``model`` entry must map parameter names to finite tensors (a
+    damaged file can unpickle into numbers that are not the ones written: training never saves
+    non-finite parameters, so such a file is refused here rather than drawn or evaluated).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
         raise CheckpointError(f"{path} is not a safe pyrossl checkpoint (refused to unpickle: {first})") from None
     except Exception as exc:  # garbage bytes fail in many ways inside the unpickler: all mean "not a checkpoint"
-        detail = str(exc).splitlines()[0] if str(exc) else ""
+        detail = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else ""
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {detail})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a pyrossl checkpoint (it holds a {type(state).__name__}, not a dict)")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a pyrossl checkpoint (no {', '.join(repr(k) for k in missing)})")
+    if "model" in state:
+        params = state["model"]
+        if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items()):
+            raise CheckpointError(f"{path}: its 'model' entry is not a dict of named tensors")
+        bad = next((k for k, v in params.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"{path}: parameter {bad!r} holds non-finite values (the file is damaged)")
+    return state
+
+
+def load_parameters(model: torch.nn.Module, path: Path, map_location="cpu") -> dict:
+    """Load the ``model`` entry of the checkpoint ``path`` into ``model``; the checkpoint's dict.
+
+    A checkpoint of another model (names or shapes differ) is a CheckpointError that names the file.
+    """
+    state = load_checkpoint(path, map_location=map_location, keys=("model",))
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not match this model ({str(exc).strip().splitlines()[0]})") from None
+    return state
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``: one JSON object per evaluated epoch, with an integer ``epoch``.
+
+    A last line cut short (a kill while it was appended) is dropped: its epoch has no checkpoint
+    either, and a resumed run writes it again. Any other line that is not such an object is a
+    CheckpointError naming the file and the line.
+    """
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
     records = []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    for i, line in enumerate(lines):
+    lines = [(n, line) for n, line in enumerate(_text(path).splitlines(), 1) if line.strip()]
+    for i, (number, line) in enumerate(lines):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a line cut short by a kill: its epoch has no checkpoint either
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
                 break
-            raise CheckpointError(f"{path}: line {i + 1} is not JSON") from None
+            raise _json_error(path, exc, number) from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int) or isinstance(record["epoch"], bool) \
+                or record["epoch"] < 0:
+            raise CheckpointError(f"{path}: line {number}: not an epoch's record (a JSON object with an integer 'epoch')")
+        for key, value in record.items():
+            numbers_ = value if isinstance(value, list) else [value]
+            if key != "epoch" and not all(v is None or _is_number(v) for v in numbers_):
+                raise CheckpointError(f"{path}: line {number}: '{key}' is not a number")
+        records.append(record)
+    epochs = [r["epoch"] for r in records]
+    if any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise CheckpointError(f"{path}: the epochs are not increasing ({', '.join(map(str, epochs))})")
     return records
 
 
@@ -128,17 +214,77 @@ def write_config(run_dir: Path, config: Config) -> None:
     atomic_write_text(Path(run_dir) / CONFIG, dumps(config))
 
 
+def read_table(path: Path, dtype=float, shape: tuple[int | None, ...] = (None,)) -> "np.ndarray":
+    """A whitespace-separated table a model keeps in its run directory (Serket's ``z_learn.txt``...).
+
+    ``shape`` gives the size of each axis (None: any, at least one row); a value that is not a
+    number, a ragged row or another shape is a CheckpointError naming the file (and the row).
+    """
+    import warnings
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty file: said below, as an error
+            table = np.loadtxt(path, dtype=dtype, ndmin=len(shape))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not table.shape[0] or any(want is not None and got != want for got, want in zip(table.shape, shape)):
+        want = " x ".join("any" if n is None else str(n) for n in shape)
+        raise CheckpointError(f"{path}: a table of {' x '.join(map(str, table.shape))} values, not {want}")
+    if table.dtype.kind == "f" and not np.isfinite(table).all():
+        raise CheckpointError(f"{path}: holds values that are not finite numbers")
+    return table
+
+
+#: what every finished run's summary.json holds, and the type each must have
+SUMMARY_FIELDS = {"model": str, "guide": str, "dataset": str, "seed": int, "epochs": int, "best_epoch": int,
+                  "selection_metric": str, "seconds": (int, float), "best": dict, "last": dict}
+
+
 def read_summary(run_dir: Path) -> dict:
-    """The run's ``summary.json``; empty while the run has not finished."""
+    """The run's ``summary.json``; empty while the run has not finished.
+
+    A file that is not JSON, or lacks a field of :data:`SUMMARY_FIELDS` (or has one of another
+    type), is a CheckpointError naming the file (and the line, for a syntax error).
+    """
     path = Path(run_dir) / SUMMARY
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(_text(path))
+    except json.JSONDecodeError as exc:
+        raise _json_error(path, exc) from None
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{path}: not a run summary (a JSON object)")
+    for key, kind in SUMMARY_FIELDS.items():
+        value = summary.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: '{key}' is missing or not a {getattr(kind, '__name__', 'number')}")
+    for part in ("best", "last"):
+        bad = next((k for k, v in summary[part].items() if not (v is None or _is_number(v) or isinstance(v, (str, list)))), None)
+        if bad is not None:
+            raise CheckpointError(f"{path}: '{part}.{bad}' is not a number")
+    return summary
 
 
 def read_config(run_dir: Path) -> Config:
+    """The run's resolved ``config.toml``; a damaged one is an error that names the file."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
+    path = run_dir / CONFIG
+    if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG})")
-    return load_config(run_dir / CONFIG)
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if str(path) in message else f"{path}: {message}") from None
 
 
 def is_run(run_dir: Path) -> bool:
@@ -245,8 +391,7 @@ def load_run(path: str | Path, which: str = "best", device: str = "cpu") -> Run:
     state_file = path / (BEST if which == "best" else CHECKPOINT)
     if which == "best" and not state_file.exists():
         state_file = path / CHECKPOINT
-    state = load_checkpoint(state_file)
-    model.load_state_dict(state["model"])
+    load_parameters(model, state_file)
     from pyrossl.train import resolve_device
 
     model.to(resolve_device(device)).eval()
@@ -268,13 +413,28 @@ def split_for(config: Config, dataset):
     from pyrossl.data import make_split
 
     d = config.data
-    as_count = lambda v: int(v) if v >= 1 else float(v)  # noqa: E731 (counts and fractions share a field)
     return make_split(
         dataset,
         labels_per_class=d.labels_per_class,
         label_fraction=d.label_fraction,
-        validation=as_count(d.validation),
-        test=as_count(d.test),
+        validation=split_amount("data.validation", d.validation),
+        test=split_amount("data.test", d.test),
         seed=config.seed if d.split_seed is None else d.split_seed,
         limit_per_class=d.limit_per_class,
     )
+
+
+def split_amount(key: str, value: float) -> int | float:
+    """A hold-out size as the split takes it: a fraction in [0, 1), or a whole count of examples.
+
+    The two share one recipe field, so ``1.5`` is neither: it is refused rather than rounded.
+    """
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{key} must be a fraction in [0, 1) or a whole count of examples, not {value!r}")
+    if value < 1:
+        return float(value)
+    if not float(value).is_integer():
+        raise ConfigError(f"{key} = {value!r}: a count of examples must be whole (a fraction must be below 1)")
+    return int(value)

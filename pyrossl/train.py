@@ -44,7 +44,7 @@ from pyrossl import distributed, runs
 from pyrossl.config import Config
 from pyrossl.data import batch_indices, binarize
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
-from pyrossl.registry import build_model, resolve
+from pyrossl.registry import build_model, model_class, resolve
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,6 +166,30 @@ def check_train_config(config: Config) -> None:
         raise ConfigError(f"threads must be at least 1, not {config.threads}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', not '{t.on_nonfinite}'")
+    for key, seed in (("seed", config.seed), ("data.split_seed", config.data.split_seed)):
+        if seed is not None and not 0 <= seed < 2**32:  # what torch, numpy and random all take
+            raise ConfigError(f"{key} must be in 0 .. 2**32 - 1, not {seed}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay must be 0 or positive, not {t.weight_decay}")
+    if t.particles < 1:
+        raise ConfigError(f"train.particles must be at least 1, not {t.particles}")
+    check_data_config(config)
+
+
+def check_data_config(config: Config) -> None:
+    """The data section's numbers, checked before any data is loaded: hold-outs are fractions in
+    [0, 1) or whole counts, counts are non-negative (limits and generated sizes at least 1)."""
+    d = config.data
+    runs.split_amount("data.validation", d.validation)
+    runs.split_amount("data.test", d.test)
+    if d.labels_per_class is not None and d.labels_per_class < 0:
+        raise ConfigError(f"data.labels_per_class must be 0 (no labels) or more, not {d.labels_per_class}")
+    if d.label_fraction is not None and not 0 <= d.label_fraction <= 1:
+        raise ConfigError(f"data.label_fraction must be a fraction in [0, 1], not {d.label_fraction}")
+    for key in ("limit_per_class", "num_examples", "max_per_part", "image_size"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key} must be at least 1 (or left out), not {value}")
 
 
 #: settings of where and how visibly a run computes, not of what it computes: they may change on resume
@@ -184,6 +208,8 @@ class Trainer:
             self._check_resumable()
         elif (self.out / runs.CHECKPOINT).exists():
             raise CheckpointError(f"{self.out} already holds a run: resume it with --resume {self.out}, or choose another --out")
+        if distributed.environment().rank == 0:
+            runs.prepare_output(self.out)  # before any data is loaded: an --out that cannot be written fails now
 
     def _check_resumable(self) -> None:
         if not runs.is_run(self.out):
@@ -193,6 +219,17 @@ class Trainer:
         diff = [k for k in sorted(set(saved_d) | set(new_d)) if saved_d.get(k) != new_d.get(k) and k not in RUNTIME_KEYS]
         if diff:
             raise CheckpointError(f"cannot resume {self.out}: its config differs in {', '.join(diff)}")
+        # every file the resumed run reads, read now (before any data is loaded) so a damaged one is named at once
+        runs.read_metrics(self.out)
+        cls = model_class(self.config.model)
+        cls.read_outputs(self.out, cls.make_options(self.config.options))
+        if (self.out / runs.CHECKPOINT).exists():
+            runs.load_checkpoint(self.out / runs.CHECKPOINT, keys=("model", "optimizer", "rng", "counters"))
+        if (self.out / runs.BEST).exists():
+            try:
+                runs.load_checkpoint(self.out / runs.BEST, keys=("model",))
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; delete it to resume with the last epoch as the best one") from None
 
     # ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -218,6 +255,7 @@ class Trainer:
             x[held_out] = binarize(x[held_out], torch.Generator().manual_seed(c.seed))
         self.data = TrainingData(x.to(self.device), self.dataset.y.to(self.device), self.split, c.data.binarize)
         self.model = build_model(c, self.dataset.meta()).to(self.device)
+        self._check_split()
         self.model.prepare(self._training_tensors)
         self.optimizer = make_optimizer(c, self.model.parameters())
         self.generator = torch.Generator().manual_seed(c.seed)
@@ -245,19 +283,27 @@ class Trainer:
             pyro.set_rng_seed((c.seed * 1_000_003 + self.epoch * 7919 + self.dist.rank) % 2**32)
             distributed.barrier()  # rank 0 has written the run directory
 
+    def _check_split(self) -> None:
+        """Each part of the split holds at least what its consumers need, said before any step."""
+        for part, key in (("validation", "data.validation"), ("test", "data.test")):
+            n = getattr(self.split, part).numel()
+            if n == 1:  # 0 turns the part off; the latent figure projects a part onto 2 principal components
+                raise ConfigError(f"{key} leaves 1 {part} example: at least 2 are needed (or 0 for none)")
+        self.model.check_split({k: int(v) for k, v in self.split.sizes().items()}, self.split, self.dataset)
+
     def _restore(self) -> None:
         # RNG states must stay CPU tensors; load_state_dict moves parameters and optimiser state
-        state = runs.load_checkpoint(self.out / runs.CHECKPOINT, map_location="cpu")
+        path = self.out / runs.CHECKPOINT
+        state = runs.load_parameters(self.model, path, map_location="cpu")
         try:
-            self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"], self.generator)
             counters = state["counters"]
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{self.out / runs.CHECKPOINT} does not match this model ({str(exc).splitlines()[0]})") from None
-        self.epoch, self.step, self.skipped = int(counters["epoch"]), int(counters["step"]), int(counters["skipped"])
-        self.seconds = float(counters["seconds"])
-        self.best_epoch, self.best_score = int(counters["best_epoch"]), float(counters["best_score"])
+            self.epoch, self.step, self.skipped = int(counters["epoch"]), int(counters["step"]), int(counters["skipped"])
+            self.seconds = float(counters["seconds"])
+            self.best_epoch, self.best_score = int(counters["best_epoch"]), float(counters["best_score"])
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{path} does not match this model ({str(exc).strip().splitlines()[0]})") from None
         self.partial = state.get("partial")
         # epochs after the checkpoint never happened, as far as the resumed run is concerned
         if self.writer:
@@ -562,7 +608,7 @@ class Trainer:
         result = {"last": self._final_metrics()}
         if distributed.broadcast_object((self.out / runs.BEST).exists() if self.writer else None):
             if self.writer:
-                self.model.load_state_dict(runs.load_checkpoint(self.out / runs.BEST, map_location=self.device)["model"])
+                runs.load_parameters(self.model, self.out / runs.BEST, map_location=self.device)
             distributed.broadcast_state(self.model)
             result["best"] = self._final_metrics()
         else:  # no epoch had a finite validation score

@@ -98,6 +98,11 @@ class ZooModel(nn.Module):
         """The loss to minimise for one step, per example (a scalar)."""
         raise NotImplementedError
 
+    def check_split(self, sizes: dict[str, int], split, dataset) -> None:
+        """Called once before training with the split's part sizes (``labelled``, ``unlabelled``,
+        ``validation``, ``test``): raise a ConfigError naming the limit when the data cannot serve
+        this entry (a mixture needs as many points as components, say). The default accepts any."""
+
     def prepare(self, encode_data: Callable[[], dict]) -> None:
         """Called once before training starts or resumes, with :meth:`end_epoch`'s ``encode_data`` (the
         training tensors on demand, so an entry that needs nothing costs nothing): for what the data
@@ -116,6 +121,13 @@ class ZooModel(nn.Module):
         evaluated after this epoch (``train.eval_every``; always after the last one), so a costly
         stage that only evaluation needs can wait. Returns values to log.
         """
+        return {}
+
+    @classmethod
+    def read_outputs(cls, run_dir, options) -> dict:
+        """The files :meth:`write_outputs` keeps in ``run_dir`` that the entry reads again (for its
+        figures), read and checked: a damaged one is a CheckpointError naming the file. Called before
+        a run is resumed or redrawn, so that nothing is rewritten on the way to that error."""
         return {}
 
     def write_outputs(self, out, epoch: int, labels: Callable[[torch.Tensor], torch.Tensor]) -> list:
