@@ -126,6 +126,17 @@ class GAE(ZooModel):
                                                     o.novelty_quantile)
         self.clusters = MixtureStack(1, o.z_dim, k, o.covariance, o.reg_covar, o.n_init) if o.single_mixture else None
 
+    def check_split(self, sizes, split, dataset):
+        # each class's mixture is fitted to its labelled codes (a class with one code has no covariance)
+        k = self.meta["num_classes"]
+        counts = torch.bincount(dataset.y[split.labelled].long(), minlength=k)
+        few = [dataset.classes[c] if c < len(dataset.classes) else str(c) for c in (counts < 2).nonzero().flatten().tolist()]
+        if few:
+            raise ConfigError(f"gae fits one mixture per class to its labelled codes: every class needs at least 2 "
+                              f"labelled examples (data.labels_per_class or data.label_fraction); class(es) {', '.join(map(str, few))} have fewer")
+        if self.clusters is not None and sizes["labelled"] + sizes["unlabelled"] < k:
+            raise ConfigError(f"options.single_mixture fits {k} components to the training codes: at least {k} training examples are needed")
+
     @property
     def encoder(self) -> nn.Module:
         return self.loss.guide.encoder

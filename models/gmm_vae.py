@@ -91,6 +91,11 @@ class _ClusteringVAE(ZooModel):
     guide_aliases = {"diag-normal": "amortised"}  # its name before the z-guides (now z_guide = "diag-normal")
     z_guides = Z_GUIDES
 
+    def check_split(self, sizes, split, dataset):
+        n, k = sizes["labelled"] + sizes["unlabelled"], self.num_clusters
+        if n < k:  # the mixture is fitted to the training codes
+            raise ConfigError(f"options.clusters = {k} needs at least {k} training examples; the split leaves {n}")
+
     def _networks(self, o) -> tuple[CodeGuide, BernoulliDecoder]:
         shape = self.meta["image_shape"]
         guide = CodeGuide(shape, o.z_dim, o.hidden, o.act, o.net, z_guide=self.z_guide_name, z_options=o)

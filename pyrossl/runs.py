@@ -124,9 +124,9 @@ def _is_number(value) -> bool:
 def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) -> dict:
     """A checkpoint's dict, loaded with ``weights_only=True``: a file that would run code is refused.
 
-    ``keys`` must be present; the ``model`` entry must map parameter names to finite tensors (a
-    damaged file can unpickle into numbers that are not the ones written: training never saves
-    non-finite parameters, so such a file is refused here rather than drawn or evaluated).
+    ``keys`` must be present; the ``model`` entry must map parameter names to tensors without NaN (a
+    damaged file can unpickle into numbers that are not the ones written: training never saves a
+    NaN parameter, so such a file is refused here rather than drawn or evaluated).
     """
     path = Path(path)
     if not path.is_file():
@@ -148,9 +148,10 @@ def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) 
         params = state["model"]
         if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items()):
             raise CheckpointError(f"{path}: its 'model' entry is not a dict of named tensors")
-        bad = next((k for k, v in params.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        # (infinities can be legitimate: the log-weight of an empty mixture component is -inf)
+        bad = next((k for k, v in params.items() if v.is_floating_point() and torch.isnan(v).any()), None)
         if bad is not None:
-            raise CheckpointError(f"{path}: parameter {bad!r} holds non-finite values (the file is damaged)")
+            raise CheckpointError(f"{path}: parameter {bad!r} holds NaN (the file is damaged)")
     return state
 
 

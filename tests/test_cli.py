@@ -1,8 +1,10 @@
 """The CLI: success paths, and one line with exit code 2 for every bad input."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +123,20 @@ def test_data_info(capsys):
         (["train", "{recipe}", "--set", "options.z_dim=0"], "z_dim must be at least 1"),
         (["train", "{recipe}", "--threads", "-1"], "threads must be at least 1"),
         (["train", "{recipe}", "--set", "train.iwae_samples=-1"], "iwae_samples must be 0"),
+        (["train", "{recipe}", "--set", "data.validation=1.5"], "data.validation = 1.5: a count of examples must be whole"),
+        (["train", "{recipe}", "--set", "data.test=-0.1"], "data.test must be a fraction in [0, 1) or a whole count"),
+        (["train", "{recipe}", "--set", "data.validation=1"], "data.validation leaves 1 validation example: at least 2"),
+        (["train", "{recipe}", "--set", "train.lr=nan"], "'train.lr' must be a finite number, not nan"),
+        (["train", "{recipe}", "--set", "train.epochs=1e30"], "'train.epochs' = 1e+30 is out of range"),
+        (["train", "{recipe}", "--set", "seed=-1"], "seed must be in 0 .. 2**32 - 1"),
+        (["train", "{recipe}", "--set", "data.limit_per_class=0"], "data.limit_per_class must be at least 1"),
+        (["train", "{recipe}", "--set", "model=gae", "--set", "options={{}}", "--set", "data.labels_per_class=1"],
+         "every class needs at least 2 labelled examples"),
+        (["train", "{recipe}", "--set", "model=gmm-vae", "--set", "options={{clusters = 40}}", "--set", "data.limit_per_class=3"],
+         "options.clusters = 40 needs at least 40 training examples"),
+        (["train", "{recipe}", "--out", "/proc/no/such/place"], "cannot write into /proc/no/such/place"),
+        (["train", "{recipe}", "--out", "{recipe}"], "a file of that name exists"),
+        (["ablate", "{recipe}", "--guides", "amortised", "--out", "/proc/no/such/place"], "cannot write into /proc/no/such/place"),
         (["frobnicate"], "invalid choice"),
         (["data", "download", "cifar"], "invalid choice"),
     ],
@@ -177,3 +193,48 @@ def test_an_image_size_the_convolutional_network_cannot_take(tmp_path, recipe, c
                             "--set", "options.net=conv", "--out", tmp_path / "r"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "needs images of at least 8x8 with height and width divisible by 4, not 1x10x10" in err
+
+
+def test_an_unwritable_output_folder_fails_before_any_data_is_loaded(tmp_path, recipe, capsys, monkeypatch):
+    from pyrossl import runs
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the output folder was checked")
+
+    monkeypatch.setattr(runs, "load_dataset_for", no_data)
+    places = [Path("/proc/nowhere"), recipe]  # a folder that cannot be made, a file where the folder should be
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "locked").mkdir(mode=0o500)
+        places.append(tmp_path / "locked")
+    for place in places:
+        for command in (["train", recipe, "--out", place / "run"], ["ablate", recipe, "--guides", "amortised", "--out", place / "ab"]):
+            code, out, err = run_cli(command, capsys)
+            assert code == 2 and err.count("\n") == 1 and "cannot write into" in err and str(place) in err, err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("summary.json", '{"model": "vae",\n  "epochs": }', "summary.json: line 2, column 13: not JSON"),
+    ("summary.json", '[1, 2]', "summary.json: not a run summary"),
+    ("summary.json", '{"model": "vae"}', "summary.json: 'guide' is missing or not a str"),
+    ("config.toml", 'model = "vae"\n[train]\nepochs = "three"\n', "config.toml: 'train.epochs' must be an integer"),
+    ("config.toml", 'model = "vae"\n[train\n', "config.toml: TOML syntax error"),
+    ("metrics.jsonl", '{"epoch": 1, "loss": 1.0}\nnot json\n{"epoch": 2, "loss": 1.0}\n', "metrics.jsonl: line 2: not JSON"),
+    ("metrics.jsonl", '{"epoch": 1, "loss": "low"}\n', "metrics.jsonl: line 1: 'loss' is not a number"),
+    ("metrics.jsonl", '{"epoch": 2}\n{"epoch": 1}\n', "metrics.jsonl: the epochs are not increasing"),
+    ("best.pt", "", "best.pt is not a readable checkpoint"),
+])
+@pytest.mark.parametrize("command", ["eval", "report"])
+def test_a_damaged_run_file_is_one_line_naming_it(name, content, message, command, tmp_path, recipe, capsys):
+    assert run_cli(["train", recipe, "--out", tmp_path / "run"], capsys)[0] == 0
+    (tmp_path / "run" / name).write_text(content)
+    code, out, err = run_cli([command, tmp_path / "run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_a_torn_last_metrics_line_is_tolerated(tmp_path, recipe, capsys):
+    """A kill while an epoch's line was appended leaves it cut short: that epoch has no checkpoint, and is dropped."""
+    assert run_cli(["train", recipe, "--out", tmp_path / "run"], capsys)[0] == 0
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"epoch": 3, "loss": 1.2')
+    assert run_cli(["eval", tmp_path / "run"], capsys)[0] == 0
+    assert run_cli(["report", tmp_path / "run"], capsys)[0] == 0

@@ -143,3 +143,58 @@ def test_every_model_describes_its_posterior_and_has_a_predictive(tmp_path, name
     args = {"classifier": (x, None), "serket-vae-gmm": (x, torch.zeros(5, 3))}.get(name, (x,))
     draws = run.predictive(num_samples=3)(*args)
     assert draws and all(v.shape[:2] == (3, 5) for v in draws.values())
+
+
+def test_read_table_names_the_file_and_what_is_wrong(tmp_path):
+    path = tmp_path / "z_learn.txt"
+    path.write_text("1 2\n3 4\n")
+    assert runs.read_table(path, shape=(2, 2)).tolist() == [[1, 2], [3, 4]]
+    for content, message in [("1 2\n3 x\n", "could not convert"), ("1 2\n3\n", "z_learn.txt"), ("", "a table of 0"),
+                             ("1 2\n3 nan\n", "not finite")]:
+        path.write_text(content)
+        with pytest.raises(CheckpointError, match=message):
+            runs.read_table(path, shape=(2, 2))
+    path.write_text("1 2 3\n4 5 6\n")
+    with pytest.raises(CheckpointError, match="a table of 2 x 3 values, not 2 x 2"):
+        runs.read_table(path, shape=(2, 2))
+    with pytest.raises(CheckpointError, match="missing"):
+        runs.read_table(tmp_path / "absent.txt")
+
+
+def test_split_amount_takes_fractions_and_whole_counts_only():
+    assert runs.split_amount("data.validation", 0.25) == 0.25
+    assert runs.split_amount("data.validation", 20.0) == 20 and isinstance(runs.split_amount("v", 20.0), int)
+    for bad in (1.5, -1, float("nan"), float("inf"), True):
+        with pytest.raises(PyrosslError):
+            runs.split_amount("data.validation", bad)
+
+
+def test_prepare_output_makes_and_tests_the_folder(tmp_path):
+    assert runs.prepare_output(tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="a file of that name exists"):
+        runs.prepare_output(tmp_path / "file")
+    with pytest.raises(CheckpointError, match="cannot write into"):
+        runs.prepare_output(tmp_path / "file" / "below")
+
+
+def test_a_checkpoint_with_nan_parameters_or_missing_keys_is_refused(tmp_path):
+    runs.atomic_save({"model": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="parameter 'w' holds NaN"):
+        runs.load_checkpoint(tmp_path / "c.pt")
+    runs.atomic_save({"model": {"log_weights": torch.tensor([0.0, -float("inf")])}}, tmp_path / "ok.pt")
+    runs.load_checkpoint(tmp_path / "ok.pt", keys=("model",))  # an empty component's log-weight is -inf
+    with pytest.raises(CheckpointError, match="no 'optimizer'"):
+        runs.load_checkpoint(tmp_path / "ok.pt", keys=("model", "optimizer"))
+    runs.atomic_save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        runs.load_checkpoint(tmp_path / "list.pt")
+
+
+def test_metrics_keep_a_torn_last_line_out_and_refuse_a_damaged_one(tmp_path):
+    (tmp_path / runs.METRICS).write_text('{"epoch": 1, "loss": 2.0, "val_kl_per_unit": [0.1, 0.2]}\n{"epoch": 2, "lo')
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path)] == [1]
+    (tmp_path / runs.METRICS).write_text('{"epoch": 1}\n{"loss": 2.0}\n')
+    with pytest.raises(CheckpointError, match="line 2: not an epoch's record"):
+        runs.read_metrics(tmp_path)

@@ -454,3 +454,17 @@ def test_tuned_allocator_keeps_freed_step_memory_for_the_next_step(setting):
         assert tuned == "True" and float(returned) < 2
     else:  # glibc's default: a block this size is mapped on its own and unmapped when freed
         assert tuned == "False" and float(returned) > 14
+
+
+def test_resume_reads_every_run_file_before_loading_data(tmp_path, monkeypatch):
+    train(tiny_config(**{"train.epochs": 1}), tmp_path / "run")
+    (tmp_path / "run" / runs.BEST).write_bytes(b"damaged")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the run's files were checked")
+
+    monkeypatch.setattr(runs, "load_dataset_for", no_data)
+    with pytest.raises(CheckpointError, match="best.pt is not a readable checkpoint.*delete it to resume"):
+        train(tiny_config(**{"train.epochs": 1}), tmp_path / "run", resume=True)
+    assert before == {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
