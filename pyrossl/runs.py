@@ -134,8 +134,12 @@ def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise CheckpointError(f"{path} is not a safe pyrossl checkpoint (refused to unpickle: {first})") from None
+        # torch's message is a page of advice (some of it: load with weights_only=False); its reason is what matters
+        text = str(exc)
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0].split(". ")[0] if "WeightsUnpickler error:" in text else ""
+        if "global" in reason.lower():  # a class or function the file asks to import and call
+            raise CheckpointError(f"{path} is not a safe pyrossl checkpoint (refused to unpickle: {reason})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason or 'not a checkpoint file'})") from None
     except Exception as exc:  # garbage bytes fail in many ways inside the unpickler: all mean "not a checkpoint"
         detail = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else ""
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {detail})") from None
