@@ -238,3 +238,19 @@ def test_a_torn_last_metrics_line_is_tolerated(tmp_path, recipe, capsys):
     path.write_text(path.read_text() + '{"epoch": 3, "loss": 1.2')
     assert run_cli(["eval", tmp_path / "run"], capsys)[0] == 0
     assert run_cli(["report", tmp_path / "run"], capsys)[0] == 0
+
+
+def test_a_run_folder_that_vanishes_mid_training_is_one_line(tmp_path, recipe, capsys, monkeypatch):
+    import shutil
+
+    from pyrossl import runs
+
+    append = runs.append_metrics
+
+    def vanish_then_append(run_dir, record):
+        shutil.rmtree(run_dir)  # someone deletes the run while it trains
+        append(run_dir, record)
+
+    monkeypatch.setattr(runs, "append_metrics", vanish_then_append)
+    code, out, err = run_cli(["train", recipe, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and str(tmp_path / "run") in err and "Traceback" not in err, err
