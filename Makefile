@@ -9,14 +9,14 @@ STAMP  := $(VENV)/.pyrossl-installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TORCH_SOURCE := $(if $(wildcard /opt/wheels),$(FIND_LINKS),--index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install demo test clean
+.PHONY: install demo test docs clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_SOURCE) "torch==2.13.0"
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt -e ".[test,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,5 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# the site: Sphinx + myst-nb (tutorials executed in their quick mode), warnings are errors
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 clean:
-	rm -rf outputs build *.egg-info
+	rm -rf outputs build *.egg-info docs/_build docs/jupyter_execute

@@ -4,15 +4,15 @@ An entry's encoder maps its inputs to features h (width H) and, from them, to th
 scale sigma(h) of a diagonal Gaussian. A z-guide turns the three into q(z|.), the distribution the
 guide's ``z`` site draws from:
 
-==============  ==============================================================  =================
-name            q(z|h)                                                          KL to the prior
-==============  ==============================================================  =================
-diag-normal     N(mu, diag sigma^2)                                             analytic
-lowrank-normal  N(mu, diag sigma^2 + U U^T), U = U(h) a d x r matrix            Monte Carlo
-flow            z = T_K o ... o T_1(z_0), z_0 ~ N(mu, diag sigma^2), each T_k  Monte Carlo
-                an affine autoregressive map (IAF, Kingma et al. 2016)
-                conditioned on h
-==============  ==============================================================  =================
+==============  ================================================================  =================
+name            q(z|h)                                                            KL to the prior
+==============  ================================================================  =================
+diag-normal     N(mu, diag sigma^2)                                               analytic
+lowrank-normal  N(mu, diag sigma^2 + U U^T), U = U(h) a d x r matrix              Monte Carlo
+flow            z = T_K o ... o T_1(z_0), z_0 ~ N(mu, diag sigma^2), each T_k an  Monte Carlo
+                affine autoregressive map (IAF, Kingma et al. 2016) conditioned
+                on h
+==============  ================================================================  =================
 
 ``diag-normal`` adds no parameters, so the entries' state dicts (and old checkpoints) are those of
 the mean-field encoder they always had. The flows are Pyro's

@@ -38,6 +38,7 @@ __all__ = [
     "greedy_cluster_accuracy",
     "iwae_log_likelihood",
     "label_table",
+    "mean_sd",
     "nmi",
     "pairs_from_table",
     "per_class_accuracy",

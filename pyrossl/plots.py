@@ -32,8 +32,11 @@ PathLike = str | os.PathLike
 
 __all__ = [
     "image_grid",
+    "plot_bands",
     "plot_confusion",
     "plot_curves",
+    "plot_kl_per_unit",
+    "plot_latent_pair",
     "plot_latent_pca",
     "plot_reconstructions",
     "save_image_grid",

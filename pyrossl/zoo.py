@@ -90,6 +90,13 @@ class ZooModel(nn.Module):
         return build_dataclass(cls.Options, values, where="options.")
 
     @classmethod
+    def option_rows(cls) -> list[dict[str, str]]:
+        """Every setting of ``cls.Options``: ``name``, ``type``, ``default`` and ``doc`` (the comment
+        beside the field in the source), base classes' fields first. What the documentation's
+        option tables are made of, so they cannot drift from the code."""
+        return option_rows(cls.Options)
+
+    @classmethod
     def options_dict(cls, options: Any) -> dict:
         return dataclasses.asdict(options)
 
@@ -277,3 +284,29 @@ class LabelClassifier:
 
         return classification_metrics(*pairs_from_table(counts["labels"]), self.meta["num_classes"])
 
+
+
+def option_rows(options_class) -> list[dict[str, str]]:
+    """The fields of a dataclass with their types, defaults and source comments (see :meth:`ZooModel.option_rows`)."""
+    import inspect
+    import io
+    import re
+    import tokenize
+
+    comments: dict[str, str] = {}
+    for klass in reversed(options_class.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        source = inspect.getsource(klass)
+        notes = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                 if tok.type == tokenize.COMMENT}
+        for number, line in enumerate(source.splitlines(), 1):
+            match = re.match(r"\s+(\w+)\s*:", line)
+            if match and number in notes:
+                comments[match.group(1)] = notes[number]
+    rows = []
+    for f in dataclasses.fields(options_class):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append({"name": f.name, "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+                     "default": repr(default), "doc": comments.get(f.name, "")})
+    return rows

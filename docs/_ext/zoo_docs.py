@@ -1,0 +1,120 @@
+"""Sphinx directives that write what the code already knows, so the site cannot drift from it.
+
+- ``{zoo-options} NAME``: the entry's Options dataclass as a table (setting, type, default, the
+  comment beside the field in the source): :meth:`pyrossl.zoo.ZooModel.option_rows`;
+- ``{zoo-guides} NAME``: the guides that fit the entry, its z-guides and the objectives it trains
+  with, from the class attributes the registry checks recipes against;
+- ``{zoo-recipes} NAME``: the recipes of ``runs/`` for the entry, with their first comment line;
+- ``{zoo-config} SECTION``: the ``[data]`` or ``[train]`` settings of a recipe (and the top-level keys).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from docutils import nodes
+from docutils.parsers.rst import Directive
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _table(header: list[str], rows: list[list[str]], widths: list[int]) -> nodes.table:
+    table = nodes.table()
+    group = nodes.tgroup(cols=len(header))
+    table += group
+    for width in widths:
+        group += nodes.colspec(colwidth=width)
+    head = nodes.thead()
+    group += head
+    body = nodes.tbody()
+    group += body
+    for target, cells in ((head, [header]), (body, rows)):
+        for cells_row in cells:
+            row = nodes.row()
+            for i, text in enumerate(cells_row):
+                entry = nodes.entry()
+                paragraph = nodes.paragraph()
+                paragraph += nodes.literal(text=text) if i in (0, 2) and target is body and text else nodes.Text(text)
+                entry += paragraph
+                row += entry
+            target += row
+    return table
+
+
+def _entry(name: str):
+    from pyrossl.registry import MODELS
+
+    if name not in MODELS:
+        raise ValueError(f"unknown zoo entry {name!r} (valid: {', '.join(MODELS)})")
+    return MODELS[name]
+
+
+class ZooOptions(Directive):
+    required_arguments = 1
+
+    def run(self):
+        cls = _entry(self.arguments[0])
+        rows = [[r["name"], r["type"], r["default"], r["doc"]] for r in cls.option_rows()]
+        return [_table(["setting (options.)", "type", "default", "what it does"], rows, [20, 14, 14, 52])]
+
+
+class ZooGuides(Directive):
+    required_arguments = 1
+
+    def run(self):
+        cls = _entry(self.arguments[0])
+        rows = [[g, "guide" + (" (default)" if g == cls.default_guide else ""), "", text] for g, text in cls.guides.items()]
+        for i, (g, text) in enumerate(cls.z_guides.items()):
+            rows.append([g, "z_guide" + (" (default)" if i == 0 else ""), "", text])
+        for alias, target in cls.guide_aliases.items():
+            rows.append([alias, "guide alias", "", f"the same as {target}"])
+        table = _table(["name", "recipe key", "", "what it is"], rows, [22, 18, 1, 59])
+        objectives = nodes.paragraph(text=f"train.objective: {', '.join(cls.objectives)}.")
+        return [table, objectives]
+
+
+class ZooRecipes(Directive):
+    required_arguments = 1
+
+    def run(self):
+        name = self.arguments[0]
+        _entry(name)
+        items = nodes.bullet_list()
+        for path in sorted((ROOT / "runs").glob("*.toml")):
+            text = path.read_text()
+            if tomllib.loads(text).get("model") != name:
+                continue
+            first = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+            item = nodes.list_item()
+            paragraph = nodes.paragraph()
+            paragraph += nodes.literal(text=f"runs/{path.name}")
+            paragraph += nodes.Text(f": {first}" if first else "")
+            item += paragraph
+            items += item
+        return [items] if len(items) else [nodes.paragraph(text="No recipe in runs/ yet.")]
+
+
+class ZooConfig(Directive):
+    required_arguments = 1
+
+    def run(self):
+        from pyrossl import config
+        from pyrossl.zoo import option_rows
+
+        section = self.arguments[0]
+        classes = {"data": config.DataConfig, "train": config.TrainConfig, "top": config.Config}
+        rows = option_rows(classes[section])
+        if section == "top":
+            rows = [r for r in rows if r["name"] not in ("data", "train", "options")]
+        prefix = "" if section == "top" else f"{section}."
+        return [_table(["key", "type", "default", "what it does"], [[prefix + r["name"], r["type"], r["default"], r["doc"]] for r in rows],
+                       [22, 14, 14, 50])]
+
+
+def setup(app):
+    app.add_directive("zoo-options", ZooOptions)
+    app.add_directive("zoo-guides", ZooGuides)
+    app.add_directive("zoo-recipes", ZooRecipes)
+    app.add_directive("zoo-config", ZooConfig)
+    return {"parallel_read_safe": True, "version": "1"}

@@ -1,0 +1,40 @@
+"""Sphinx configuration of the pyrossl documentation (``make docs`` -> docs/_build/html)."""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent / "_ext"))
+os.environ.setdefault("PYROSSL_QUICK", "1")  # tutorials run their small settings when the site is built
+
+project = "pyrossl"
+author = "the pyrossl developers"
+copyright = "2026, the pyrossl developers"
+release = "0.1.0"
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",  # the docstrings' "Raises:" / "Returns:" sections
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "myst_nb",
+    "zoo_docs",
+]
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_heading_anchors = 3
+nb_execution_mode = os.environ.get("PYROSSL_DOCS_EXECUTE", "force")
+nb_execution_timeout = 600
+nb_execution_raise_on_error = True  # a failing tutorial fails the build
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+# torch's and pyro's own classes are not documented here: references to them stay plain text
+nitpicky = False
+suppress_warnings = ["myst.header"]
+
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute"]
+html_theme = "furo"
+html_title = "pyrossl"
+html_static_path = []
