@@ -7,6 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent / "_ext"))
 os.environ.setdefault("PYROSSL_QUICK", "1")  # tutorials run their small settings when the site is built
+os.environ.setdefault("PYROSSL_TUTORIALS", str(ROOT / "outputs" / "tutorials-docs"))  # their runs: outside the sources
 
 project = "pyrossl"
 author = "the pyrossl developers"

@@ -26,3 +26,34 @@ def test_inspect_posterior_notebook_runs(tmp_path, monkeypatch):
     assert sum(o.output_type == "display_data" for o in outputs) >= 4  # the four figures
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "y_probs" in text and "'z'" in text
+
+
+#: each tutorial and the least number of figures it must show
+TUTORIALS = {"vae": 4}
+
+
+def test_every_notebook_is_the_build_of_its_source():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build", ROOT / "notebooks/src/build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for source in (ROOT / "notebooks/src").glob("*.py"):
+        if source.name == "build.py":
+            continue
+        built = nbformat.writes(build.notebook(source.read_text())) + "\n"  # as nbformat.write leaves it
+        assert (ROOT / f"notebooks/{source.stem}.ipynb").read_text() == built, f"rebuild notebooks/{source.stem}.ipynb"
+    assert set(TUTORIALS) <= {p.stem for p in (ROOT / "notebooks/src").glob("*.py")}
+
+
+@pytest.mark.parametrize("name", sorted(TUTORIALS))
+def test_tutorial_runs_in_quick_mode_and_shows_its_figures(name, tmp_path, monkeypatch):
+    nb = nbformat.read(ROOT / f"notebooks/{name}.ipynb", as_version=4)
+    monkeypatch.setenv("PYROSSL_QUICK", "1")
+    monkeypatch.setenv("PYROSSL_TUTORIALS", str(tmp_path / "runs"))
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert len(figures) >= TUTORIALS[name], f"{name} showed {len(figures)} figures"
