@@ -389,6 +389,20 @@ class CCVAE(ZooModel):
         return {"walk_own_change": sum(own) / count, "walk_other_change": sum(other) / count,
                 "per_attribute_own": own, "per_attribute_other": other}
 
+    @torch.no_grad()
+    def walk_matrix(self, x: torch.Tensor, judge, batch_size: int = 1000) -> torch.Tensor:
+        """M[i, j]: the fraction of images whose judged attribute j differs between the two ends of
+        the walk of attribute i (z_c[i] at its y_i = 0 and at its y_i = 1 prior mean, all else held).
+        A CCVAE that captures each characteristic in its own unit has M near the identity."""
+        if not self.multilabel:
+            raise ValueError("walk_matrix needs binary attributes")
+        z = self.latent(x)
+        rows = []
+        for i in range(self.model.prior.loc.shape[0]):
+            start, end = self._judged_ends(judge, z, i, batch_size)
+            rows.append((start != end).float().mean(0))
+        return torch.stack(rows)
+
     def figures(self, folder, x, y):
         from pathlib import Path
 

@@ -16,6 +16,32 @@ from pyrossl.zoo import ZooModel
 MODELS: dict[str, type[ZooModel]] = {cls.name: cls for cls in (VAE, M2, GAE, GMMVAE, SerketVAEGMM, CCVAE, Classifier)}
 
 
+def register(cls: type[ZooModel], replace: bool = False) -> type[ZooModel]:
+    """Add a zoo entry of your own under ``cls.name``, so recipes, the trainer, ``load_run``,
+    ``report`` and ``ablate`` take it like the built-in ones; returns ``cls`` (usable as a decorator).
+
+    The class must be a :class:`~pyrossl.zoo.ZooModel` with a ``name``, an ``Options`` dataclass,
+    ``guides`` (name -> description) and a ``default_guide`` among them. A name already taken is
+    refused unless ``replace`` (re-running a notebook cell that defines the entry again).
+    """
+    import dataclasses
+
+    if not (isinstance(cls, type) and issubclass(cls, ZooModel)):
+        raise ConfigError(f"register takes a ZooModel subclass, not {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{cls.__name__} needs a class attribute name (the recipe's model = ...)")
+    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
+        raise ConfigError(f"{cls.__name__}.Options must be a dataclass (the recipe's [options])")
+    guides = getattr(cls, "guides", None)
+    if not isinstance(guides, dict) or getattr(cls, "default_guide", None) not in guides:
+        raise ConfigError(f"{cls.__name__} needs guides (name -> description) and a default_guide among them")
+    if name in MODELS and MODELS[name] is not cls and not replace:
+        raise ConfigError(f"model name '{name}' is taken by {MODELS[name].__name__} (pass replace=True to replace it)")
+    MODELS[name] = cls
+    return cls
+
+
 def model_class(name: str) -> type[ZooModel]:
     try:
         return MODELS[name]

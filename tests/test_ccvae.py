@@ -212,6 +212,18 @@ def test_walk_effects_separate_own_and_other_attributes():
         _entry().walk_effects(x, _ReadsTheCode(False))
 
 
+def test_walk_matrix_is_the_identity_for_a_clean_code_and_a_row_for_a_tangled_one():
+    entry = _with_identity_decoder(_entry(MULTI))
+    with torch.no_grad():
+        entry.model.prior.loc.copy_(torch.tensor([-2.0, 2.0]).expand(4, 2))
+    x = torch.rand(40, 1, 8, 8)
+    assert torch.equal(entry.walk_matrix(x, _ReadsTheCode(True)), torch.eye(4))
+    tangled = entry.walk_matrix(x, _ReadsTheCode(True, entangled=True))
+    assert tangled[0].tolist() == [1.0] * 4 and tangled[1:].sum() == 0  # walking z_c[0] moves every attribute
+    with pytest.raises(ValueError, match="needs binary attributes"):
+        _entry().walk_matrix(x, _ReadsTheCode(False))
+
+
 def test_shapes_attributes_train_end_to_end(tmp_path):
     config = tiny_config(model="ccvae", **{
         "data.name": "shapes", "data.num_examples": 600, "data.labels_per_class": None, "data.validation": 50,

@@ -54,3 +54,40 @@ def test_an_entry_without_counts_says_so():
             return {"accuracy": 1.0}
 
     assert not Plain.splits_evaluation()
+
+
+def test_register_adds_an_entry_and_refuses_what_is_not_one():
+    from dataclasses import dataclass
+
+    from pyrossl.errors import ConfigError
+    from pyrossl.registry import MODELS, model_class, register
+    from pyrossl.zoo import ZooModel
+
+    @dataclass
+    class MineOptions:
+        width: int = 3
+
+    class Mine(ZooModel):
+        name = "mine-for-a-test"
+        Options = MineOptions
+        guides = {"none": "nothing"}
+        default_guide = "none"
+
+    try:
+        assert register(Mine) is Mine and model_class("mine-for-a-test") is Mine
+        assert [r["name"] for r in Mine.option_rows()] == ["width"]
+
+        class Other(Mine):
+            pass
+
+        with pytest.raises(ConfigError, match="taken by Mine"):
+            register(Other)
+        assert register(Other, replace=True) is Other
+        for bad, message in [(int, "ZooModel subclass"), (type("NoName", (ZooModel,), {}), "needs a class attribute name"),
+                             (type("NoOptions", (ZooModel,), {"name": "x"}), "must be a dataclass"),
+                             (type("NoGuide", (ZooModel,), {"name": "x", "Options": MineOptions, "guides": {"a": ""}, "default_guide": "b"}),
+                              "default_guide")]:
+            with pytest.raises(ConfigError, match=message):
+                register(bad)
+    finally:
+        MODELS.pop("mine-for-a-test", None)

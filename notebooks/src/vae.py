@@ -34,7 +34,7 @@ OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials"))
 
 settings = ["data.binarize=true", "train.progress=false"]
 if QUICK:
-    settings += ["train.epochs=30", "data.limit_per_class=200", "data.validation=200", "data.test=300"]
+    settings += ["train.epochs=20", "data.limit_per_class=200", "data.validation=200", "data.test=300"]
 config = load_config(ROOT / "runs/vae-mnist5k.toml", settings)
 summary = train_to_completion(config, OUT / ("vae-quick" if QUICK else "vae"))
 print(f"{summary['epochs']} epochs in {summary['seconds']:.1f} s; best epoch {summary['best_epoch']}")
