@@ -86,6 +86,13 @@ plt.title("left: a test digit; then its z decoded as 0, 1, ..., 9")
 plt.show()
 
 # %% [markdown]
+# The other way round, as the trainer draws it (`figures/class_samples.png`): one $z \sim \mathcal N(0, I)$
+# per column, so the style is held down a column, and one class per row.
+
+# %%
+display(Image(filename=str(OUT / "enum" / "figures" / "class_samples.png")))
+
+# %% [markdown]
 # ## What $q(y \mid x)$ is unsure of
 #
 # The test images with the highest entropy of $q(y \mid x)$, each with its three most probable classes.
