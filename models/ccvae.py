@@ -378,11 +378,9 @@ class CCVAE(ZooModel):
         """
         if not self.multilabel:
             raise ValueError("walk_effects needs binary attributes; for a class label use intervention_accuracy")
-        z = self.latent(x)
         count = self.model.prior.loc.shape[0]
         own, other = [], []
-        for i in range(count):
-            start, end = self._judged_ends(judge, z, i, batch_size)
+        for i, (start, end) in enumerate(self._walk_ends(x, judge, batch_size)):
             own.append(((start[:, i] == 0) & (end[:, i] == 1)).float().mean().item())
             others = [j for j in range(count) if j != i]
             other.append((start[:, others] != end[:, others]).float().mean().item() if others else 0.0)
@@ -396,12 +394,12 @@ class CCVAE(ZooModel):
         A CCVAE that captures each characteristic in its own unit has M near the identity."""
         if not self.multilabel:
             raise ValueError("walk_matrix needs binary attributes")
+        return torch.stack([(start != end).float().mean(0) for start, end in self._walk_ends(x, judge, batch_size)])
+
+    def _walk_ends(self, x: torch.Tensor, judge, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each attribute i, the judge's attributes of ``x`` decoded at both ends of the walk of i."""
         z = self.latent(x)
-        rows = []
-        for i in range(self.model.prior.loc.shape[0]):
-            start, end = self._judged_ends(judge, z, i, batch_size)
-            rows.append((start != end).float().mean(0))
-        return torch.stack(rows)
+        return [self._judged_ends(judge, z, i, batch_size) for i in range(self.model.prior.loc.shape[0])]
 
     def figures(self, folder, x, y):
         from pathlib import Path

@@ -126,7 +126,7 @@ class GAE(ZooModel):
                                                     o.novelty_quantile)
         self.clusters = MixtureStack(1, o.z_dim, k, o.covariance, o.reg_covar, o.n_init) if o.single_mixture else None
 
-    def check_split(self, sizes, split, dataset):
+    def check_split(self, split, dataset):
         # each class's mixture is fitted to its labelled codes (a class with one code has no covariance)
         k = self.meta["num_classes"]
         counts = torch.bincount(dataset.y[split.labelled].long(), minlength=k)
@@ -134,6 +134,7 @@ class GAE(ZooModel):
         if few:
             raise ConfigError(f"gae fits one mixture per class to its labelled codes: every class needs at least 2 "
                               f"labelled examples (data.labels_per_class or data.label_fraction); class(es) {', '.join(map(str, few))} have fewer")
+        sizes = split.sizes()
         if self.clusters is not None and sizes["labelled"] + sizes["unlabelled"] < k:
             raise ConfigError(f"options.single_mixture fits {k} components to the training codes: at least {k} training examples are needed")
 

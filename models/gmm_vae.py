@@ -91,7 +91,8 @@ class _ClusteringVAE(ZooModel):
     guide_aliases = {"diag-normal": "amortised"}  # its name before the z-guides (now z_guide = "diag-normal")
     z_guides = Z_GUIDES
 
-    def check_split(self, sizes, split, dataset):
+    def check_split(self, split, dataset):
+        sizes = split.sizes()
         n, k = sizes["labelled"] + sizes["unlabelled"], self.num_clusters
         if n < k:  # the mixture is fitted to the training codes
             raise ConfigError(f"options.clusters = {k} needs at least {k} training examples; the split leaves {n}")

@@ -17,6 +17,7 @@ one never runs code).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -159,12 +160,14 @@ def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) 
     return state
 
 
-def load_parameters(model: torch.nn.Module, path: Path, map_location="cpu") -> dict:
+def load_parameters(model: torch.nn.Module, path: Path, map_location="cpu", state: dict | None = None) -> dict:
     """Load the ``model`` entry of the checkpoint ``path`` into ``model``; the checkpoint's dict.
 
-    A checkpoint of another model (names or shapes differ) is a CheckpointError that names the file.
+    ``state``: that checkpoint already read by :func:`load_checkpoint` (it is not read again). A
+    checkpoint of another model (names or shapes differ) is a CheckpointError that names the file.
     """
-    state = load_checkpoint(path, map_location=map_location, keys=("model",))
+    if state is None:
+        state = load_checkpoint(path, map_location=map_location, keys=("model",))
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, ValueError) as exc:
@@ -434,8 +437,6 @@ def split_amount(key: str, value: float) -> int | float:
 
     The two share one recipe field, so ``1.5`` is neither: it is refused rather than rounded.
     """
-    import math
-
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{key} must be a fraction in [0, 1) or a whole count of examples, not {value!r}")
     if value < 1:

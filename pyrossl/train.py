@@ -204,6 +204,7 @@ class Trainer:
         check_train_config(self.config)
         self.out = Path(out)
         self.resume = resume
+        self._resume_state = None  # checkpoint.pt as _check_resumable read it, for _restore
         if resume:
             self._check_resumable()
         elif (self.out / runs.CHECKPOINT).exists():
@@ -224,7 +225,7 @@ class Trainer:
         cls = model_class(self.config.model)
         cls.read_outputs(self.out, cls.make_options(self.config.options))
         if (self.out / runs.CHECKPOINT).exists():
-            runs.load_checkpoint(self.out / runs.CHECKPOINT, keys=("model", "optimizer", "rng", "counters"))
+            self._resume_state = runs.load_checkpoint(self.out / runs.CHECKPOINT, keys=("model", "optimizer", "rng", "counters"))
         if (self.out / runs.BEST).exists():
             try:
                 runs.load_checkpoint(self.out / runs.BEST, keys=("model",))
@@ -289,12 +290,13 @@ class Trainer:
             n = getattr(self.split, part).numel()
             if n == 1:  # 0 turns the part off; the latent figure projects a part onto 2 principal components
                 raise ConfigError(f"{key} leaves 1 {part} example: at least 2 are needed (or 0 for none)")
-        self.model.check_split({k: int(v) for k, v in self.split.sizes().items()}, self.split, self.dataset)
+        self.model.check_split(self.split, self.dataset)
 
     def _restore(self) -> None:
         # RNG states must stay CPU tensors; load_state_dict moves parameters and optimiser state
         path = self.out / runs.CHECKPOINT
-        state = runs.load_parameters(self.model, path, map_location="cpu")
+        state, self._resume_state = self._resume_state, None
+        state = runs.load_parameters(self.model, path, map_location="cpu", state=state)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"], self.generator)

@@ -105,10 +105,11 @@ class ZooModel(nn.Module):
         """The loss to minimise for one step, per example (a scalar)."""
         raise NotImplementedError
 
-    def check_split(self, sizes: dict[str, int], split, dataset) -> None:
-        """Called once before training with the split's part sizes (``labelled``, ``unlabelled``,
-        ``validation``, ``test``): raise a ConfigError naming the limit when the data cannot serve
-        this entry (a mixture needs as many points as components, say). The default accepts any."""
+    def check_split(self, split, dataset) -> None:
+        """Called once before training with the split (:class:`pyrossl.data.Split`: ``sizes()`` gives
+        the number of ``labelled``, ``unlabelled``, ``validation`` and ``test`` examples) and its dataset:
+        raise a ConfigError naming the limit when the data cannot serve this entry (a mixture needs as
+        many points as components, say). The default accepts any."""
 
     def prepare(self, encode_data: Callable[[], dict]) -> None:
         """Called once before training starts or resumes, with :meth:`end_epoch`'s ``encode_data`` (the
