@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ LABEL_GUIDES = ["enum", "gumbel", "st-gumbel", "logistic-normal", "sample", "dir
 
 def _m2_part(recipe: str, extra: list[str]) -> dict:
     variants = [(f"{g} / {z}", [f"guide={g}", f"z_guide={z}"], recipe) for g in LABEL_GUIDES for z in ("diag-normal", "flow")]
-    # the baseline: the network of q(y|x) on the labels alone
+    # the baseline: the network of q(y|x) on the labels alone, as many labelled steps as M2 (run_one)
     variants.append(("labels alone (classifier)", ["model=classifier", "guide=none", "options={}"], recipe))
     return {"variants": variants, "extra": extra, "metrics": ["test_accuracy", "last_test_accuracy"], "curve": "val_accuracy"}
 
@@ -60,19 +61,43 @@ PARTS = {
 }
 
 
-def run_one(recipe: str, overrides: list[str], out: Path) -> dict:
-    """Train (or finish, or read) one run; its metrics, including the last epoch's as ``last_*``."""
-    summary = train_to_completion(load_config(ROOT / recipe, overrides + ["train.progress=false"]), out)
-    records = runs.read_metrics(out)
-    seconds = [r["train_seconds"] for r in records if "train_seconds" in r]
+def as_many_labelled_steps(config):
+    """Overrides that give the labels-alone classifier as many labelled steps as M2 takes, evaluated as often.
+
+    M2 joins a labelled batch to every ``labelled_every``-th of its ceil(N_u / B) unlabelled steps per
+    epoch, while the classifier's epoch is one pass over the few labels (one step with 100 labels in
+    batches of 100): at M2's epoch count it would train for 10-30 steps only. Its epochs are therefore
+    M2's labelled steps over the classifier's steps per epoch, with an evaluation (and the best-epoch
+    choice) once per M2 epoch.
+    """
+    t = config.train
+    split = runs.split_for(config, runs.load_dataset_for(config))
+    m2_steps = math.ceil(math.ceil(len(split.unlabelled) / t.batch_size) / t.labelled_every)
+    own_steps = math.ceil(len(split.labelled) / (t.labelled_batch_size or t.batch_size))
+    every = max(1, round(m2_steps / own_steps))
+    return [f"train.epochs={t.epochs * every}", f"train.eval_every={every}", f"train.checkpoint_every={every}"]
+
+
+def run_one(recipe: str, overrides: list[str], out: Path) -> tuple[dict, list[dict]]:
+    """Train (or finish, or read) one run: its metrics, including the last epoch's as ``last_*``, and
+    its ``metrics.jsonl`` records; the classifier baseline's epochs counted in M2 epochs."""
+    config = load_config(ROOT / recipe, overrides + ["train.progress=false"])
+    scale = 1
+    if config.model == "classifier":
+        extra = as_many_labelled_steps(config)
+        config = load_config(ROOT / recipe, overrides + extra + ["train.progress=false"])
+        scale = config.train.eval_every
+    summary = train_to_completion(config, out)
+    records = [{**r, "epoch": r["epoch"] / scale} for r in runs.read_metrics(out)]
+    seconds = [r["train_seconds"] for r in runs.read_metrics(out) if "train_seconds" in r]
     row = {k: v for k, v in summary["best"].items() if isinstance(v, (int, float))}
     row.update({f"last_{k}": v for k, v in summary["last"].items() if isinstance(v, (int, float))})
-    row["seconds_per_epoch"] = statistics.mean(seconds) if seconds else float("nan")
-    row["best_epoch"] = summary["best_epoch"]
+    row["seconds_per_epoch"] = statistics.mean(seconds) * scale if seconds else float("nan")
+    row["best_epoch"] = summary["best_epoch"] / scale
     for key in ("val_active_units", "train_active_units"):
         if key in summary["best"]:
             row["active_units"] = summary["best"][key]
-    return row
+    return row, records
 
 
 def main(argv=None) -> int:
@@ -97,8 +122,9 @@ def main(argv=None) -> int:
         rows = []
         for seed in seeds:
             out = Path(args.runs) / args.part / f"{slug}-seed{seed}"
-            rows.append(run_one(recipe, [*part["extra"], *overrides, *args.overrides, f"seed={seed}"], out))
-            curves.setdefault(label, []).append(runs.read_metrics(out))
+            row, records = run_one(recipe, [*part["extra"], *overrides, *args.overrides, f"seed={seed}"], out)
+            rows.append(row)
+            curves.setdefault(label, []).append(records)
             print(f"{label} seed {seed}: " + ", ".join(f"{k}={rows[-1][k]:.4f}" for k in part["metrics"] if k in rows[-1]),
                   flush=True)
         keys = [*part["metrics"], "seconds_per_epoch", "active_units"]
@@ -118,7 +144,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"guides-{args.part}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     # the first tenth of the epochs left out: their steep rise would flatten the differences
-    cut = max((r.get("epoch", 0) for rs in curves.values() for recs in rs for r in recs), default=0) // 10
+    cut = int(max((r.get("epoch", 0) for rs in curves.values() for recs in rs for r in recs), default=0)) // 10
     shown = {label: [[r for r in recs if r.get("epoch", 0) > cut] for recs in rs] for label, rs in curves.items()}
     figure = plots.plot_bands(shown, part["curve"], out.with_suffix(".png"),
                               title=f"{args.part}: {part['curve']} after epoch {cut}, mean ± sd over seeds {args.seeds}")

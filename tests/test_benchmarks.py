@@ -146,3 +146,23 @@ def test_guides_benchmark_runs_every_z_guide_and_writes_json(tmp_path, capsys):
     # the M2 part lists every label guide with both z-guides and the classifier on the same labels
     labels = [label for label, _, _ in bench.PARTS["m2-mnist5k"]["variants"]]
     assert "enum / flow" in labels and "dirichlet / diag-normal" in labels and labels[-1].startswith("labels alone")
+
+
+def test_guides_benchmark_gives_the_labels_alone_as_many_labelled_steps_as_m2(tmp_path):
+    bench = _load("guides")
+    out = tmp_path / "m2.json"
+    small = ["train.epochs=2", "data.name=digits", "data.validation=0.1", "data.test=0.2", "options.hidden=[16]"]
+    assert bench.main(["--part", "m2-mnist5k", "--seeds", "0", "--runs", str(tmp_path / "runs"), "--out", str(out),
+                       "--variants", "enum / diag-normal,labels alone (classifier)",
+                       *[a for s in small for a in ("--set", s)]]) == 0
+    m2 = runs.read_config(tmp_path / "runs" / "m2-mnist5k" / "enum-diag-normal-seed0")
+    split = runs.split_for(m2, runs.load_dataset_for(m2))
+    steps_per_epoch = -(-len(split.unlabelled) // m2.train.batch_size)  # one labelled batch (all 100 labels) in each
+    alone = tmp_path / "runs" / "m2-mnist5k" / "labels-alone-classifier-seed0"
+    config = runs.read_config(alone)
+    assert len(split.labelled) == config.train.labelled_batch_size == 100  # so one classifier step per its epoch
+    assert config.train.epochs == 2 * steps_per_epoch and config.train.eval_every == steps_per_epoch
+    evaluated = [r for r in runs.read_metrics(alone) if "val_accuracy" in r]
+    assert [r["epoch"] for r in evaluated] == [steps_per_epoch, 2 * steps_per_epoch]
+    saved = json.loads(out.read_text())["results"]["labels alone (classifier)"]["runs"][0]
+    assert saved["best_epoch"] in (1, 2)  # counted in M2 epochs
