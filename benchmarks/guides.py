@@ -89,7 +89,7 @@ def run_one(recipe: str, overrides: list[str], out: Path) -> tuple[dict, list[di
         scale = config.train.eval_every
     summary = train_to_completion(config, out)
     records = [{**r, "epoch": r["epoch"] / scale} for r in runs.read_metrics(out)]
-    seconds = [r["train_seconds"] for r in runs.read_metrics(out) if "train_seconds" in r]
+    seconds = [r["train_seconds"] for r in records if "train_seconds" in r]
     row = {k: v for k, v in summary["best"].items() if isinstance(v, (int, float))}
     row.update({f"last_{k}": v for k, v in summary["last"].items() if isinstance(v, (int, float))})
     row["seconds_per_epoch"] = statistics.mean(seconds) * scale if seconds else float("nan")
