@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pyrossl.guides.normal import CodeGuide
+from pyrossl.infer.params import register
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
 
 
@@ -44,6 +45,13 @@ def label_distribution(logits: torch.Tensor, multilabel: bool) -> dist.Distribut
     if multilabel:
         return dist.Bernoulli(logits=logits).to_event(1)
     return dist.Categorical(logits=logits)
+
+
+def label_values(y: torch.Tensor | None, multilabel: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """A label batch as the label site holds it: attributes as floats in {0, 1}, classes as indices."""
+    if y is None:
+        return None
+    return y.to(dtype) if multilabel else y.long()
 
 
 class CCVAEGuide(nn.Module):
@@ -94,6 +102,12 @@ class CCVAEGuide(nn.Module):
         return dist.MixtureSameFamily(mixing, label_distribution(logits, self.multilabel))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Sites in plate ``data``: ``z_c``, ``z_s``, and ``y`` ~ q(y|z_c) (enumerated for a categorical
+        label) when y is not given; with y given, the observed auxiliary sites ``y`` (q(y|z_c)),
+        ``y_weight`` (the same with z_c held fixed) and ``y_x`` (q(y|x)) that :class:`~pyrossl.models.ccvae.CCVAE_ELBO`
+        reads. ``y``: class indices or attributes in {0, 1}."""
+        register(self)
+        y = label_values(y, self.multilabel, x.dtype)
         encoded = self.encoder.encode_all(x)
         q_c, q_s = self.blocks(x, encoded)
         with pyro.plate("data", x.shape[0]):
@@ -104,7 +118,8 @@ class CCVAEGuide(nn.Module):
                 infer = {} if self.multilabel else {"enumerate": "parallel"}
                 pyro.sample("y", q_y, infer=infer)
                 return
-            pyro.sample("y", q_y, obs=y)
-            pyro.sample("y_weight", label_distribution(self.classifier(z_c.detach()), self.multilabel), obs=y)
+            auxiliary = {"is_auxiliary": True}  # terms of eq. 4, not latents
+            pyro.sample("y", q_y, obs=y, infer=auxiliary)
+            pyro.sample("y_weight", label_distribution(self.classifier(z_c.detach()), self.multilabel), obs=y, infer=auxiliary)
             # a fresh distribution: q_c's transforms cache the site's own sample, which these draws must not evict
-            pyro.sample("y_x", self.q_y_x(self.blocks(x, encoded)[0]), obs=y)
+            pyro.sample("y_x", self.q_y_x(self.blocks(x, encoded)[0]), obs=y, infer=auxiliary)

@@ -58,9 +58,18 @@ from torch import nn
 
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
 from pyrossl.infer.objective import Objective, particle_settings
+from pyrossl.infer.params import register
 from pyrossl.infer.objective import make_elbo as objective_elbo
 from pyrossl.infer.relaxed import ConcreteLabel, LogisticNormalLabel
 from pyrossl.nn import MLP, ConvEncoder, activation
+
+
+def as_one_hot(y: torch.Tensor | None, num_classes: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """A label batch as the one-hot (or simplex) vectors the label site holds: class indices ``[n]`` are
+    encoded, vectors ``[n, K]`` kept."""
+    if y is None or y.is_floating_point():
+        return y
+    return nn.functional.one_hot(y.long(), num_classes).to(dtype)
 
 
 def make_classifier(image_shape: Sequence[int], num_classes: int, hidden: Sequence[int], act: str, net: str) -> nn.Module:
@@ -137,6 +146,7 @@ class LabelGuide(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.z_kl_weight = 1.0  # beta of the z term; the model's z site must carry the same weight
+        self.aux_weight = 0.0  # alpha of the auxiliary term alpha log q(y|x) on an observed label (site y_x)
         if shared_trunk:
             # one feature layer h(x) under both q(y|x) and q(z|x, y): the ELBO of every unlabelled
             # image trains the classifier's features, not only its output through the label site
@@ -163,10 +173,19 @@ class LabelGuide(nn.Module):
         return y if y is not None else self.label_site(self.classifier(x))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Sites in plate ``data``: the label's (``y``, or the simplex latent) unless y is observed, and
+        ``z``; with an observed y and ``aux_weight`` > 0 also ``y_x``, the observed auxiliary site
+        alpha log q(y|x) (Kingma et al. 2014, eq. 9), a term of the objective, not a latent
+        (:class:`pyrossl.infer.objective.AuxiliaryTermsMixin`). ``y``: class indices or one-hot."""
+        register(self)
+        y = as_one_hot(y, self.num_classes, x.dtype)
         with pyro.plate("data", x.shape[0]):
             label = self.label_input(x, y)
             with poutine.scale(scale=self.z_kl_weight):
                 pyro.sample("z", self.z_encoder.distribution(x, label))
+            if y is not None and self.aux_weight:
+                with poutine.scale(scale=self.aux_weight):
+                    pyro.sample("y_x", dist.OneHotCategorical(logits=self.classifier(x)), obs=y, infer={"is_auxiliary": True})
 
 
 class EnumeratedLabelGuide(LabelGuide):

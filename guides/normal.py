@@ -10,6 +10,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyrossl.infer.params import register
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
 from pyrossl.nn import ConvEncoder, GaussianHead
 
@@ -60,6 +61,7 @@ class CodeGuide(nn.Module):
         return self.z_guide.point(*self.encode_all(x))
 
     def forward(self, x: torch.Tensor, *model_inputs, **model_options) -> None:
-        """Samples ``z``; the model's other inputs (a prior mean, say) do not concern the guide."""
+        """Samples ``z`` (plate ``data``); the model's other inputs (a prior mean, say) do not concern the guide."""
+        register(self)
         with pyro.plate("data", x.shape[0]), poutine.scale(scale=self.kl_weight):
             pyro.sample("z", self.distribution(x))

@@ -28,8 +28,10 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from torch import nn
 
 from pyrossl.errors import ConfigError
-from pyrossl.guides.ccvae import CCVAEGuide
+from pyrossl.guides.ccvae import CCVAEGuide, label_values
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
+from pyrossl.infer.objective import DifferentiableLossELBO, DispatchingELBO
+from pyrossl.infer.params import register
 from pyrossl.models.vae import BernoulliDecoder
 from pyrossl.nn import check_network_options
 from pyrossl.zoo import ZooModel
@@ -113,7 +115,12 @@ class CCVAEModel(nn.Module):
         return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)  # grey levels: a cross-entropy
 
     def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, num: int | None = None):
+        """Sites in plate ``data``: ``y`` (class indices ``[n]``, or attributes ``[n, L]`` in {0, 1};
+        observed when given), ``z_c`` ``[n, L]``, ``z_s`` ``[n, z_style]`` and ``x`` (flat pixels, observed
+        when ``x`` is given); ``num``: how many to draw when neither is given."""
+        register(self)
         n = x.shape[0] if x is not None else (y.shape[0] if y is not None else num)
+        y = label_values(y, self.multilabel, self.y_probs.dtype)
         with pyro.plate("data", n):
             y = pyro.sample("y", self.label_prior(n), obs=y)
             loc_c, scale_c = self.prior(y)
@@ -124,29 +131,42 @@ class CCVAEModel(nn.Module):
             return pyro.sample("x", self.pixels(z), obs=None if x is None else x.flatten(1))
 
 
-class CCVAE_ELBO(TraceEnum_ELBO):
-    """The CCVAE objective as a Pyro ELBO (the pattern of ``pyro.contrib.cevae.TraceCausalEffect_ELBO``).
+class CCVAE_ELBO(DispatchingELBO):
+    """The CCVAE objective as a Pyro ELBO (the pattern of ``pyro.contrib.cevae.TraceCausalEffect_ELBO``);
+    ``loss``, ``loss_and_grads`` and ``differentiable_loss`` agree.
 
-    ``differentiable_loss(model, guide, x)`` (no labels) is TraceEnum_ELBO's: the guide enumerates a
-    categorical y, or samples binary attributes. ``differentiable_loss(model, guide, x, y)`` is minus
-    eq. 4, summed over the batch, read off one model and one guide trace: the guide's observed sites
-    give log q(y|z_c) (``y``), the weight's numerator (``y_weight``) and log q(y|x) (``y_x``).
-    One particle; the expectation over q(z|x) is a single reparameterised sample.
+    ``(model, guide, x)`` (no labels) is scored by TraceEnum_ELBO: the guide enumerates a categorical y,
+    or samples binary attributes. ``(model, guide, x, y)`` by :class:`CCVAELabelled_ELBO`, minus eq. 4.
+    With ``num_particles`` = k both average k draws of q(z|x).
     """
 
-    def __init__(self, enumerate_labels: bool = True):
-        super().__init__(max_plate_nesting=1)
+    def __init__(self, enumerate_labels: bool = True, num_particles: int = 1):
+        super().__init__(num_particles=num_particles, max_plate_nesting=1)
+        settings = {"num_particles": num_particles, "vectorize_particles": num_particles > 1, "max_plate_nesting": 1}
         # binary attributes are sampled: Trace_ELBO scores them (a score-function term) without
         # TraceEnum_ELBO's warning that nothing is enumerated
-        self.sampled = None if enumerate_labels else Trace_ELBO(max_plate_nesting=1)
+        self.unlabelled = TraceEnum_ELBO(**settings) if enumerate_labels else Trace_ELBO(**settings)
+        self.labelled = CCVAELabelled_ELBO(num_particles=num_particles)
 
-    def differentiable_loss(self, model, guide, x, y=None):
-        if y is None:
-            if self.sampled is not None:
-                return self.sampled.differentiable_loss(model, guide, x)
-            return super().differentiable_loss(model, guide, x)
-        terms = self.labelled_terms(model, guide, x, y)
-        return -terms["objective"].sum()
+    def choose(self, model, guide, x=None, y=None):
+        return self.unlabelled if y is None else self.labelled
+
+
+class CCVAELabelled_ELBO(DifferentiableLossELBO):
+    """Minus eq. 4 of Joy et al. (2021), summed over a labelled batch, read off one model and one guide
+    trace: the guide's observed auxiliary sites give log q(y|z_c) (``y``), the weight's numerator
+    (``y_weight``) and log q(y|x) (``y_x``). With ``num_particles`` = k, the mean of k independent
+    estimates (each with a single draw of q(z|x) inside the expectation).
+    """
+
+    def __init__(self, num_particles: int = 1):
+        super().__init__(num_particles=num_particles, max_plate_nesting=1)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("CCVAELabelled_ELBO traces in differentiable_loss")
+
+    def differentiable_loss(self, model, guide, x, y):
+        return -sum(self.labelled_terms(model, guide, x, y)["objective"].sum() for _ in range(self.num_particles)) / self.num_particles
 
     @staticmethod
     def labelled_terms(model, guide, x, y) -> dict[str, torch.Tensor]:
@@ -175,12 +195,6 @@ class CCVAE(ZooModel):
     uses_labels = True
     selection_metric = "accuracy"
 
-    @classmethod
-    def check_objective(cls, guide, z_guide, objective):
-        super().check_objective(guide, z_guide, objective)
-        if objective.particles != 1:
-            raise ConfigError("train.particles must be 1 for ccvae: its labelled bound (Joy et al., eq. 4) is estimated with one sample")
-
     def __init__(self, meta: dict, options: CCVAEOptions, guide: str = "ccvae", **settings):
         super().__init__(meta, options, guide, **settings)
         o = options
@@ -189,7 +203,7 @@ class CCVAE(ZooModel):
         self.model = CCVAEModel(shape, labels, o.z_style, multilabel, o)
         self.guide = CCVAEGuide(shape, labels, o.z_style, multilabel, o.hidden, o.act, o.net, o.k,
                                 z_guide=self.z_guide_name, z_options=o)
-        self.elbo = CCVAE_ELBO(enumerate_labels=not multilabel)
+        self.elbo = CCVAE_ELBO(enumerate_labels=not multilabel, num_particles=self.objective.particles)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -208,15 +222,6 @@ class CCVAE(ZooModel):
 
     def prepare(self, encode_data) -> None:
         self.set_label_prior(encode_data()["y_labelled"])
-
-    def forward(self, x, x_lab=None, y_lab=None):
-        terms = []
-        if x is not None:
-            terms.append(self.elbo.differentiable_loss(self.model, self.guide, x) / x.shape[0])
-        if x_lab is not None:
-            y = y_lab.to(x_lab.dtype) if self.multilabel else y_lab
-            terms.append(self.elbo.differentiable_loss(self.model, self.guide, x_lab, y) / x_lab.shape[0])
-        return sum(terms)
 
     # --- classification --------------------------------------------------------------------
     def _q_y(self, x: torch.Tensor) -> torch.Tensor:

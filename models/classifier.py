@@ -16,6 +16,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 
 from pyrossl.guides.label import make_classifier
+from pyrossl.infer.params import register
 from pyrossl.nn import check_network_options
 from pyrossl.zoo import LabelClassifier, ZooModel
 
@@ -36,7 +37,9 @@ class ClassifierModel(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Site ``y`` (class indices ``[n]``, observed when given) in plate ``data``."""
+        register(self)
         logits = self.network(x)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("y", dist.Categorical(logits=logits), obs=y)
@@ -45,7 +48,7 @@ class ClassifierModel(nn.Module):
 class NoLatentGuide(nn.Module):
     """A model with no latent variable needs a guide that samples nothing."""
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         pass
 
 
@@ -64,8 +67,17 @@ class Classifier(LabelClassifier, ZooModel):
         network = make_classifier(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.classifier_net or options.net)
         self.loss = Trace_ELBO()(ClassifierModel(network), NoLatentGuide())
 
-    def forward(self, x, x_lab=None, y_lab=None):
-        return self.loss(x_lab, y_lab) / x_lab.shape[0]
+    @property
+    def model(self) -> ClassifierModel:
+        return self.loss.model
+
+    @property
+    def guide(self) -> NoLatentGuide:
+        return self.loss.guide
+
+    @property
+    def elbo(self):
+        return self.loss.elbo
 
     @property
     def classifier_network(self) -> nn.Module:

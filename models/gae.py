@@ -34,6 +34,7 @@ from torch import nn
 from pyrossl import plots
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import classification_metrics, clustering_metrics, confusion_matrix, label_table, pairs_from_table
+from pyrossl.infer.params import register
 from pyrossl.mixture import GaussianMixtureClassifier, MixtureStack, check_mixture_options
 from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
 from pyrossl.nn import ConvEncoder, MLP, check_network_options
@@ -88,6 +89,8 @@ class AutoencoderModel(nn.Module):
         self.decoder = BernoulliDecoder(image_shape, z_dim, hidden, act, net)
 
     def forward(self, x: torch.Tensor) -> None:
+        """Sites ``z`` (an improper flat prior) and ``x`` (flat pixels, observed) in plate ``data``."""
+        register(self)
         n = x.shape[0]
         with pyro.plate("data", n):
             z = pyro.sample("z", dist.ImproperUniform(constraints.real_vector, (n,), (self.z_dim,)))
@@ -102,6 +105,7 @@ class PointGuide(nn.Module):
         self.encoder = encoder
 
     def forward(self, x: torch.Tensor) -> None:
+        register(self)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Delta(self.encoder(x)).to_event(1))
 
@@ -142,8 +146,17 @@ class GAE(ZooModel):
     def encoder(self) -> nn.Module:
         return self.loss.guide.encoder
 
-    def forward(self, x, x_lab=None, y_lab=None):
-        return self.loss(x) / x.shape[0]
+    @property
+    def model(self) -> AutoencoderModel:
+        return self.loss.model
+
+    @property
+    def guide(self) -> PointGuide:
+        return self.loss.guide
+
+    @property
+    def elbo(self):
+        return self.loss.elbo
 
     # --- the mixtures ---------------------------------------------------------------------
     @torch.no_grad()

@@ -55,7 +55,8 @@ from pyrossl.evaluate import (cluster_mapping, clustering_metrics, confusion_mat
                               pairs_from_table)
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
-from pyrossl.infer.objective import Objective
+from pyrossl.infer.objective import DispatchingELBO, Objective
+from pyrossl.infer.params import register
 from pyrossl.mixture import PyroGaussianMixture
 from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
 from pyrossl.nn import check_network_options
@@ -226,6 +227,9 @@ class MessagePriorVAE(nn.Module):
         self.alpha = alpha
 
     def forward(self, x: torch.Tensor, prior_loc: torch.Tensor) -> torch.Tensor:
+        """Sites ``z`` ``[n, z_dim]`` (prior N(prior_loc, I): each image's GMM message, zeros before the
+        first round) and ``x`` (flat pixels, observed) in plate ``data``."""
+        register(self)
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=self.alpha):
                 z = pyro.sample("z", dist.Normal(prior_loc, torch.ones_like(prior_loc)).to_event(1))
@@ -270,10 +274,19 @@ class SerketVAEGMM(_ClusteringVAE):
         loc = self.gmm.means[assignment.clamp(min=0)]
         return torch.where((assignment >= 0)[:, None], loc, torch.zeros_like(loc))
 
+    @property
+    def model(self) -> MessagePriorVAE:
+        return self.loss.model
+
+    @property
+    def elbo(self):
+        return self.loss.elbo
+
     def forward(self, x, x_lab=None, y_lab=None, index=None):
+        """The per-example mean of ``entry.elbo`` on ``(x, prior_loc)``, the messages of the batch's dataset rows."""
         if index is None:
             raise ConfigError("serket-vae-gmm trains on unlabelled batches with their dataset rows (index=)")
-        return self.loss(x, self.prior_loc(self.assignment[index])) / x.shape[0]
+        return self.elbo.differentiable_loss(self.model, self.guide, x, self.prior_loc(self.assignment[index])) / x.shape[0]
 
     @torch.no_grad()
     def prior_moments(self, x, code_mean):
@@ -472,6 +485,9 @@ class MixturePriorVAE(nn.Module):
         return self.logits.log_softmax(-1) + self.component().log_prob(z[:, None, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Sites in plate ``data``: ``c`` (enumerated; once the mixture is on), ``z`` ``[n, z_dim]`` and ``x``
+        (flat pixels, observed)."""
+        register(self)
         n = x.shape[0]
         with pyro.plate("data", n):
             if self.mixture:
@@ -485,6 +501,18 @@ class MixturePriorVAE(nn.Module):
             return pyro.sample("x", pixel_likelihood(self.decoder(z)), obs=x.flatten(1))
 
 
+class MixturePriorELBO(DispatchingELBO):
+    """The bound in force for :class:`MixturePriorVAE`: ``mixture`` (TraceEnum_ELBO, c summed out) once
+    the model's mixture is on, ``warmup`` (the plain VAE's, analytic KL for a diagonal z-guide) before."""
+
+    def __init__(self, mixture, warmup):
+        super().__init__(num_particles=mixture.num_particles, max_plate_nesting=1)
+        self.mixture, self.warmup = mixture, warmup
+
+    def choose(self, model, guide, *args, **kwargs):
+        return self.mixture if model.mixture else self.warmup
+
+
 class GMMVAE(_ClusteringVAE):
     name = "gmm-vae"
     description = "VAE with a Gaussian-mixture prior learned end to end (VaDE), the cluster enumerated exactly"
@@ -495,8 +523,8 @@ class GMMVAE(_ClusteringVAE):
         o = options
         encoder, decoder = self._networks(o)
         prior = MixturePriorVAE(decoder, o.clusters, o.z_dim, o.min_scale, full=o.covariance == "full")
-        self.loss = self.make_elbo(enumerated=True)(prior, encoder)
-        self.warmup_elbo = self.make_elbo()  # the warm-up's plain VAE has nothing to enumerate
+        # the warm-up's plain VAE has nothing to enumerate
+        self.loss = MixturePriorELBO(self.make_elbo(enumerated=True), self.make_elbo())(prior, encoder)
         self.prior.mixture_on.fill_(o.warmup_epochs == 0)
         if o.warmup_epochs == 0:  # no warm-up: the components start spread around the origin
             with torch.no_grad():
@@ -510,14 +538,21 @@ class GMMVAE(_ClusteringVAE):
     def num_clusters(self) -> int:
         return self.options.clusters
 
-    def _elbo(self, kl_weight: float = 1.0):
-        """The bound in force (warm-up or mixture), its z term weighted by ``kl_weight`` in model and guide."""
+    @property
+    def model(self) -> MixturePriorVAE:
+        return self.loss.model
+
+    @property
+    def elbo(self) -> "MixturePriorELBO":
+        return self.loss.elbo
+
+    def set_kl_weight(self, kl_weight: float) -> None:
+        """The weight of the z term, in model and guide alike (TraceMeanField_ELBO takes the guide's)."""
         self.prior.kl_weight = self.guide.kl_weight = kl_weight
-        return self.loss.elbo if self.prior.mixture else self.warmup_elbo
 
     def forward(self, x, x_lab=None, y_lab=None):
-        elbo = self._elbo(self.options.kl_weight if self.prior.mixture else 1.0)
-        return elbo.differentiable_loss(self.prior, self.guide, x) / x.shape[0]
+        self.set_kl_weight(self.options.kl_weight if self.prior.mixture else 1.0)
+        return super().forward(x)
 
     def cluster_probs(self, z):
         return self.prior.log_prior(z).softmax(-1)
@@ -554,7 +589,12 @@ class GMMVAE(_ClusteringVAE):
     def evaluation_counts(self, x, y, batch_size=1000):
         """Sums of the ELBO of the bound in force and of the reconstruction cross-entropy; the table of
         (cluster, class) pairs once the mixture prior is on."""
-        elbo = sum(-self._elbo().loss(self.prior, self.guide, xb) for xb in torch.split(x, batch_size))
+        weight = self.prior.kl_weight
+        self.set_kl_weight(1.0)
+        try:
+            elbo = sum(-self.elbo.loss(self.prior, self.guide, xb) for xb in torch.split(x, batch_size))
+        finally:
+            self.set_kl_weight(weight)
         codes = self.latent(x, batch_size)
         counts = {"elbo": torch.tensor(elbo, dtype=torch.float64), "count": torch.tensor(x.shape[0]),
                   "reconstruction_bce": reconstruction_bce_sum(self.decode, codes, x, batch_size)}

@@ -39,16 +39,16 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
 from pyrossl import plots
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import confusion_matrix, iwae_log_likelihood
-from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide
+from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide, as_one_hot
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
-from pyrossl.infer.objective import make_elbo, particle_settings
+from pyrossl.infer.objective import LabelledMeanField_ELBO, SemiSupervisedELBO, make_elbo, particle_settings
+from pyrossl.infer.params import register
 from pyrossl.models.vae import pixel_likelihood
 from pyrossl.nn import check_network_options, MLP, ConvDecoder, activation
 from pyrossl.zoo import LabelClassifier, ZooModel
@@ -96,8 +96,11 @@ class LabelledDecoder(nn.Module):
             self.net = MLP([*reversed(hidden), math.prod(image_shape)], act)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        out = self.net(self.act(self.from_z(z) + self.from_y(y)))
-        return out.reshape(*out.shape[: z.dim() - 1], -1)
+        """Flat pixel logits ``[..., D]``, the leading dimensions those of y and z broadcast: an enumerated
+        y ``[K, 1, K]`` with a z drawn per class ``[K, n, d]`` or once for all classes ``[n, d]``."""
+        h = self.from_z(z) + self.from_y(y)
+        out = self.net(self.act(h))
+        return out.reshape(*h.shape[:-1], -1)
 
 
 LABEL_LATENTS = (None, "dirichlet", "logistic-normal")
@@ -140,7 +143,13 @@ class M2Model(nn.Module):
         return alpha
 
     def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, num: int | None = None):
+        """Sites ``y`` (one-hot, observed when ``y`` is given; the simplex-latent variants: ``alpha`` or
+        ``logits``, and ``y`` only when given), ``z`` ``[n, z_dim]`` and ``x`` (flat pixels ``[n, D]``,
+        observed when ``x`` is given), all in plate ``data``. ``x``: images ``[n, C, H, W]`` or flat;
+        ``y``: class indices ``[n]`` or one-hot ``[n, K]``; ``num``: how many to draw when neither is given."""
+        register(self)
         n = x.shape[0] if x is not None else (y.shape[0] if y is not None else num)
+        y = as_one_hot(y, self.prior_logits.shape[-1], self.prior_logits.dtype)
         with pyro.plate("data", n):
             label = self.label_input(n, y)
             loc = self.z_loc.expand(n, -1)
@@ -195,25 +204,17 @@ class M2(LabelClassifier, ZooModel):
         # draw alpha all the same, and the model observes y ~ Cat(alpha)): its z term's KL is
         # analytic with a diagonal z-guide (TraceMeanField_ELBO falls back to Monte Carlo otherwise)
         self.model.z_kl_weight = self.guide.z_kl_weight = o.z_kl_weight
-        self.unlabelled_elbo = guide_cls.make_elbo(self.objective)
-        self.labelled_elbo = TraceMeanField_ELBO(**particle_settings(self.objective))
+        # the guide scores an observed label with q(y|x), weighted by alpha: the auxiliary term
+        self.guide.aux_weight = o.aux_weight
         if self.objective.name == "iwae":  # check_objective let it through for the simplex-latent guides only
-            self.unlabelled_elbo, self.labelled_elbo = make_elbo(self.objective), make_elbo(self.objective)
+            self.elbo = SemiSupervisedELBO(make_elbo(self.objective), make_elbo(self.objective))
+        else:
+            self.elbo = SemiSupervisedELBO(guide_cls.make_elbo(self.objective),
+                                           LabelledMeanField_ELBO(**particle_settings(self.objective)))
 
     def one_hot(self, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.one_hot(y, self.meta["num_classes"]).to(torch.get_default_dtype())
 
-    def forward(self, x, x_lab=None, y_lab=None):
-        terms = []
-        if x is not None:
-            terms.append(self.unlabelled_elbo.differentiable_loss(self.model, self.guide, x) / x.shape[0])
-        if x_lab is not None:
-            y = self.one_hot(y_lab)
-            terms.append(self.labelled_elbo.differentiable_loss(self.model, self.guide, x_lab, y) / x_lab.shape[0])
-            if self.options.aux_weight:
-                logits = self.guide.classifier(x_lab)
-                terms.append(self.options.aux_weight * nn.functional.cross_entropy(logits, y_lab))
-        return sum(terms)
 
     def temperature(self, epoch: int) -> float:
         o = self.options

@@ -30,6 +30,7 @@ from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.infer.objective import Objective
+from pyrossl.infer.params import register
 from pyrossl.nn import check_network_options, ConvDecoder, MLP
 from pyrossl.zoo import ZooModel
 
@@ -92,6 +93,9 @@ class VAEModel(nn.Module):
         self.decoder = BernoulliDecoder(image_shape, z_dim, hidden, act, net)
 
     def forward(self, x: torch.Tensor | None = None, num: int | None = None) -> torch.Tensor:
+        """Sites ``z`` ``[n, z_dim]`` and ``x`` (flat pixels ``[n, D]``, observed when ``x`` is given) in
+        plate ``data``; ``num``: how many images to draw when ``x`` is None."""
+        register(self)
         n = x.shape[0] if x is not None else num
         loc = self.prior_loc.expand(n, -1)
         with pyro.plate("data", n):
@@ -136,8 +140,9 @@ class VAE(ZooModel):
     def guide(self) -> CodeGuide:
         return self.loss.guide
 
-    def forward(self, x, x_lab=None, y_lab=None):
-        return self.loss(x) / x.shape[0]
+    @property
+    def elbo(self):
+        return self.loss.elbo
 
     @torch.no_grad()
     def evaluation_counts(self, x, y, batch_size=1000):

@@ -1,15 +1,13 @@
 """pyrossl: a Pyro model zoo of deep generative classifiers.
 
-Parameters live in modules (``module_local_params``): each zoo entry is a plain
-``torch.nn.Module``, so checkpoints are ``state_dict`` s and two runs in one process
-never share parameters through Pyro's global param store.
+Parameters live in modules: each zoo entry is a plain ``torch.nn.Module``, so checkpoints are
+``state_dict`` s. Importing the package changes no Pyro setting: the zoo's own calls (the trainer,
+the CLI, :class:`Run`) keep parameters module-local inside a scoped ``pyro.settings.context``, and
+a user's plain ``pyro.infer.SVI`` on an entry's model and guide trains them through Pyro's param
+store (:mod:`pyrossl.infer.params`).
 """
 
 import os as _os
-
-import pyro as _pyro
-
-_pyro.settings.set(module_local_params=True)
 
 # In a source checkout, models/ and guides/ sit beside this package (an installed wheel has
 # them inside it). Searching the parent folder too makes pyrossl.models and pyrossl.guides

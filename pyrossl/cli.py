@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pyrossl import distributed
 from pyrossl.errors import PyrosslError, TrainingInterrupted
+from pyrossl.infer.params import module_local
 
 
 class _Parser(argparse.ArgumentParser):
@@ -255,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = _parser().parse_args(argv)
         args.argv = argv
-        return COMMANDS[args.command](args)
+        with module_local():  # the zoo's parameters stay in their modules, Pyro's param store untouched
+            return COMMANDS[args.command](args)
     except TrainingInterrupted as exc:
         print(f"pyrossl: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -330,8 +330,10 @@ class Run:
         method = getattr(self.model, what, None)
         if method is None:
             raise PyrosslError(f"model '{self.config.model}' has no {what}()")
+        from pyrossl.infer.params import module_local
+
         try:
-            with torch.no_grad():
+            with torch.no_grad(), module_local():
                 return method(*args)
         except NotImplementedError as exc:
             raise PyrosslError(f"model '{self.config.model}' has no {what}(): {exc}") from None
@@ -357,29 +359,24 @@ class Run:
             y = torch.as_tensor(y, device=self.device).expand(n)
         return self._call("sample", n, y)
 
-    def predictive(self, num_samples: int, return_sites=None, parallel: bool = False):
-        """``pyro.infer.Predictive`` over the run's Pyro model with its trained guide.
+    def predictive(self, num_samples: int, return_sites=None, parallel: bool = False, resample=("x",)):
+        """The posterior predictive of the run's Pyro model with its trained guide, a ``pyro.infer.Predictive``.
 
-        Call it with the model's arguments, e.g. ``run.predictive(10)(x)``: the result maps each
-        latent site (``z``, ``y``, ...; ``return_sites`` may add observed ones) to ``num_samples``
-        draws. Each draw runs the guide and replays the model on the guide's values. (Pyro's
-        ``Predictive(model, guide=...)`` first runs the model alone, with values from the priors,
-        to find its plates: that fails for a prior that cannot be sampled, such as the
-        autoencoder's flat one.)
+        Call it with the model's arguments, e.g. ``run.predictive(10)(x)`` or ``(x, y)``: each of the
+        ``num_samples`` draws runs the guide on them, then the model at the guide's latents with the
+        sites ``resample`` (the images ``x``) drawn afresh, not observed: ``x ~ p(x | z, y)``,
+        z ~ q(z | x, y). The result maps every latent site (``z``, ``y``, ...) and the redrawn ``x`` to
+        its draws (``return_sites`` picks others). (Pyro's ``Predictive(model, guide=...)`` would first
+        run the model alone, with values from the priors, to find its plates: that fails for a prior
+        that cannot be sampled, such as the autoencoder's flat one.)
         """
-        from pyro import poutine
         from pyro.infer import Predictive
 
+        from pyrossl.infer.predictive import guided_predictive_model
+
         entry = self.model
-        holder = entry.loss if hasattr(entry, "loss") else entry  # an ELBO module, or an entry with several
-        model, guide = holder.model, holder.guide
-
-        def guided_model(*args, **kwargs):
-            with poutine.block():
-                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            return poutine.replay(model, trace=guide_trace)(*args, **kwargs)
-
-        return Predictive(guided_model, num_samples=num_samples, return_sites=return_sites, parallel=parallel)
+        return Predictive(guided_predictive_model(entry.model, entry.guide, resample), num_samples=num_samples,
+                          return_sites=return_sites, parallel=parallel)
 
 
 def load_run(path: str | Path, which: str = "best", device: str = "cpu") -> Run:

@@ -44,6 +44,7 @@ from pyrossl import distributed, runs
 from pyrossl.config import Config
 from pyrossl.data import batch_indices, binarize
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
+from pyrossl.infer.params import module_local
 from pyrossl.registry import build_model, model_class, resolve
 
 
@@ -478,7 +479,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train for the remaining epochs, then write the summary and figures; returns the summary."""
+        """Train for the remaining epochs, then write the summary and figures; returns the summary.
+        Parameters stay module-local meanwhile (:func:`pyrossl.infer.params.module_local`)."""
+        with module_local():
+            return self._fit()
+
+    def _fit(self) -> dict:
         self.setup()
         c = self.config
         select = "val_" + self.model.selection_metric

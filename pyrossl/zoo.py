@@ -1,13 +1,26 @@
 """What every zoo entry is: a Pyro model, a guide, and the loss that trains them, in one ``nn.Module``.
 
-The trainer sees only this interface. ``forward`` *is* the training loss (the design's "one loss
-module"): ``torch.optim`` optimises ``entry.parameters()``, ``entry.state_dict()`` is the checkpoint,
-and ``DistributedDataParallel`` can wrap the entry unchanged.
+The contract, the same for every entry (built-in or your own):
+
+- ``entry.model`` and ``entry.guide`` are Pyro callables (``nn.Module`` s whose ``forward`` is the model or
+  guide) taking the same batch arguments: ``(x)`` for an unlabelled batch, ``(x, y)`` for a labelled one
+  (each entry's page lists its arguments, their shapes and its sample sites). Models name their sample
+  sites; guides provide them.
+- ``entry.elbo`` is a ``pyro.infer.ELBO`` whose ``loss``, ``loss_and_grads`` and ``differentiable_loss``
+  agree, so ``pyro.infer.SVI(entry.model, entry.guide, pyro.optim.Adam(...), entry.elbo)`` trains the
+  entry with Pyro alone (its parameters then go through Pyro's param store, see
+  :mod:`pyrossl.infer.params`).
+- ``forward`` *is* the training loss, made of ``entry.elbo`` on the step's batches and nothing else:
+  ``elbo.differentiable_loss(model, guide, x) / len(x) + elbo.differentiable_loss(model, guide, x_lab, y_lab) / len(x_lab)``
+  (the per-example means of the unlabelled and the labelled bound). ``torch.optim`` optimises
+  ``entry.parameters()``, ``entry.state_dict()`` is the checkpoint, and ``DistributedDataParallel`` can
+  wrap the entry unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -20,6 +33,7 @@ from pyrossl.config import build_dataclass
 from pyrossl.errors import ConfigError
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, Z_GUIDE_CLASSES
 from pyrossl.infer.objective import OBJECTIVES, Objective, make_elbo
+from pyrossl.infer.params import module_local, with_module_local
 
 
 class ZooModel(nn.Module):
@@ -58,6 +72,22 @@ class ZooModel(nn.Module):
     z_guides: ClassVar[dict[str, str]] = {}
     #: the ``train.objective`` values it trains with
     objectives: ClassVar[tuple[str, ...]] = ("elbo",)
+
+    def __init_subclass__(cls, **kwargs):
+        """Every public method an entry defines (and ``__call__``, hence ``forward``) runs with parameters
+        module-local (:func:`~pyrossl.infer.params.module_local`): the zoo's own calls never touch Pyro's
+        param store, whatever the caller's setting. ``entry.model`` and ``entry.guide`` called by
+        themselves, as ``pyro.infer.SVI`` calls them, follow the caller's setting."""
+        super().__init_subclass__(**kwargs)
+        for attr, value in list(vars(cls).items()):
+            if not attr.startswith("_") and inspect.isfunction(value) and not getattr(value, "_module_local", False):
+                wrapped = with_module_local(value)
+                wrapped._module_local = True
+                setattr(cls, attr, wrapped)
+
+    def __call__(self, *args, **kwargs):
+        with module_local():
+            return super().__call__(*args, **kwargs)
 
     def __init__(self, meta: dict, options: Any, guide: str, z_guide: str | None = None, objective: Objective | None = None):
         super().__init__()
@@ -101,9 +131,27 @@ class ZooModel(nn.Module):
         return dataclasses.asdict(options)
 
     # --- training -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, x_lab: torch.Tensor | None = None, y_lab: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss to minimise for one step, per example (a scalar)."""
-        raise NotImplementedError
+    #: the Pyro model, guide and ELBO of the contract (set by each entry's ``__init__``)
+    model: nn.Module
+    guide: nn.Module
+    elbo: ELBO
+
+    def loss_module(self):
+        """``entry.elbo(entry.model, entry.guide)``: Pyro's ``ELBOModule``, whose ``forward(*batch)`` is the
+        ELBO's ``differentiable_loss`` (summed over the batch)."""
+        return self.elbo(self.model, self.guide)
+
+    def forward(self, x: torch.Tensor | None, x_lab: torch.Tensor | None = None, y_lab: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss to minimise for one step (a scalar): the per-example mean of ``entry.elbo`` on the
+        unlabelled batch ``x`` plus that on the labelled batch ``(x_lab, y_lab)``, each where given."""
+        terms = []
+        if x is not None:
+            terms.append(self.elbo.differentiable_loss(self.model, self.guide, x) / x.shape[0])
+        if x_lab is not None:
+            terms.append(self.elbo.differentiable_loss(self.model, self.guide, x_lab, y_lab) / x_lab.shape[0])
+        if not terms:
+            raise ValueError("a training step needs an unlabelled or a labelled batch")
+        return sum(terms)
 
     def check_split(self, split, dataset) -> None:
         """Called once before training with the split (:class:`pyrossl.data.Split`: ``sizes()`` gives

@@ -155,7 +155,7 @@ def test_the_enumerated_loss_sums_the_cluster_out_exactly(covariance, kl_weight)
     torch.manual_seed(3)
     elbo = model.evaluate(x, torch.zeros(7, dtype=torch.long))["elbo"]
     assert elbo * 7 == pytest.approx((log_px + log_pz - log_q).sum().item(), rel=1e-5)
-    assert model.guide.kl_weight == 1.0
+    assert model.guide.kl_weight == model.prior.kl_weight == kl_weight  # evaluation leaves the training weight
     probs = model.cluster_probs(z)
     assert torch.allclose(probs.sum(-1), torch.ones(7)) and model.cluster(x).shape == (7,)
 

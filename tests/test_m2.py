@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def test_log_likelihood_sums_classes_exactly():
     ll = model.log_likelihood(x, 200, batch_size=2)
     assert ll.shape == (5,) and torch.isfinite(ll).all()
     with torch.no_grad():
-        elbo = torch.tensor([-model.unlabelled_elbo.loss(model.model, model.guide, x[i:i + 1]) for i in range(5) for _ in range(200)]).reshape(5, 200).mean(1)
+        elbo = torch.tensor([-model.elbo.unlabelled.loss(model.model, model.guide, x[i:i + 1]) for i in range(5) for _ in range(200)]).reshape(5, 200).mean(1)
     assert (ll > elbo - 0.5).all()  # an IWAE bound with 200 samples sits above the ELBO
 
 
@@ -75,7 +76,7 @@ def test_z_kl_weight_scales_the_z_term_only():
     for beta in (1.0, 3.0):
         model.model.z_kl_weight = model.guide.z_kl_weight = beta
         torch.manual_seed(1)
-        losses[beta] = model.labelled_elbo.loss(model.model, model.guide, x, y)
+        losses[beta] = model.elbo.labelled.loss(model.model, model.guide, x, y)
     loc, scale = model.guide.z_encoder(x, y)
     kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)).sum()
     assert losses[3.0] - losses[1.0] == pytest.approx(2 * kl.item(), rel=1e-4)
@@ -200,8 +201,8 @@ def test_iwae_trains_the_simplex_latent_guides(guide):
 
     torch.manual_seed(0)
     model = build_model(_iwae_config(guide, particles=4), META)
-    assert isinstance(model.unlabelled_elbo, IWAE_ELBO) and isinstance(model.labelled_elbo, IWAE_ELBO)
-    assert model.unlabelled_elbo.num_particles == 4
+    assert isinstance(model.elbo.unlabelled, IWAE_ELBO) and isinstance(model.elbo.labelled, IWAE_ELBO)
+    assert model.elbo.unlabelled.num_particles == 4
     x, y = torch.rand(8, 1, 8, 8), torch.randint(3, (8,))
     one_checked_step(model, x, x[:4], y[:4])
     assert torch.isfinite(model(x, x[:4], y[:4]))
@@ -256,3 +257,42 @@ def test_the_demo_decodes_the_class_it_is_given(tmp_path):
     rows = torch.arange(10).repeat_interleave(20)
     assert (run.model.predict(samples) == rows).float().mean() >= 0.7
     assert (tmp_path / "demo" / "figures" / "class_samples.png").stat().st_size > 0
+
+
+def test_the_model_takes_a_guide_whose_q_of_z_ignores_y():
+    """M2's decoder broadcasts an enumerated y [K, 1, K] against a z drawn once for all classes [n, d]."""
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+
+    from pyrossl.models.m2 import M2Model
+
+    model = M2Model((1, 8, 8), 3, z_dim=2, hidden=[16])
+    classifier, encoder = torch.nn.Linear(64, 3), torch.nn.Linear(64, 4)
+
+    def guide_of_z_given_x(x, y=None):
+        with pyro.plate("data", x.shape[0]):
+            if y is None:
+                pyro.sample("y", dist.OneHotCategorical(logits=classifier(x.flatten(1))), infer={"enumerate": "parallel"})
+            loc, log_scale = encoder(x.flatten(1)).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    x = torch.rand(5, 1, 8, 8)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide_of_z_given_x, x)
+    labelled = Trace_ELBO(max_plate_nesting=1).loss(model, guide_of_z_given_x, x, torch.tensor([0, 1, 2, 0, 1]))
+    assert math.isfinite(loss) and math.isfinite(labelled)
+
+
+def test_the_auxiliary_term_is_alpha_times_the_classifiers_cross_entropy():
+    """The labelled loss with aux_weight = a minus with 0 (same draws) is a * sum_n -log q(y_n|x_n)."""
+    import pyro
+
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    losses = {}
+    for alpha in (0.0, 7.0):
+        torch.manual_seed(0)
+        model = M2(META, M2Options(z_dim=2, hidden=[16], aux_weight=alpha), "enum")
+        pyro.set_rng_seed(1)
+        losses[alpha] = model.elbo.loss(model.model, model.guide, x, y)
+    cross_entropy = torch.nn.functional.cross_entropy(model.guide.classifier(x), y, reduction="sum").item()
+    assert losses[7.0] - losses[0.0] == pytest.approx(7.0 * cross_entropy, rel=1e-4)

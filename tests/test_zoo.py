@@ -91,3 +91,156 @@ def test_register_adds_an_entry_and_refuses_what_is_not_one():
                 register(bad)
     finally:
         MODELS.pop("mine-for-a-test", None)
+
+
+# --- the contract: entry.model, entry.guide and entry.elbo are a Pyro model, guide and ELBO -------------
+
+CONTRACT = {**ENTRIES, "gmm-vae": {"options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 0, "n_init": 1}},
+            "m2-dirichlet": {"model": "m2", "guide": "dirichlet", **ENTRIES["m2"]},
+            "m2-gumbel-flow": {"model": "m2", "guide": "gumbel", "z_guide": "flow", **ENTRIES["m2"]}}
+
+
+def _entry(name, **extra):
+    """A zoo entry built as the trainer builds it, and the batches it trains on, as argument tuples
+    of its model and guide: ``(x,)`` unlabelled, ``(x, y)`` labelled, Serket's ``(x, messages)``."""
+    from pyrossl.registry import build_model
+
+    settings = {"model": name, **CONTRACT[name], **extra}
+    config = tiny_config(**settings)
+    dataset = runs.load_dataset_for(config)
+    entry = build_model(config, dataset.meta())
+    x, y = dataset.x[:12], dataset.y[:12]
+    if entry.wants_index:
+        return entry, [(x, entry.prior_loc(entry.assignment[:12]))]
+    batches = [(x,)] if entry.uses_unlabelled else []
+    if entry.uses_labels:
+        batches.append((x[:6], y[:6]))
+    return entry, batches
+
+
+def _trainer_loss(entry, args):
+    """What the trainer's loss (``entry.forward``) is on one batch, summed over its examples."""
+    if entry.wants_index:
+        return entry(args[0], index=torch.arange(args[0].shape[0])) * args[0].shape[0]
+    if len(args) == 1:
+        return entry(args[0]) * args[0].shape[0]
+    return entry(None, *args) * args[0].shape[0]
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_plain_pyro_svi_trains_every_parameter_of_every_entry(name):
+    """pyro.infer.SVI with Pyro's own optimiser and the entry's ELBO, in Pyro's default (global) mode."""
+    from pyro.infer import SVI
+    from pyro.optim import ClippedAdam
+
+    assert not pyro.settings.get("module_local_params")
+    torch.manual_seed(0)
+    entry, batches = _entry(name)
+    before = {k: p.detach().clone() for k, p in [*entry.model.named_parameters("model."), *entry.guide.named_parameters("guide.")]}
+    svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 1e-2}), entry.elbo)
+    for _ in range(3):
+        for args in batches:
+            assert math.isfinite(svi.step(*args))
+    after = dict([*entry.model.named_parameters("model."), *entry.guide.named_parameters("guide.")])
+    unchanged = [k for k, p in after.items() if torch.equal(p.detach(), before[k])]
+    assert not unchanged and len(after) >= 2, unchanged
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_svi_loss_is_the_trainers_loss_and_the_elbos_three_methods_agree(name):
+    from pyro.infer import SVI
+    from pyro.optim import ClippedAdam
+
+    torch.manual_seed(0)
+    entry, batches = _entry(name)
+    svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 0.0}), entry.elbo)
+    for args in batches:
+        values = []
+        for compute in (lambda: _trainer_loss(entry, args).item(), lambda: svi.evaluate_loss(*args), lambda: svi.step(*args),
+                        lambda: entry.elbo.loss(entry.model, entry.guide, *args),
+                        lambda: entry.elbo.differentiable_loss(entry.model, entry.guide, *args).item()):
+            pyro.set_rng_seed(3)
+            values.append(compute())
+        assert values == pytest.approx([values[0]] * len(values), rel=1e-5, abs=1e-3), (args[1:] and "labelled", values)
+
+
+@pytest.mark.parametrize("name", ["vae", "m2", "ccvae", "gmm-vae", "classifier", "gae", "serket-vae-gmm"])
+def test_pyros_tools_work_on_every_entry(name):
+    """poutine.trace / condition / do, Predictive, infer_discrete where a site is discrete, render_model."""
+    from pyro import poutine
+    from pyro.infer import Predictive, config_enumerate, infer_discrete
+
+    torch.manual_seed(0)
+    entry, batches = _entry(name)
+    args = batches[-1]
+    with torch.no_grad():
+        guide_trace = poutine.trace(entry.guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(entry.model, trace=guide_trace)).get_trace(*args)
+        latents = {k: s["value"] for k, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+                   and k in guide_trace.nodes and type(s["fn"]).__name__ != "_Subsample"}
+        observed = {k for k, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]}
+        assert "x" in observed or name == "classifier"
+        if latents:
+            conditioned = poutine.trace(poutine.condition(entry.model, data=latents)).get_trace(*args)
+            for k, v in latents.items():
+                assert torch.equal(conditioned.nodes[k]["value"], v) and conditioned.nodes[k]["is_observed"]
+        if latents and name != "gae":  # do() still draws the site it cuts off, and a flat prior cannot be drawn
+            intervened = poutine.trace(poutine.do(entry.model, data=latents)).get_trace(*args)
+            # downstream of the intervention, x is scored as under the conditioned latents
+            for trace in (conditioned, intervened):
+                trace.compute_log_prob()
+            assert torch.allclose(intervened.nodes["x"]["log_prob"], conditioned.nodes["x"]["log_prob"])
+        if name != "gae":
+            draws = Predictive(entry.model, guide=entry.guide, num_samples=2)(*args)
+        else:  # Pyro's Predictive first draws from the priors, and a flat one cannot be drawn: the guide's draws only
+            from pyrossl.infer.predictive import guided_predictive_model
+
+            draws = Predictive(guided_predictive_model(entry.model, entry.guide), num_samples=2)(*args)
+        assert draws and all(v.shape[0] in (1, 2) for v in draws.values())
+        # M2's y is one-hot (the relaxed guides put simplex points at the same site), and Pyro 1.9's
+        # infer_discrete packs site values without event dimensions: it cannot decode a OneHotCategorical
+        discrete = {"ccvae": "y", "gmm-vae": "c"}.get(name)
+        if discrete:
+            fixed = {k: v for k, v in latents.items() if k != discrete}
+            model = config_enumerate(poutine.condition(entry.model, data=fixed), "parallel")
+            decoded = poutine.trace(infer_discrete(model, first_available_dim=-2, temperature=0)).get_trace(*args[:1])
+            assert decoded.nodes[discrete]["value"].shape[0] == args[0].shape[0]
+        # render_model traces the model alone: the autoencoder's flat prior is given its latents
+        model = poutine.condition(entry.model, data=latents) if name == "gae" else entry.model
+        graph = pyro.render_model(model, model_args=args)
+        assert "x" in graph.source or name == "classifier"
+
+
+def test_importing_the_zoo_changes_no_pyro_setting_and_no_param():
+    import subprocess
+    import sys
+
+    code = ("import pyro, json; pyro.param('mine', lambda: __import__('torch').zeros(2)); before = pyro.settings.get(); "
+            "import pyrossl, pyrossl.registry, pyrossl.cli, pyrossl.train, pyrossl.report; "
+            "assert pyro.settings.get() == before, (before, pyro.settings.get()); "
+            "assert list(pyro.get_param_store().keys()) == ['mine']; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_zoos_own_calls_leave_pyros_param_store_alone(tmp_path):
+    pyro.param("mine", torch.zeros(2))
+    train(tiny_config(**{"model": "m2", **ENTRIES["m2"], "train.epochs": 1}), tmp_path / "run")
+    run = runs.load_run(tmp_path / "run")
+    x, y = run.tensors("test")
+    run.posterior(x)
+    run.predictive(2)(x)
+    run.model.log_likelihood(x[:4], 3)
+    run.model.evaluate(x, y)
+    assert list(pyro.get_param_store().keys()) == ["mine"]
+    assert not pyro.settings.get("module_local_params")
+
+
+def test_the_posterior_predictive_draws_images_not_the_data(tmp_path):
+    train(tiny_config(**{"model": "vae", **ENTRIES["vae"], "train.epochs": 1}), tmp_path / "run")
+    run = runs.load_run(tmp_path / "run")
+    x, _ = run.tensors("test")
+    draws = run.predictive(3)(x[:5])
+    assert draws["x"].shape == (3, 5, x[0].numel()) and draws["z"].shape[:2] == (3, 5)
+    assert set(draws["x"].unique().tolist()) <= {0.0, 1.0}  # Bernoulli pixels drawn from p(x|z)
+    assert not torch.equal(draws["x"][0], draws["x"][1]) and not torch.equal(draws["x"][0], x[:5].flatten(1))

@@ -1,10 +1,10 @@
 # %% [markdown]
 # # Your own zoo entry
 #
-# A zoo entry is a Pyro model, a guide, and the loss that trains them, in one `torch.nn.Module`
-# (`pyrossl.zoo.ZooModel`). Write those, register the class, and the rest of the zoo takes it like
-# the built-in entries: recipes and `--set`, the trainer with its checkpoints and resume, `load_run`,
-# the figures, `ablate`.
+# A zoo entry is a Pyro model, a guide, and the ELBO that trains them, in one `torch.nn.Module`
+# (`pyrossl.zoo.ZooModel`): `entry.model`, `entry.guide` and `entry.elbo`. Write those, register the
+# class, and the rest of the zoo takes it like the built-in entries: recipes and `--set`, the trainer
+# with its checkpoints and resume, `load_run`, the figures, `ablate`.
 #
 # The example: a VAE whose prior is a Laplace distribution, $p(z) = \prod_u \mathrm{Laplace}(z_u; 0, 1)$,
 # with a Gaussian guide $q(z \mid x)$. The KL between the two has no closed form, so the loss is
@@ -26,6 +26,7 @@ from torch import nn
 import pyrossl
 from pyrossl import plots
 from pyrossl.config import load_config
+from pyrossl.infer.params import register as register_params
 from pyrossl.registry import register
 from pyrossl.train import train_to_completion
 from pyrossl.zoo import ZooModel
@@ -36,8 +37,11 @@ OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials"))
 # %% [markdown]
 # ## The model, the guide, the entry
 #
-# The model names its sample sites (`z`, `x`); the guide provides `z`. Parameters live in the modules
-# (the zoo sets `pyro.settings.set(module_local_params=True)`), so `entry.state_dict()` is the checkpoint.
+# The model names its sample sites (`z`, `x`); the guide provides `z`. Parameters live in the modules,
+# so `entry.state_dict()` is the checkpoint. `register(self)` at the top of each `forward` is
+# `pyro.module` when Pyro keeps its parameters in the global param store (its default, where a plain
+# `pyro.infer.SVI` finds them) and nothing inside the zoo's own calls, which keep them module-local.
+# The base class's training loss is the ELBO's per-example mean on each batch.
 
 # %%
 @dataclass
@@ -55,6 +59,7 @@ class LaplaceVAEModel(nn.Module):
         self.decoder = nn.Sequential(nn.Linear(o.z_dim, o.hidden), nn.ReLU(), nn.Linear(o.hidden, pixels))
 
     def forward(self, x):
+        register_params(self)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Laplace(x.new_zeros(self.z_dim), 1.0).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x.flatten(1))
@@ -68,6 +73,7 @@ class GaussianGuide(nn.Module):
         self.net = nn.Sequential(nn.Linear(pixels, o.hidden), nn.ReLU(), nn.Linear(o.hidden, 2 * o.z_dim))
 
     def forward(self, x):
+        register_params(self)
         loc, log_scale = self.net(x.flatten(1)).chunk(2, -1)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
@@ -85,24 +91,23 @@ class LaplaceVAE(ZooModel):
     def __init__(self, meta, options, guide="amortised", **settings):
         super().__init__(meta, options, guide, **settings)
         pixels = int(torch.tensor(meta["image_shape"]).prod())
-        self.loss = Trace_ELBO()(LaplaceVAEModel(pixels, options), GaussianGuide(pixels, options))
-
-    def forward(self, x, x_lab=None, y_lab=None):  # the training loss: minus the ELBO per image
-        return self.loss(x) / x.shape[0]
+        self.model = LaplaceVAEModel(pixels, options)
+        self.guide = GaussianGuide(pixels, options)
+        self.elbo = Trace_ELBO()
 
     @torch.no_grad()
     def evaluate(self, x, y, batch_size=1000):
-        elbo = sum(-self.loss(xb).item() for xb in x.split(batch_size)) / x.shape[0]
+        elbo = sum(-self.elbo.loss(self.model, self.guide, xb) for xb in x.split(batch_size)) / x.shape[0]
         return {"elbo": elbo}
 
     @torch.no_grad()
     def latent(self, x):  # the code figures and notebooks draw
-        return self.loss.guide(x)
+        return self.guide(x)
 
     @torch.no_grad()
     def sample(self, n, y=None):
         z = dist.Laplace(torch.zeros(n, self.options.z_dim), 1.0).sample()
-        return torch.sigmoid(self.loss.model.decoder(z)).reshape(n, *self.meta["image_shape"])
+        return torch.sigmoid(self.model.decoder(z)).reshape(n, *self.meta["image_shape"])
 
 
 register(LaplaceVAE, replace=True)

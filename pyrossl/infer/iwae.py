@@ -28,7 +28,8 @@ def importance_log_weights(model, guide, *args, num_samples: int, max_plate_nest
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
         for site in trace.nodes.values():
-            if site["type"] == "sample" and site["name"] != "importance_samples":
+            # an observed guide site (a supervised term of the guide, such as M2's log q(y|x)) is no latent
+            if site["type"] == "sample" and site["name"] != "importance_samples" and not (sign < 0 and site["is_observed"]):
                 # unscaled: weights such as a beta-VAE's KL scale shape training, not the likelihood
                 log_w = log_w + sign * site["unscaled_log_prob"]
     return torch.as_tensor(log_w).reshape(num_samples, -1)
