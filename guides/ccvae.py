@@ -23,6 +23,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrossl.guides.family import GuideFamily
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.infer.params import register
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
@@ -47,6 +48,18 @@ def label_distribution(logits: torch.Tensor, multilabel: bool) -> dist.Distribut
     return dist.Categorical(logits=logits)
 
 
+#: CCVAE's guides, by name; as a mapping, name -> description (what ``CCVAE.guides`` is). CCVAE
+#: constructs a member as ``cls(image_shape, num_labels, z_style, multilabel, hidden, act, net, k,
+#: z_guide=..., z_options=...)``; :class:`CCVAEGuide` is the paper's.
+CCVAE_GUIDES = GuideFamily("guides of ccvae", requires={
+    "forward": "forward(x, y=None): sites z_c, z_s and y ~ q(y|z_c); with y given, the auxiliary sites y, y_weight, y_x of eq. 4",
+    "blocks": "blocks(x) -> (q(z_c|x), q(z_s|x)), batch shape [n] each",
+    "label_logits": "label_logits(z_c) -> the logits of q(y|z_c)",
+    "moments": "moments(x) -> the mean and variance of each unit of q(z|x), z = [z_c, z_s]",
+    "point": "point(x) -> a representative code z = [z_c, z_s] per image",
+})
+
+
 def label_values(y: torch.Tensor | None, multilabel: bool, dtype: torch.dtype) -> torch.Tensor | None:
     """A label batch as the label site holds it: attributes as floats in {0, 1}, classes as indices."""
     if y is None:
@@ -54,6 +67,7 @@ def label_values(y: torch.Tensor | None, multilabel: bool, dtype: torch.dtype) -
     return y.to(dtype) if multilabel else y.long()
 
 
+@CCVAE_GUIDES.register("ccvae")
 class CCVAEGuide(nn.Module):
     def __init__(self, image_shape, num_labels: int, z_style: int, multilabel: bool, hidden=(500,),
                  act: str = "relu", net: str = "mlp", k: int = 100, z_guide: str = DEFAULT_Z_GUIDE,
@@ -67,6 +81,12 @@ class CCVAEGuide(nn.Module):
         # an empty style block (z_style = 0) has nothing to correlate
         self.z_s_guide = make_z_guide(z_guide if z_style else DEFAULT_Z_GUIDE, z_style, width, z_options)
         self.classifier = DiagonalClassifier(num_labels)
+
+    description = "encoder q(z|x) and diagonal classifier q(y|z_c); y enumerated (categorical) or sampled (attributes)"
+
+    def label_logits(self, z_c: torch.Tensor) -> torch.Tensor:
+        """The logits of q(y|z_c): each label's from its own unit of z_c."""
+        return self.classifier(z_c)
 
     def _per_block(self, method: str, encoded) -> tuple:
         """``method`` of the z_c and the z_s guide, each on its slice of the encoder's (mu, sigma) and on h."""

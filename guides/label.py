@@ -56,6 +56,7 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch import nn
 
+from pyrossl.guides.family import GuideFamily
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
 from pyrossl.infer.objective import Objective, particle_settings
 from pyrossl.infer.params import register
@@ -132,6 +133,22 @@ class ConditionalGaussianEncoder(nn.Module):
         return mean, var.sqrt()
 
 
+#: M2's label guides, by name; as a mapping, name -> description (what ``M2.guides`` is). Register your
+#: own with ``@LABEL_GUIDES.register("name")`` (from a plugin: :mod:`pyrossl.plugins`). M2 constructs a
+#: member as ``cls(image_shape, num_classes, z_dim, hidden, act, net, classifier_net=..., shared_trunk=...,
+#: z_guide=..., z_options=..., **extra)``, the extra keywords named by its ``option_arguments``
+#: (constructor keyword -> option), and sets ``z_kl_weight`` and ``aux_weight`` on the instance.
+#: Subclassing :class:`LabelGuide` gives all of it; override what differs.
+LABEL_GUIDES = GuideFamily("label guides of m2", requires={
+    "forward": "forward(x, y=None): the guide, sampling the label's site unless y is given, then z",
+    "classify": "classify(x) -> the class logits of q(y|x) (the classifier M2 predicts with)",
+    "z_moments": "z_moments(x, y) -> the mean and variance of each unit of q(z|x, y), y one-hot",
+    "z_point": "z_point(x, y) -> a representative code of q(z|x, y) (its mean for a Gaussian)",
+    "make_elbo": "make_elbo(objective) (a classmethod) -> the Pyro ELBO of the unlabelled term",
+    "label_latent": "None, or the simplex-latent model variant it needs: 'dirichlet' or 'logistic-normal'",
+})
+
+
 class LabelGuide(nn.Module):
     """q(y|x) q(z|x, y); subclasses say how an unobserved y is drawn (:meth:`label_site`), or, where the
     label's proxy is a latent of the model (:attr:`label_latent`), what is drawn (:meth:`label_input`)."""
@@ -139,6 +156,10 @@ class LabelGuide(nn.Module):
     #: the model's label variant (:class:`pyrossl.models.m2.M2Model`): None (y ~ Cat(1/K) feeds the
     #: decoder), "dirichlet" or "logistic-normal" (a simplex latent feeds it, y ~ Cat(alpha))
     label_latent: ClassVar[str | None] = None
+    #: whether every site is reparameterised and none enumerated, so ``train.objective = "iwae"`` trains it
+    iwae: ClassVar[bool] = False
+    #: constructor keyword -> M2 option it takes (a temperature, a noise scale)
+    option_arguments: ClassVar[dict[str, str]] = {}
 
     def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp",
                  classifier_net: str | None = None, shared_trunk: bool = False, z_guide: str = DEFAULT_Z_GUIDE,
@@ -167,10 +188,22 @@ class LabelGuide(nn.Module):
     def label_site(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The class logits of q(y|x)."""
+        return self.classifier(x)
+
+    def z_moments(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and variance of each unit of z under q(z|x, y) (``y`` one-hot or simplex)."""
+        return self.z_encoder.moments(x, y)
+
+    def z_point(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A representative code of q(z|x, y): the mean of a Gaussian, the flow's image of its base mean."""
+        return self.z_encoder.point(x, y)
+
     def label_input(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The vector that q(z|x, .) (and the model's decoder) takes: an observed one-hot y as it is,
         else a draw at the label site. Inside the data plate."""
-        return y if y is not None else self.label_site(self.classifier(x))
+        return y if y is not None else self.label_site(self.classify(x))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Sites in plate ``data``: the label's (``y``, or the simplex latent) unless y is observed, and
@@ -185,11 +218,14 @@ class LabelGuide(nn.Module):
                 pyro.sample("z", self.z_encoder.distribution(x, label))
             if y is not None and self.aux_weight:
                 with poutine.scale(scale=self.aux_weight):
-                    pyro.sample("y_x", dist.OneHotCategorical(logits=self.classifier(x)), obs=y, infer={"is_auxiliary": True})
+                    pyro.sample("y_x", dist.OneHotCategorical(logits=self.classify(x)), obs=y, infer={"is_auxiliary": True})
 
 
+@LABEL_GUIDES.register("enum")
 class EnumeratedLabelGuide(LabelGuide):
     """y summed out exactly: every class in parallel, weighted by q(y|x) (Kingma et al. 2014, eq. 7)."""
+
+    description = "q(y|x) enumerated in parallel: the exact sum over classes (TraceEnum_ELBO)"
 
     @classmethod
     def make_elbo(cls, objective=None) -> ELBO:
@@ -199,9 +235,12 @@ class EnumeratedLabelGuide(LabelGuide):
         return pyro.sample("y", dist.OneHotCategorical(logits=logits), infer={"enumerate": "parallel"})
 
 
+@LABEL_GUIDES.register("gumbel")
 class GumbelSoftmaxGuide(LabelGuide):
     """y ~ Gumbel-softmax(logits, temperature) (Jang et al. 2017); the temperature is annealed by the model."""
 
+    description = "Gumbel-softmax relaxed y, annealed temperature, categorical KL"
+    option_arguments = {"temperature": "temperature_start"}
     straight_through = False
 
     def __init__(self, *args, temperature: float = 1.0, **kwargs):
@@ -212,14 +251,21 @@ class GumbelSoftmaxGuide(LabelGuide):
         return pyro.sample("y", ConcreteLabel(self.temperature, logits, straight_through=self.straight_through))
 
 
+@LABEL_GUIDES.register("st-gumbel")
 class StraightThroughGumbelGuide(GumbelSoftmaxGuide):
     """Gumbel-softmax with a hard one-hot forward pass and the relaxed sample's gradient."""
+
+    description = "straight-through Gumbel-softmax: hard one-hot forward, relaxed gradient"
 
     straight_through = True
 
 
+@LABEL_GUIDES.register("logistic-normal")
 class LogisticNormalGuide(LabelGuide):
     """y = softmax(sharpness * (logits + sigma * eps)), eps ~ N(0, I)."""
+
+    description = "y = softmax(sharpness * (logits + sigma * eps))"
+    option_arguments = {"sigma": "sigma", "sharpness": "sharpness"}
 
     def __init__(self, *args, sigma: float = 1.0, sharpness: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -229,8 +275,11 @@ class LogisticNormalGuide(LabelGuide):
         return pyro.sample("y", LogisticNormalLabel(logits, self.sigma, self.sharpness))
 
 
+@LABEL_GUIDES.register("sample")
 class SampledLabelGuide(LabelGuide):
     """y ~ q(y|x) sampled, with the score-function (REINFORCE) gradient: high variance, an ablation baseline."""
+
+    description = "discrete sample with score-function gradient (ablation baseline)"
 
     @classmethod
     def make_elbo(cls, objective=None) -> ELBO:
@@ -252,6 +301,7 @@ class SimplexLatentGuide(LabelGuide):
 
     #: the name of the latent sample site, in the model and here
     latent_site: ClassVar[str]
+    iwae = True
 
     @classmethod
     def make_elbo(cls, objective: Objective | None = None) -> ELBO:
@@ -269,6 +319,7 @@ class SimplexLatentGuide(LabelGuide):
         return self.simplex(pyro.sample(self.latent_site, self.latent_distribution(x)))
 
 
+@LABEL_GUIDES.register("dirichlet")
 class DirichletLabelGuide(SimplexLatentGuide):
     """q(alpha|x) = Dirichlet(beta(x)), beta(x) = softplus(logits(x)) + 0.01, reparameterised; the model's
     prior is Dirichlet(c 1), and KL(q || p) is torch's closed form.
@@ -281,6 +332,7 @@ class DirichletLabelGuide(SimplexLatentGuide):
     Gamma gradient blows up (its largest value over 1000 draws: ~1e5 at beta = 1e-3, ~2e3 at 1e-2, ~24 at 0.1).
     """
 
+    description = "alpha ~ Dirichlet(c) is the model's label latent, q(alpha|x) = Dirichlet(softplus(logits)), exact KL"
     label_latent = "dirichlet"
     latent_site = "alpha"
     floor = 1e-2
@@ -289,9 +341,10 @@ class DirichletLabelGuide(SimplexLatentGuide):
         return nn.functional.softplus(logits) + self.floor
 
     def latent_distribution(self, x):
-        return dist.Dirichlet(self.concentration(self.classifier(x)))
+        return dist.Dirichlet(self.concentration(self.classify(x)))
 
 
+@LABEL_GUIDES.register("logistic-normal-latent")
 class LogisticNormalLatentGuide(SimplexLatentGuide):
     """q(logits|x) = N(m(x), diag s(x)^2) with m(x) the classifier's logits and a learned per-image scale
     s(x) = softplus(W f(x) + b) + 1e-4, f the z-encoder's feature stage; the model's prior is N(0, I_K)
@@ -302,8 +355,10 @@ class LogisticNormalLatentGuide(SimplexLatentGuide):
     class of q: argmax softmax(sharpness * m) = argmax m.
     """
 
+    description = "logits ~ N(0, I) is the model's label latent, alpha = softmax; learned q scale, exact KL"
     label_latent = "logistic-normal"
     latent_site = "logits"
+    option_arguments = {"sigma": "sigma", "sharpness": "sharpness"}
 
     def __init__(self, *args, sigma: float = 1.0, sharpness: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -317,18 +372,7 @@ class LogisticNormalLatentGuide(SimplexLatentGuide):
         return nn.functional.softplus(self.logit_scale(self.z_encoder.features(x))) + 1e-4
 
     def latent_distribution(self, x):
-        return dist.Normal(self.classifier(x), self.scale(x)).to_event(1)
+        return dist.Normal(self.classify(x), self.scale(x)).to_event(1)
 
     def simplex(self, latent):
         return torch.softmax(self.sharpness * latent, dim=-1)
-
-
-LABEL_GUIDES: dict[str, type[LabelGuide]] = {
-    "enum": EnumeratedLabelGuide,
-    "gumbel": GumbelSoftmaxGuide,
-    "st-gumbel": StraightThroughGumbelGuide,
-    "logistic-normal": LogisticNormalGuide,
-    "sample": SampledLabelGuide,
-    "dirichlet": DirichletLabelGuide,
-    "logistic-normal-latent": LogisticNormalLatentGuide,
-}

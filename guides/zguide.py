@@ -33,12 +33,17 @@ from pyro.distributions.transforms import conditional_affine_autoregressive
 from torch import nn
 
 from pyrossl.errors import ConfigError
+from pyrossl.guides.family import GuideFamily
 
-Z_GUIDES: dict[str, str] = {
-    "diag-normal": "amortised diagonal Gaussian N(mu(x), diag sigma(x)^2) (analytic KL)",
-    "lowrank-normal": "amortised N(mu(x), diag sigma(x)^2 + U(x) U(x)^T), rank options.z_rank (Monte Carlo KL)",
-    "flow": "diagonal Gaussian pushed through options.flows IAF maps conditioned on the encoder (Monte Carlo KL)",
-}
+#: the z-guides, by name; as a mapping, name -> description (what an entry's ``z_guides`` is). A member
+#: is constructed as ``cls(z_dim, context_dim, options)`` (``options``: the entry's Options, a
+#: :class:`ZGuideOptions`) and maps an encoder's base (loc, scale) and features h to q(z|h).
+Z_GUIDES = GuideFamily("z-guides", requires={
+    "distribution": "distribution(loc, scale, h) -> q(z|h), batch shape loc.shape[:-1], event (d,)",
+    "point": "point(loc, scale, h) -> a representative code per row (a Gaussian's mean)",
+    "moments": "moments(loc, scale, h) -> the mean and variance of each unit of z",
+    "analytic_kl": "whether KL(q || a Gaussian prior) has a closed form (class attribute)",
+})
 DEFAULT_Z_GUIDE = "diag-normal"
 
 
@@ -83,15 +88,21 @@ class ZGuide(nn.Module):
         return loc, scale**2
 
 
+@Z_GUIDES.register("diag-normal")
 class DiagonalNormalZ(ZGuide):
     """q(z|h) = N(mu, diag sigma^2): mean field, no parameters of its own."""
+
+    description = "amortised diagonal Gaussian N(mu(x), diag sigma(x)^2) (analytic KL)"
 
     def distribution(self, loc, scale, h):
         return dist.Normal(loc, scale).to_event(1)
 
 
+@Z_GUIDES.register("lowrank-normal")
 class LowRankNormalZ(ZGuide):
     """q(z|h) = N(mu, diag sigma^2 + U U^T) with U = W h + b reshaped to d x r: correlations between units."""
+
+    description = "amortised N(mu(x), diag sigma(x)^2 + U(x) U(x)^T), rank options.z_rank (Monte Carlo KL)"
 
     analytic_kl = False
 
@@ -116,6 +127,7 @@ class LowRankNormalZ(ZGuide):
         return loc, scale**2 + self.cov_factor(h).pow(2).sum(-1)
 
 
+@Z_GUIDES.register("flow")
 class FlowZ(ZGuide):
     """z = T_K o ... o T_1(z_0), z_0 ~ N(mu, diag sigma^2); T_k(u) = s_k u + (1 - s_k) m_k with (m_k, s_k)
     autoregressive in u and conditioned on h (inverse autoregressive flow, Kingma et al. 2016, eq. 14).
@@ -124,6 +136,7 @@ class FlowZ(ZGuide):
     """
 
     analytic_kl = False
+    description = "diagonal Gaussian pushed through options.flows IAF maps conditioned on the encoder (Monte Carlo KL)"
 
     def __init__(self, z_dim, context_dim, options=None):
         super().__init__(z_dim, context_dim, options)
@@ -158,13 +171,10 @@ class FlowZ(ZGuide):
         return z.mean(0), z.var(0)
 
 
-Z_GUIDE_CLASSES: dict[str, type[ZGuide]] = {"diag-normal": DiagonalNormalZ, "lowrank-normal": LowRankNormalZ, "flow": FlowZ}
-
-
 def make_z_guide(name: str, z_dim: int, context_dim: int, options: ZGuideOptions | None = None) -> ZGuide:
     """The z-guide ``name`` for a code of ``z_dim`` units and encoder features of width ``context_dim``."""
     try:
-        cls = Z_GUIDE_CLASSES[name]
+        cls = Z_GUIDES.cls(name)
     except KeyError:
         raise ConfigError(f"unknown z_guide '{name}' (valid: {', '.join(Z_GUIDES)})") from None
     return cls(z_dim, context_dim, options)

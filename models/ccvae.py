@@ -28,7 +28,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from torch import nn
 
 from pyrossl.errors import ConfigError
-from pyrossl.guides.ccvae import CCVAEGuide, label_values
+from pyrossl.guides.ccvae import CCVAE_GUIDES, label_values
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.objective import DifferentiableLossELBO, DispatchingELBO
 from pyrossl.infer.params import register
@@ -189,7 +189,7 @@ class CCVAE(ZooModel):
     name = "ccvae"
     description = "characteristic-capturing VAE (Joy et al. 2021): conditional prior p(z_c|y), diagonal classifier q(y|z_c)"
     Options = CCVAEOptions
-    guides = {"ccvae": "encoder q(z|x) and diagonal classifier q(y|z_c); y enumerated (categorical) or sampled (attributes)"}
+    guides = CCVAE_GUIDES
     default_guide = "ccvae"
     z_guides = Z_GUIDES
     uses_labels = True
@@ -201,8 +201,8 @@ class CCVAE(ZooModel):
         shape, labels, multilabel = meta["image_shape"], meta["num_classes"], bool(meta.get("multilabel"))
         self.multilabel = multilabel
         self.model = CCVAEModel(shape, labels, o.z_style, multilabel, o)
-        self.guide = CCVAEGuide(shape, labels, o.z_style, multilabel, o.hidden, o.act, o.net, o.k,
-                                z_guide=self.z_guide_name, z_options=o)
+        self.guide = CCVAE_GUIDES.cls(guide)(shape, labels, o.z_style, multilabel, o.hidden, o.act, o.net, o.k,
+                                             z_guide=self.z_guide_name, z_options=o)
         self.elbo = CCVAE_ELBO(enumerate_labels=not multilabel, num_particles=self.objective.particles)
 
     @property
@@ -226,7 +226,7 @@ class CCVAE(ZooModel):
     # --- classification --------------------------------------------------------------------
     def _q_y(self, x: torch.Tensor) -> torch.Tensor:
         """q(y|x), by Monte Carlo over k samples of z_c ~ q(z_c|x)."""
-        logits = self.guide.classifier(self.guide.blocks(x)[0].sample((self.options.k,)))
+        logits = self.guide.label_logits(self.guide.blocks(x)[0].sample((self.options.k,)))
         return torch.sigmoid(logits).mean(0) if self.multilabel else logits.softmax(-1).mean(0)
 
     def _labels(self, probs: torch.Tensor) -> torch.Tensor:
@@ -262,8 +262,8 @@ class CCVAE(ZooModel):
 
     @torch.no_grad()
     def posterior(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        loc, scale = self.guide.encode(x)
-        return {"y_probs": self._q_y(x), "z_loc": loc, "z_scale": scale}
+        loc, var = self.guide.moments(x)
+        return {"y_probs": self._q_y(x), "z_loc": loc, "z_scale": var.sqrt()}
 
     @torch.no_grad()
     def code_moments(self, x):

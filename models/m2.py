@@ -163,17 +163,9 @@ class M2(LabelClassifier, ZooModel):
     name = "m2"
     description = "M2 semi-supervised VAE (Kingma et al. 2014) with swappable label guides"
     Options = M2Options
-    guides = {
-        "enum": "q(y|x) enumerated in parallel: the exact sum over classes (TraceEnum_ELBO)",
-        "gumbel": "Gumbel-softmax relaxed y, annealed temperature, categorical KL",
-        "st-gumbel": "straight-through Gumbel-softmax: hard one-hot forward, relaxed gradient",
-        "logistic-normal": "y = softmax(sharpness * (logits + sigma * eps))",
-        "sample": "discrete sample with score-function gradient (ablation baseline)",
-        "dirichlet": "alpha ~ Dirichlet(c) is the model's label latent, q(alpha|x) = Dirichlet(softplus(logits)), exact KL",
-        "logistic-normal-latent": "logits ~ N(0, I) is the model's label latent, alpha = softmax; learned q scale, exact KL",
-    }
-    #: the guides whose every site is reparameterised and not enumerated: they train with ``train.objective = "iwae"``
-    iwae_guides = ("dirichlet", "logistic-normal-latent")
+    #: the family of label guides (:data:`pyrossl.guides.label.LABEL_GUIDES`): a guide registered there,
+    #: from a plugin too, fits M2 by its name
+    guides = LABEL_GUIDES
     objectives = ("elbo", "iwae")
     default_guide = "enum"
     z_guides = Z_GUIDES
@@ -183,19 +175,17 @@ class M2(LabelClassifier, ZooModel):
     @classmethod
     def check_objective(cls, guide, z_guide, objective):
         super().check_objective(guide, z_guide, objective)
-        if objective.name == "iwae" and guide not in cls.iwae_guides:
-            raise ConfigError(f"train.objective 'iwae' fits m2 only with guide {' or '.join(cls.iwae_guides)}, not '{guide}'")
+        if objective.name == "iwae" and not getattr(LABEL_GUIDES.cls(guide), "iwae", False):
+            fitting = [name for name, c in LABEL_GUIDES.classes.items() if getattr(c, "iwae", False)]
+            raise ConfigError(f"train.objective 'iwae' fits m2 only with guide {' or '.join(fitting)}, not '{guide}' "
+                              "(the IWAE bound needs every latent reparameterised and none enumerated)")
 
     def __init__(self, meta: dict, options: M2Options, guide: str = "enum", **settings):
         super().__init__(meta, options, guide, **settings)
         o = options
         shape, k = meta["image_shape"], meta["num_classes"]
-        extra = {}
-        if guide in ("gumbel", "st-gumbel"):
-            extra = {"temperature": o.temperature_start}
-        elif guide in ("logistic-normal", "logistic-normal-latent"):
-            extra = {"sigma": o.sigma, "sharpness": o.sharpness}
-        guide_cls = LABEL_GUIDES[guide]
+        guide_cls = LABEL_GUIDES.cls(guide)
+        extra = {keyword: getattr(o, option) for keyword, option in getattr(guide_cls, "option_arguments", {}).items()}
         self.model = M2Model(shape, k, o.z_dim, o.hidden, o.act, o.net, label_latent=guide_cls.label_latent,
                              concentration=o.dirichlet_concentration, sharpness=o.sharpness)
         self.guide = guide_cls(shape, k, o.z_dim, o.hidden, o.act, o.net, classifier_net=o.classifier_net,
@@ -226,9 +216,10 @@ class M2(LabelClassifier, ZooModel):
             return {"temperature": self.guide.temperature}
         return {}
 
-    @property
-    def classifier_network(self) -> nn.Module:
-        return self.guide.classifier
+    @torch.no_grad()
+    def class_logits(self, x, batch_size=1000):
+        """q(y|x)'s logits, from the guide's classifier (``guide.classify``)."""
+        return torch.cat([self.guide.classify(xb) for xb in torch.split(x, batch_size)])
 
     # --- generative side ----------------------------------------------------------------
     @torch.no_grad()
@@ -280,23 +271,23 @@ class M2(LabelClassifier, ZooModel):
     def posterior(self, x):
         """q(y|x), and q(z|x, y) at the most probable class (``z_loc``, ``z_scale``)."""
         probs = self.predict_proba(x)
-        loc, scale = self.guide.z_encoder(x, self.one_hot(probs.argmax(-1)))
-        return {"y_probs": probs, "z_loc": loc, "z_scale": scale}
+        loc, var = self.guide.z_moments(x, self.one_hot(probs.argmax(-1)))
+        return {"y_probs": probs, "z_loc": loc, "z_scale": var.sqrt()}
 
     @torch.no_grad()
     def code_moments(self, x):
         """The moments of q(z|x, y) at the predicted class."""
-        return self.guide.z_encoder.moments(x, self.one_hot(self.predict(x)))
+        return self.guide.z_moments(x, self.one_hot(self.predict(x)))
 
     @torch.no_grad()
     def latent(self, x):
         """The mean of q(z|x, y) at the predicted class (a flow: its image of the base mean)."""
-        return self.guide.z_encoder.point(x, self.one_hot(self.predict(x)))
+        return self.guide.z_point(x, self.one_hot(self.predict(x)))
 
     @torch.no_grad()
     def reconstruct(self, x):
         y = self.one_hot(self.predict(x))
-        return self.decode(y, self.guide.z_encoder.point(x, y))
+        return self.decode(y, self.guide.z_point(x, y))
 
     @torch.no_grad()
     def sample(self, n, y=None):

@@ -6,6 +6,7 @@ Exit codes: 0 on success, 2 on bad input (one line on stderr, no traceback), 1 o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from pyrossl import distributed
 from pyrossl.errors import PyrosslError, TrainingInterrupted
 from pyrossl.infer.params import module_local
+from pyrossl.plugins import load_plugins
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("name")
     info.add_argument("--data-dir")
     info.add_argument("--path", help="the .npz file, for the npz dataset")
+    for command in [t, e, a, r, sub.choices["list"], dl, info]:
+        command.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                             help="import a module or .py file that registers entries or guides (repeatable; "
+                                  "train and ablate record it in the run)")
     return p
 
 
@@ -101,6 +107,8 @@ def cmd_train(args) -> int:
             raise PyrosslError("train needs a recipe (or --resume DIR)")
         config = load_config(args.recipe, overrides)
         out = Path(args.out) if args.out else Path("outputs") / f"{Path(args.recipe).stem}-seed{config.seed}"
+    if args.plugin:  # recorded with the run, so that every later command finds them
+        config = dataclasses.replace(config, plugins=[*config.plugins, *args.plugin])
     if args.nproc is not None:
         return launch_processes(args, config, out)
     tune_allocator()  # this process only trains: keep each step's memory for the next
@@ -201,8 +209,14 @@ def cmd_ablate(args) -> int:
     if not guides and not z_guides and not args.vary:
         raise PyrosslError("ablate needs --guides, --z-guides or --vary (what to compare)")
     out = Path(args.out) if args.out else Path("outputs") / f"ablate-{Path(args.recipe).stem}"
+    overrides = list(args.overrides)
+    if args.plugin:  # every run records them, with the recipe's own
+        from pyrossl.config import read_recipe
+
+        plugins = [*read_recipe(args.recipe).get("plugins", []), *args.plugin]
+        overrides.append("plugins=[" + ", ".join(json.dumps(str(p)) for p in plugins) + "]")
     result = ablate(args.recipe, out, guides=guides, seeds=_int_list(args.seeds, "--seeds"), vary=args.vary,
-                    overrides=args.overrides, device=args.device, z_guides=z_guides)
+                    overrides=overrides, device=args.device, z_guides=z_guides)
     print(result["table"])
     print(f"\nwrote {result['csv']}, {result['markdown']}, {result['figure']}")
     return 0
@@ -257,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         args.argv = argv
         with module_local():  # the zoo's parameters stay in their modules, Pyro's param store untouched
-            return COMMANDS[args.command](args)
+            load_plugins(getattr(args, "plugin", None) or ())
+        return COMMANDS[args.command](args)
     except TrainingInterrupted as exc:
         print(f"pyrossl: {exc}", file=sys.stderr)
         return exc.exit_code

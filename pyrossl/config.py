@@ -2,6 +2,7 @@
 
 A recipe looks like::
 
+    plugins = ["my_guides.py"]  # modules or files that register entries and guides (pyrossl.plugins)
     model = "vae"            # a zoo entry (``pyrossl list``)
     guide = "amortised"      # one of the guides that fit it; omitted -> the model's default
     z_guide = "flow"         # the guide of the continuous code z; omitted -> diag-normal
@@ -89,6 +90,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     options: dict[str, Any] = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)  # modules or .py files registering entries and guides, imported first
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pyrossl.config import Config, suggest, unknown_key
 from pyrossl.errors import ConfigError
 from pyrossl.infer.objective import Objective
@@ -11,6 +13,7 @@ from pyrossl.models.gae import GAE
 from pyrossl.models.gmm_vae import GMMVAE, SerketVAEGMM
 from pyrossl.models.m2 import M2
 from pyrossl.models.vae import VAE
+from pyrossl.plugins import load_plugins, normalise
 from pyrossl.zoo import ZooModel
 
 MODELS: dict[str, type[ZooModel]] = {cls.name: cls for cls in (VAE, M2, GAE, GMMVAE, SerketVAEGMM, CCVAE, Classifier)}
@@ -34,7 +37,7 @@ def register(cls: type[ZooModel], replace: bool = False) -> type[ZooModel]:
     if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
         raise ConfigError(f"{cls.__name__}.Options must be a dataclass (the recipe's [options])")
     guides = getattr(cls, "guides", None)
-    if not isinstance(guides, dict) or getattr(cls, "default_guide", None) not in guides:
+    if not isinstance(guides, Mapping) or getattr(cls, "default_guide", None) not in guides:
         raise ConfigError(f"{cls.__name__} needs guides (name -> description) and a default_guide among them")
     if name in MODELS and MODELS[name] is not cls and not replace:
         raise ConfigError(f"model name '{name}' is taken by {MODELS[name].__name__} (pass replace=True to replace it)")
@@ -79,7 +82,8 @@ def objective_of(config: Config) -> Objective:
 
 
 def build_model(config: Config, meta: dict) -> ZooModel:
-    """The zoo entry a config names, built for a dataset's metadata."""
+    """The zoo entry a config names, built for a dataset's metadata (its plugins imported first)."""
+    load_plugins(config.plugins)
     cls = model_class(config.model)
     guide = resolve_guide(cls, config.guide)
     z_guide = resolve_z_guide(cls, config.z_guide)
@@ -89,15 +93,18 @@ def build_model(config: Config, meta: dict) -> ZooModel:
 
 
 def resolve(config: Config) -> Config:
-    """``config`` with the guide and model options filled in (what a run directory records)."""
+    """``config`` with the guide and model options filled in and its plugins imported, files by their
+    absolute paths (what a run directory records)."""
     from dataclasses import replace
 
     from pyrossl.data import dataset_names
 
+    plugins = list(dict.fromkeys(normalise(p) for p in config.plugins))
+    load_plugins(plugins)
     cls = model_class(config.model)
     if config.data.name not in dataset_names():
         raise unknown_key(config.data.name, dataset_names(), what="dataset")
     options = cls.make_options(config.options)
     guide, z_guide = resolve_guide(cls, config.guide), resolve_z_guide(cls, config.z_guide)
     cls.check_objective(guide, z_guide, objective_of(config))
-    return replace(config, guide=guide, z_guide=z_guide, options=cls.options_dict(options))
+    return replace(config, guide=guide, z_guide=z_guide, options=cls.options_dict(options), plugins=plugins)

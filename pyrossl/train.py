@@ -194,7 +194,8 @@ def check_data_config(config: Config) -> None:
 
 
 #: settings of where and how visibly a run computes, not of what it computes: they may change on resume
-RUNTIME_KEYS = {"device", "threads", "train.progress", "train.eval_batch_size", "train.checkpoint_every"}
+# plugins say where the code of an entry or guide comes from; the model and guide names are compared
+RUNTIME_KEYS = {"device", "threads", "train.progress", "train.eval_batch_size", "train.checkpoint_every", "plugins"}
 
 
 class Trainer:

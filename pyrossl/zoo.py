@@ -31,7 +31,7 @@ from pyro.infer import ELBO
 
 from pyrossl.config import build_dataclass
 from pyrossl.errors import ConfigError
-from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, Z_GUIDE_CLASSES
+from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, Z_GUIDES
 from pyrossl.infer.objective import OBJECTIVES, Objective, make_elbo
 from pyrossl.infer.params import module_local, with_module_local
 
@@ -111,7 +111,7 @@ class ZooModel(nn.Module):
     def make_elbo(self, enumerated: bool = False, objective: Objective | None = None) -> ELBO:
         """The Pyro ELBO of ``objective`` (default: ``train.objective`` / ``train.particles``) for this
         entry's z-guide (:func:`pyrossl.infer.objective.make_elbo`)."""
-        analytic = self.z_guide_name is None or Z_GUIDE_CLASSES[self.z_guide_name].analytic_kl
+        analytic = self.z_guide_name is None or Z_GUIDES.cls(self.z_guide_name).analytic_kl
         return make_elbo(objective or self.objective, enumerated=enumerated, analytic_kl=analytic)
 
     @classmethod
