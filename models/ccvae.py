@@ -190,6 +190,7 @@ class CCVAE(ZooModel):
     description = "characteristic-capturing VAE (Joy et al. 2021): conditional prior p(z_c|y), diagonal classifier q(y|z_c)"
     Options = CCVAEOptions
     guides = CCVAE_GUIDES
+    objective_limits = {"iwae": "its labelled bound is eq. 4 of Joy et al., not an ELBO to weight, and its label y is enumerated"}
     default_guide = "ccvae"
     z_guides = Z_GUIDES
     uses_labels = True

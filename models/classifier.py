@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import Trace_ELBO
 from torch import nn
 
 from pyrossl.guides.label import make_classifier
@@ -61,11 +60,12 @@ class Classifier(LabelClassifier, ZooModel):
     uses_labels = True
     uses_unlabelled = False
     selection_metric = "accuracy"
+    objective_limits = {"iwae": "it has no latent variable: its ELBO is the exact log-likelihood log p(y|x)"}
 
     def __init__(self, meta: dict, options: ClassifierOptions, guide: str = "none", **settings):
         super().__init__(meta, options, guide, **settings)
         network = make_classifier(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.classifier_net or options.net)
-        self.loss = Trace_ELBO()(ClassifierModel(network), NoLatentGuide())
+        self.loss = self.make_elbo(analytic_kl=False)(ClassifierModel(network), NoLatentGuide())
 
     @property
     def model(self) -> ClassifierModel:

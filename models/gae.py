@@ -28,7 +28,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.infer import Trace_ELBO
 from torch import nn
 
 from pyrossl import plots
@@ -117,12 +116,13 @@ class GAE(ZooModel):
     guides = {"point": "q(z|x) = Delta(f(x)): a deterministic encoder"}
     default_guide = "point"
     selection_metric = "accuracy"
+    objective_limits = {"iwae": "its guide is a point mass (a deterministic encoder): there is no importance weight"}
 
     def __init__(self, meta: dict, options: GAEOptions, guide: str = "point", **settings):
         super().__init__(meta, options, guide, **settings)
         o = options
         shape, k = meta["image_shape"], meta["num_classes"]
-        self.loss = Trace_ELBO()(AutoencoderModel(shape, o.z_dim, o.hidden, o.act, o.net),
+        self.loss = self.make_elbo(analytic_kl=False)(AutoencoderModel(shape, o.z_dim, o.hidden, o.act, o.net),
                                  PointGuide(Encoder(shape, o.z_dim, o.hidden, o.act, o.net)))
         self.register_buffer("code_mean", torch.zeros(o.z_dim))
         self.register_buffer("code_scale", torch.ones(o.z_dim))

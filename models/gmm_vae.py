@@ -517,6 +517,7 @@ class GMMVAE(_ClusteringVAE):
     name = "gmm-vae"
     description = "VAE with a Gaussian-mixture prior learned end to end (VaDE), the cluster enumerated exactly"
     Options = GMMVAEOptions
+    objective_limits = {"iwae": "its cluster c is enumerated, which the importance-weighted bound cannot do"}
 
     def __init__(self, meta: dict, options: GMMVAEOptions, guide: str = "amortised", **settings):
         super().__init__(meta, options, guide, **settings)

@@ -253,6 +253,22 @@ class M2(LabelClassifier, ZooModel):
                           for xb in torch.split(x, batch_size)])
 
     @torch.no_grad()
+    def elbo_estimate(self, x, batch_size=100):
+        """The guide's ELBO of log p(x), one sample of z per class: sum_y q(y|x) L(x, y) + H(q(y|x)) with
+        L(x, y) = log p(x, y, z) - log q(z|x, y), the enumerated ELBO of Kingma et al.'s U(x), whatever the
+        label guide trains with (a relaxed guide's training loss bounds nothing). With a simplex-latent
+        guide, the one-sample ELBO of its own model, log p(x, alpha, z) - log q(alpha, z|x)."""
+        if self.guide.label_latent is not None:
+            return super().elbo_estimate(x, batch_size)
+        out = []
+        for xb in torch.split(x, batch_size):
+            q = torch.log_softmax(self.guide.classify(xb), -1)
+            per_class = torch.stack([importance_log_weights(self.model, self.guide, xb, self.one_hot(torch.full((xb.shape[0],), c, device=xb.device)),
+                                                            num_samples=1)[0] for c in range(self.meta["num_classes"])], -1)
+            out.append((q.exp() * (per_class - q)).sum(-1))
+        return torch.cat(out)
+
+    @torch.no_grad()
     def generative_posterior(self, x, num_samples=16, batch_size=100):
         """p(y|x) of the generative model, p(x, y) / sum_y' p(x, y'), with the IWAE estimates of p(x|y).
 

@@ -6,9 +6,15 @@ re-running an ablation only trains what is missing) and writes into ``OUT``:
 
 - ``ablation.csv``: one row per run: the variant, its seed, and every numeric metric of the best
   epoch (``summary.json``), plus seconds;
-- ``ablation.md``: mean ± sd over seeds of each metric, one row per variant;
+- ``ablation.md``: mean ± sd over seeds of each metric, one row per variant (one seed: the value alone);
 - ``ablation.png``: the selection metric (validation; for unsupervised models scored on their
-  training points, the ``train_`` one) against epoch, the mean with a band of ± one sd per variant.
+  training points, the ``train_`` one) against epoch, the mean with a band of ± one sd per variant;
+  ``ablation-elbo.png`` the same of the validation ELBO, for entries that report one each epoch.
+
+Beside the task metric, every run of an entry with a likelihood reports on the test set the guide's
+ELBO (``test_guide_elbo``), the IWAE bound with ``iwae`` samples (``test_log_likelihood``, default
+k = 100; 0 turns both off) and their gap (``test_iwae_gap``, nats): how much tighter the posterior
+could be than the guide makes it, an estimate from below of the guide's KL to the posterior.
 """
 
 from __future__ import annotations
@@ -87,9 +93,10 @@ def curve_key(records: list[dict], selection_metric: str) -> str:
 
 
 def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: list[int] = (0,),
-           vary: list[str] = (), overrides: list[str] = (), device: str | None = None, z_guides: list[str] = ()) -> dict:
+           vary: list[str] = (), overrides: list[str] = (), device: str | None = None, z_guides: list[str] = (),
+           iwae: int = 100) -> dict:
     """Train every variant (guides × z-guides × varied values) × seed (finishing only what is missing)
-    and write the three summaries."""
+    and write the summaries; ``iwae`` is k of the held-out IWAE bound (``train.iwae_samples``; 0: off)."""
     from pyrossl.registry import resolve
     from pyrossl.train import check_train_config, train_to_completion
 
@@ -99,7 +106,9 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
         raise ConfigError("each key may be varied once (--guides counts as the key 'guide', --z-guides as 'z_guide')")
     if not seeds:
         raise ConfigError("--seeds needs at least one seed")
-    extra = [*overrides, "train.progress=false"] + ([f"device={device!r}"] if device else [])
+    if isinstance(iwae, bool) or not isinstance(iwae, int) or iwae < 0:
+        raise ConfigError(f"--iwae takes 0 (off) or a number of importance samples, not {iwae!r}")
+    extra = [f"train.iwae_samples={iwae}", *overrides, "train.progress=false"] + ([f"device={device!r}"] if device else [])
     all_variants = variants(list(guides), parsed, list(z_guides))
     # every config is built before anything trains: a bad key or value fails at once
     configs = {(v.label, s): load_config(recipe, [*extra, *v.overrides, f"seed={s}"]) for v in all_variants for s in seeds}
@@ -132,7 +141,11 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
     runs.atomic_write_text(md_path, f"# Ablation of {Path(recipe).name} (seeds {', '.join(map(str, seeds))})\n\n{table}\n")
     key = curve_key([r for rs in curves.values() for recs in rs for r in recs], selection)
     png_path = plots.plot_bands(curves, key, out / "ablation.png", title=f"{key}: mean ± sd over {len(seeds)} seed(s)")
-    return {"csv": csv_path, "markdown": md_path, "figure": png_path, "rows": rows, "table": table}
+    result = {"csv": csv_path, "markdown": md_path, "figure": png_path, "rows": rows, "table": table}
+    if any("val_elbo" in r for rs in curves.values() for recs in rs for r in recs):
+        result["elbo_figure"] = plots.plot_bands(curves, "val_elbo", out / "ablation-elbo.png",
+                                                 title=f"val_elbo (nats): mean ± sd over {len(seeds)} seed(s)")
+    return result
 
 
 def markdown_table(rows: list[dict], metric_keys: list[str]) -> str:
@@ -144,7 +157,9 @@ def markdown_table(rows: list[dict], metric_keys: list[str]) -> str:
         cells = []
         for k in metric_keys:
             values = [r[k] for r in mine if k in r]
-            if values:
+            if len(values) == 1:  # one run has no spread to show
+                cells.append(f"{float(values[0]):.4g}")
+            elif values:
                 m, sd = mean_sd(values)
                 cells.append(f"{m:.4g} ± {sd:.2g}")
             else:

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     a.add_argument("--out", help="folder of the runs and summaries (default: outputs/ablate-<recipe>)")
     a.add_argument("--device", help="auto | cpu | cuda")
+    a.add_argument("--iwae", type=int, default=100, metavar="K",
+                   help="importance samples of the held-out IWAE bound beside the guide's ELBO (default 100; 0: off)")
 
     r = sub.add_parser("report", help="redraw a run's figures from its checkpoint and write figures/index.html")
     r.add_argument("run", help="run directory")
@@ -216,9 +218,10 @@ def cmd_ablate(args) -> int:
         plugins = [*read_recipe(args.recipe).get("plugins", []), *args.plugin]
         overrides.append("plugins=[" + ", ".join(json.dumps(str(p)) for p in plugins) + "]")
     result = ablate(args.recipe, out, guides=guides, seeds=_int_list(args.seeds, "--seeds"), vary=args.vary,
-                    overrides=overrides, device=args.device, z_guides=z_guides)
+                    overrides=overrides, device=args.device, z_guides=z_guides, iwae=args.iwae)
     print(result["table"])
-    print(f"\nwrote {result['csv']}, {result['markdown']}, {result['figure']}")
+    written = [result["csv"], result["markdown"], result["figure"], *([result["elbo_figure"]] if "elbo_figure" in result else [])]
+    print(f"\nwrote {', '.join(map(str, written))}")
     return 0
 
 

@@ -89,7 +89,9 @@ def build_model(config: Config, meta: dict) -> ZooModel:
     z_guide = resolve_z_guide(cls, config.z_guide)
     options = cls.make_options(config.options)
     cls.check_objective(guide, z_guide, objective_of(config))
-    return cls(meta, options, guide, z_guide=z_guide, objective=objective_of(config))
+    entry = cls(meta, options, guide, z_guide=z_guide, objective=objective_of(config))
+    entry.check_elbo()
+    return entry
 
 
 def resolve(config: Config) -> Config:

@@ -652,11 +652,16 @@ class Trainer:
             x = distributed.shard(self.data.part("test")[0])  # this process's share of the test set
             try:
                 ll = self.model.log_likelihood(x, k) if x.shape[0] else torch.zeros(0)
+                elbo = self.model.elbo_estimate(x) if x.shape[0] else torch.zeros(0)
             except NotImplementedError:
-                ll = None
+                ll = elbo = None
             if distributed.all_true(ll is not None):
-                total, count = distributed.sum_over_processes([ll.double().sum().item(), ll.numel()])
+                total, total_elbo, count = distributed.sum_over_processes([ll.double().sum().item(), elbo.double().sum().item(), ll.numel()])
                 metrics["test_log_likelihood"] = total / count if count else math.nan
+                # the guide's own ELBO and how far the IWAE bound lies above it: an estimate (from below)
+                # of the guide's mean KL to the posterior, the quantity a guide ablation compares
+                metrics["test_guide_elbo"] = total_elbo / count if count else math.nan
+                metrics["test_iwae_gap"] = metrics["test_log_likelihood"] - metrics["test_guide_elbo"]
                 metrics["iwae_samples"] = k
         return metrics
 

@@ -72,6 +72,8 @@ class ZooModel(nn.Module):
     z_guides: ClassVar[dict[str, str]] = {}
     #: the ``train.objective`` values it trains with
     objectives: ClassVar[tuple[str, ...]] = ("elbo",)
+    #: objective -> why the entry cannot train with it (the reason a refusal gives)
+    objective_limits: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs):
         """Every public method an entry defines (and ``__call__``, hence ``forward``) runs with parameters
@@ -105,14 +107,28 @@ class ZooModel(nn.Module):
         if objective.particles < 1:
             raise ConfigError(f"train.particles must be at least 1, not {objective.particles}")
         if objective.name not in cls.objectives:
-            raise ConfigError(f"train.objective '{objective.name}' does not fit model '{cls.name}' "
-                              f"(it has enumerated or non-reparameterised sites; valid: {', '.join(cls.objectives)})")
+            reason = cls.objective_limits.get(objective.name) or f"{cls.__name__}.objectives lists {', '.join(cls.objectives)} only"
+            raise ConfigError(f"train.objective '{objective.name}' does not fit model '{cls.name}': {reason}")
 
-    def make_elbo(self, enumerated: bool = False, objective: Objective | None = None) -> ELBO:
-        """The Pyro ELBO of ``objective`` (default: ``train.objective`` / ``train.particles``) for this
-        entry's z-guide (:func:`pyrossl.infer.objective.make_elbo`)."""
-        analytic = self.z_guide_name is None or Z_GUIDES.cls(self.z_guide_name).analytic_kl
-        return make_elbo(objective or self.objective, enumerated=enumerated, analytic_kl=analytic)
+    def check_elbo(self) -> None:
+        """A ConfigError where ``entry.elbo`` would not honour ``train.particles`` (an ELBO built with
+        Pyro's default of one particle, say): called once the entry is built, before training."""
+        elbo = getattr(self, "elbo", None)
+        if not isinstance(elbo, ELBO):
+            raise ConfigError(f"model '{self.name}' has no entry.elbo (a pyro.infer.ELBO): set self.elbo in __init__ "
+                              "(ZooModel.make_elbo builds one from train.objective and train.particles)")
+        if elbo.num_particles != self.objective.particles:
+            raise ConfigError(f"model '{self.name}' does not honour train.particles = {self.objective.particles}: its elbo "
+                              f"has num_particles = {elbo.num_particles} (build it with ZooModel.make_elbo)")
+
+    def make_elbo(self, enumerated: bool = False, objective: Objective | None = None, analytic_kl: bool | None = None) -> ELBO:
+        """The Pyro ELBO of ``objective`` (default: ``train.objective`` / ``train.particles``): IWAE, or the
+        ELBO with ``particles`` samples, ``TraceEnum_ELBO`` where a site is ``enumerated``, analytic KLs
+        (``TraceMeanField_ELBO``) where ``analytic_kl`` (default: as the entry's z-guide says), else
+        ``Trace_ELBO`` (:func:`pyrossl.infer.objective.make_elbo`)."""
+        if analytic_kl is None:
+            analytic_kl = self.z_guide_name is None or Z_GUIDES.cls(self.z_guide_name).analytic_kl
+        return make_elbo(objective or self.objective, enumerated=enumerated, analytic_kl=analytic_kl)
 
     @classmethod
     def make_options(cls, values: dict) -> Any:
@@ -223,6 +239,13 @@ class ZooModel(nn.Module):
     def log_likelihood(self, x: torch.Tensor, num_samples: int, batch_size: int = 100) -> torch.Tensor:
         """Per-example importance-weighted estimate of log p(x) (nats); models without one raise."""
         raise NotImplementedError(f"{self.name} has no likelihood estimate")
+
+    @torch.no_grad()
+    def elbo_estimate(self, x: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+        """Per-example one-sample estimate of the guide's ELBO, E_q[log p(x, z) - log q(z|x)] (nats, every
+        weight 1): by default the importance-weighted bound with one sample, which is that estimate.
+        Beside :meth:`log_likelihood` it measures the gap IWAE - ELBO, a lower estimate of KL(q || p(z|x))."""
+        return self.log_likelihood(x, 1, batch_size)
 
     # --- the continuous code -----------------------------------------------------------------
     @torch.no_grad()

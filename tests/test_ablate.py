@@ -96,3 +96,27 @@ def test_child_refuses_names_that_are_not_one_entry(tmp_path, name):
 
     with pytest.raises(PyrosslError, match="plain file or folder name"):
         runs.child(tmp_path, name)
+
+
+def test_an_ablation_compares_what_the_guides_approximate_and_one_seed_shows_no_spread(tmp_path):
+    result = ablate(RECIPE, tmp_path, guides=["enum", "gumbel"], z_guides=["diag-normal", "flow"], seeds=[0],
+                    overrides=TINY, iwae=20)
+    rows = list(csv.DictReader(result["csv"].open()))
+    for r in rows:
+        elbo, iwae, gap = float(r["test_guide_elbo"]), float(r["test_log_likelihood"]), float(r["test_iwae_gap"])
+        assert elbo < 0 and gap == pytest.approx(iwae - elbo, abs=1e-6) and gap > -0.5  # IWAE(20) above the ELBO
+        assert r["iwae_samples"] == "20"
+    assert len({r["test_guide_elbo"] for r in rows}) == 4  # each guide pair approximates the posterior its own way
+    table = result["markdown"].read_text()
+    assert "test_guide_elbo" in table and "test_iwae_gap" in table and "±" not in table
+    off = ablate(RECIPE, tmp_path / "off", guides=["enum"], seeds=[0], overrides=TINY, iwae=0)
+    assert "test_iwae_gap" not in off["rows"][0]
+    with pytest.raises(ConfigError, match="--iwae"):
+        ablate(RECIPE, tmp_path / "bad", guides=["enum"], iwae=-1)
+
+
+def test_an_ablation_of_an_entry_with_a_validation_elbo_draws_its_curve(tmp_path):
+    result = ablate(RECIPE, tmp_path, z_guides=["diag-normal", "flow"], seeds=[0], iwae=5,
+                    overrides=["model=vae", "guide=amortised", "options={}", "options.z_dim=2", "train.epochs=2",
+                               "data.labels_per_class=0"])
+    assert result["elbo_figure"].stat().st_size > 5000

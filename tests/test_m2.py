@@ -296,3 +296,18 @@ def test_the_auxiliary_term_is_alpha_times_the_classifiers_cross_entropy():
         losses[alpha] = model.elbo.loss(model.model, model.guide, x, y)
     cross_entropy = torch.nn.functional.cross_entropy(model.guide.classifier(x), y, reduction="sum").item()
     assert losses[7.0] - losses[0.0] == pytest.approx(7.0 * cross_entropy, rel=1e-4)
+
+
+@pytest.mark.parametrize("guide", ["enum", "gumbel", "dirichlet"])
+def test_the_guides_elbo_estimate_lies_below_the_iwae_bound(guide):
+    """sum_y q(y|x) L(x, y) + H(q(y|x)) (a simplex-latent guide: its own model's ELBO), averaged over draws of z,
+    is at most log p(x), which the IWAE bound with 200 samples approaches from below."""
+    import pyro
+
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16]), guide)
+    x = torch.rand(6, 1, 8, 8)
+    pyro.set_rng_seed(1)
+    elbo = torch.stack([model.elbo_estimate(x) for _ in range(50)]).mean(0)
+    iwae = model.log_likelihood(x, 200)
+    assert elbo.shape == iwae.shape == (6,) and (elbo < iwae + 0.05).all(), (elbo, iwae)

@@ -244,3 +244,50 @@ def test_the_posterior_predictive_draws_images_not_the_data(tmp_path):
     assert draws["x"].shape == (3, 5, x[0].numel()) and draws["z"].shape[:2] == (3, 5)
     assert set(draws["x"].unique().tolist()) <= {0.0, 1.0}  # Bernoulli pixels drawn from p(x|z)
     assert not torch.equal(draws["x"][0], draws["x"][1]) and not torch.equal(draws["x"][0], x[:5].flatten(1))
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_train_particles_is_honoured_by_every_entry(name):
+    torch.manual_seed(0)
+    entry, batches = _entry(name, **{"train.particles": 3})
+    assert entry.elbo.num_particles == 3
+    for args in batches:
+        assert math.isfinite(entry.elbo.loss(entry.model, entry.guide, *args))
+
+
+def test_an_elbo_that_ignores_particles_or_an_objective_is_refused_with_the_reason():
+    from dataclasses import dataclass
+
+    from pyro.infer import Trace_ELBO
+
+    from pyrossl.errors import ConfigError
+    from pyrossl.registry import MODELS, build_model, register
+
+    @dataclass
+    class NoOptions:
+        pass
+
+    class OneParticle(ZooModel):
+        name = "one-particle-for-a-test"
+        Options = NoOptions
+        guides = {"none": "nothing"}
+        default_guide = "none"
+
+        def __init__(self, meta, options, guide, **settings):
+            super().__init__(meta, options, guide, **settings)
+            self.model, self.guide, self.elbo = torch.nn.Module(), torch.nn.Module(), Trace_ELBO()
+
+    register(OneParticle)
+    try:
+        meta = {"image_shape": (1, 8, 8), "num_classes": 10}
+        assert build_model(tiny_config(model=OneParticle.name), meta).elbo.num_particles == 1
+        with pytest.raises(ConfigError, match="does not honour train.particles = 2: its elbo has num_particles = 1"):
+            build_model(tiny_config(**{"model": OneParticle.name, "train.particles": 2}), meta)
+        with pytest.raises(ConfigError, match="OneParticle.objectives lists elbo only"):
+            build_model(tiny_config(**{"model": OneParticle.name, "train.objective": "iwae"}), meta)
+    finally:
+        MODELS.pop(OneParticle.name, None)
+    for name, reason in [("gmm-vae", "c is enumerated"), ("gae", "point mass"), ("classifier", "no latent variable"),
+                         ("ccvae", "eq. 4"), ("m2", "needs every latent reparameterised")]:
+        with pytest.raises(ConfigError, match=reason):
+            _entry(name, **{"train.objective": "iwae"})

@@ -19,7 +19,6 @@ import matplotlib.pyplot as plt
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import Trace_ELBO
 from IPython.display import Image, display
 from torch import nn
 
@@ -87,13 +86,16 @@ class LaplaceVAE(ZooModel):
     guides = {"amortised": "q(z|x) = N(mu(x), diag sigma(x)^2)"}
     default_guide = "amortised"
     selection_metric = "elbo"
+    objectives = ("elbo", "iwae")
 
     def __init__(self, meta, options, guide="amortised", **settings):
         super().__init__(meta, options, guide, **settings)
         pixels = int(torch.tensor(meta["image_shape"]).prod())
         self.model = LaplaceVAEModel(pixels, options)
         self.guide = GaussianGuide(pixels, options)
-        self.elbo = Trace_ELBO()
+        # Trace_ELBO (Monte Carlo KL) with train.particles samples, or the IWAE bound for
+        # train.objective = "iwae", which `objectives` below admits: every latent is reparameterised
+        self.elbo = self.make_elbo(analytic_kl=False)
 
     @torch.no_grad()
     def evaluate(self, x, y, batch_size=1000):
