@@ -29,7 +29,7 @@ def test_inspect_posterior_notebook_runs(tmp_path, monkeypatch):
 
 
 #: each tutorial and the least number of figures it must show
-TUTORIALS = {"serket_vae_gmm": 4, "m2": 5, "ccvae": 4, "gae": 7, "vae": 4, "your_own_entry": 2}
+TUTORIALS = {"serket_vae_gmm": 4, "m2": 5, "ccvae": 4, "gae": 7, "vae": 4, "your_own_entry": 2, "your_own_guide": 4}
 
 
 def test_every_notebook_is_the_build_of_its_source():

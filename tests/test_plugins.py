@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDES = ROOT / "tests" / "plugins" / "m2_guides.py"
+GUIDES = ROOT / "notebooks" / "plugins" / "m2_guides.py"  # the file the tutorial "Your own guide" shows
 TINY = ["--set", "train.epochs=1", "--set", "options.hidden=[16]", "--set", "options.z_dim=2", "--quiet"]
 
 
