@@ -17,7 +17,7 @@ from torch import nn
 from pyrossl.guides.label import make_classifier
 from pyrossl.infer.params import register
 from pyrossl.nn import check_network_options
-from pyrossl.zoo import LabelClassifier, ZooModel
+from pyrossl.zoo import ELBOModuleEntry, LabelClassifier, ZooModel
 
 
 @dataclass
@@ -51,7 +51,7 @@ class NoLatentGuide(nn.Module):
         pass
 
 
-class Classifier(LabelClassifier, ZooModel):
+class Classifier(ELBOModuleEntry, LabelClassifier, ZooModel):
     name = "classifier"
     description = "supervised-only baseline: the network of q(y|x) trained on the labelled examples"
     Options = ClassifierOptions
@@ -66,18 +66,6 @@ class Classifier(LabelClassifier, ZooModel):
         super().__init__(meta, options, guide, **settings)
         network = make_classifier(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.classifier_net or options.net)
         self.loss = self.make_elbo(analytic_kl=False)(ClassifierModel(network), NoLatentGuide())
-
-    @property
-    def model(self) -> ClassifierModel:
-        return self.loss.model
-
-    @property
-    def guide(self) -> NoLatentGuide:
-        return self.loss.guide
-
-    @property
-    def elbo(self):
-        return self.loss.elbo
 
     @property
     def classifier_network(self) -> nn.Module:

@@ -37,7 +37,7 @@ from pyrossl.infer.params import register
 from pyrossl.mixture import GaussianMixtureClassifier, MixtureStack, check_mixture_options
 from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
 from pyrossl.nn import ConvEncoder, MLP, check_network_options
-from pyrossl.zoo import ZooModel
+from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 
 @dataclass
@@ -109,7 +109,7 @@ class PointGuide(nn.Module):
             pyro.sample("z", dist.Delta(self.encoder(x)).to_event(1))
 
 
-class GAE(ZooModel):
+class GAE(ELBOModuleEntry, ZooModel):
     name = "gae"
     description = "Gaussian Auto Embeddings: autoencoder + one Gaussian mixture per class (classify, sample, novelty)"
     Options = GAEOptions
@@ -145,18 +145,6 @@ class GAE(ZooModel):
     @property
     def encoder(self) -> nn.Module:
         return self.loss.guide.encoder
-
-    @property
-    def model(self) -> AutoencoderModel:
-        return self.loss.model
-
-    @property
-    def guide(self) -> PointGuide:
-        return self.loss.guide
-
-    @property
-    def elbo(self):
-        return self.loss.elbo
 
     # --- the mixtures ---------------------------------------------------------------------
     @torch.no_grad()

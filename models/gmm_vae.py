@@ -60,7 +60,7 @@ from pyrossl.infer.params import register
 from pyrossl.mixture import PyroGaussianMixture
 from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
 from pyrossl.nn import check_network_options
-from pyrossl.zoo import ZooModel
+from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 
 def serket_init(module: nn.Module, std: float) -> None:
@@ -80,7 +80,7 @@ def _clustering_vae_metrics(counts: dict) -> dict:
     return metrics
 
 
-class _ClusteringVAE(ZooModel):
+class _ClusteringVAE(ELBOModuleEntry, ZooModel):
     """What both modes share: the encoder, the decoder, clustering metrics and figures."""
 
     uses_labels = False
@@ -108,10 +108,6 @@ class _ClusteringVAE(ZooModel):
             serket_init(guide.head, o.init_std)
             serket_init(decoder, o.init_std)
         return guide, decoder
-
-    @property
-    def guide(self) -> CodeGuide:
-        return self.loss.guide
 
     @property
     def decoder(self) -> BernoulliDecoder:
@@ -273,14 +269,6 @@ class SerketVAEGMM(_ClusteringVAE):
         """N(mu_k, I)'s mean for each assignment k (zeros where there is no message yet)."""
         loc = self.gmm.means[assignment.clamp(min=0)]
         return torch.where((assignment >= 0)[:, None], loc, torch.zeros_like(loc))
-
-    @property
-    def model(self) -> MessagePriorVAE:
-        return self.loss.model
-
-    @property
-    def elbo(self):
-        return self.loss.elbo
 
     def forward(self, x, x_lab=None, y_lab=None, index=None):
         """The per-example mean of ``entry.elbo`` on ``(x, prior_loc)``, the messages of the batch's dataset rows."""
@@ -538,14 +526,6 @@ class GMMVAE(_ClusteringVAE):
     @property
     def num_clusters(self) -> int:
         return self.options.clusters
-
-    @property
-    def model(self) -> MixturePriorVAE:
-        return self.loss.model
-
-    @property
-    def elbo(self) -> "MixturePriorELBO":
-        return self.loss.elbo
 
     def set_kl_weight(self, kl_weight: float) -> None:
         """The weight of the z term, in model and guide alike (TraceMeanField_ELBO takes the guide's)."""

@@ -32,7 +32,7 @@ from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.infer.objective import Objective
 from pyrossl.infer.params import register
 from pyrossl.nn import check_network_options, ConvDecoder, MLP
-from pyrossl.zoo import ZooModel
+from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 
 @dataclass
@@ -105,7 +105,7 @@ class VAEModel(nn.Module):
             return pyro.sample("x", pixel_likelihood(logits), obs=None if x is None else x.flatten(1))
 
 
-class VAE(ZooModel):
+class VAE(ELBOModuleEntry, ZooModel):
     name = "vae"
     description = "plain Bernoulli VAE (M1): ELBO, reconstructions, samples, IWAE log-likelihood"
     Options = VAEOptions
@@ -131,18 +131,6 @@ class VAE(ZooModel):
     def set_beta(self, beta: float) -> None:
         """The KL weight, on the model's and the guide's ``z`` alike (the analytic KL takes the guide's)."""
         self.model.beta = self.guide.kl_weight = beta
-
-    @property
-    def model(self) -> VAEModel:
-        return self.loss.model
-
-    @property
-    def guide(self) -> CodeGuide:
-        return self.loss.guide
-
-    @property
-    def elbo(self):
-        return self.loss.elbo
 
     @torch.no_grad()
     def evaluation_counts(self, x, y, batch_size=1000):

@@ -321,6 +321,24 @@ class ZooModel(nn.Module):
         return []
 
 
+class ELBOModuleEntry:
+    """Mixin for entries that keep Pyro's ``ELBOModule`` as ``self.loss`` (``self.make_elbo()(model, guide)``):
+    ``entry.model``, ``entry.guide`` and ``entry.elbo`` are its three parts (its parameters' names start with
+    ``loss.``, as checkpoints have them)."""
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loss.model
+
+    @property
+    def guide(self) -> nn.Module:
+        return self.loss.guide
+
+    @property
+    def elbo(self) -> ELBO:
+        return self.loss.elbo
+
+
 class LabelClassifier:
     """Mixin for entries with a classifier network q(y|x) (``classifier_network``): predictions and accuracy."""
 

@@ -99,14 +99,13 @@ def test_child_refuses_names_that_are_not_one_entry(tmp_path, name):
 
 
 def test_an_ablation_compares_what_the_guides_approximate_and_one_seed_shows_no_spread(tmp_path):
-    result = ablate(RECIPE, tmp_path, guides=["enum", "gumbel"], z_guides=["diag-normal", "flow"], seeds=[0],
-                    overrides=TINY, iwae=20)
+    result = ablate(RECIPE, tmp_path, guides=["enum", "gumbel"], seeds=[0], overrides=TINY, iwae=20)
     rows = list(csv.DictReader(result["csv"].open()))
     for r in rows:
         elbo, iwae, gap = float(r["test_guide_elbo"]), float(r["test_log_likelihood"]), float(r["test_iwae_gap"])
         assert elbo < 0 and gap == pytest.approx(iwae - elbo, abs=1e-6) and gap > -0.5  # IWAE(20) above the ELBO
         assert r["iwae_samples"] == "20"
-    assert len({r["test_guide_elbo"] for r in rows}) == 4  # each guide pair approximates the posterior its own way
+    assert len({r["test_guide_elbo"] for r in rows}) == 2  # each guide approximates the posterior its own way
     table = result["markdown"].read_text()
     assert "test_guide_elbo" in table and "test_iwae_gap" in table and "±" not in table
     off = ablate(RECIPE, tmp_path / "off", guides=["enum"], seeds=[0], overrides=TINY, iwae=0)

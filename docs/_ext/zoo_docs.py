@@ -112,9 +112,54 @@ class ZooConfig(Directive):
                        [22, 14, 14, 50])]
 
 
+class ZooGraph(Directive):
+    """The entry's Pyro model as ``pyro.render_model`` draws it for a small batch (rendered to SVG by
+    graphviz's ``dot`` where it is installed; otherwise the page shows the graph's DOT source)."""
+
+    required_arguments = 1
+
+    def run(self):
+        import shutil
+
+        import pyro
+        import torch
+        from pyro import poutine
+
+        from pyrossl.config import config_from_dict
+        from pyrossl.infer.params import module_local
+        from pyrossl.registry import build_model
+
+        name = self.arguments[0]
+        cls = _entry(name)
+        meta = {"image_shape": (1, 8, 8), "num_classes": 3, "classes": ("a", "b", "c"), "num_examples": 4,
+                "attributes": (), "multilabel": False}
+        entry = build_model(config_from_dict({"model": name}), meta)
+        x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+        if entry.wants_index:
+            args, shown = (x, torch.zeros(4, entry.options.z_dim)), "(x, prior_loc)"
+        elif cls.uses_labels:
+            args, shown = (x, y), "(x, y): a labelled batch"
+        else:
+            args, shown = (x,), "(x,)"
+        with module_local(), torch.no_grad():
+            guide_trace = poutine.trace(entry.guide).get_trace(*args)
+            latents = {k: site["value"] for k, site in guide_trace.nodes.items()
+                       if site["type"] == "sample" and not site["is_observed"] and type(site["fn"]).__name__ != "_Subsample"}
+            # a flat prior (gae's) cannot be drawn from: its graph is the model's given the guide's latents
+            model = poutine.condition(entry.model, data=latents) if name == "gae" else entry.model
+            graph = pyro.render_model(model, model_args=args, render_distributions=True)
+        given = "poutine.condition(entry.model, data=the guide's z) (a flat prior cannot be drawn from), " if name == "gae" else "entry.model, "
+        caption = nodes.paragraph(text=f"pyro.render_model({given}model_args={shown}, render_distributions=True)")
+        if shutil.which("dot"):
+            svg = graph.pipe(format="svg").decode()
+            return [nodes.raw("", f'<div class="zoo-graph">{svg[svg.index("<svg"):]}</div>', format="html"), caption]
+        return [nodes.literal_block(graph.source, graph.source), caption]
+
+
 def setup(app):
     app.add_directive("zoo-options", ZooOptions)
     app.add_directive("zoo-guides", ZooGuides)
     app.add_directive("zoo-recipes", ZooRecipes)
     app.add_directive("zoo-config", ZooConfig)
+    app.add_directive("zoo-graph", ZooGraph)
     return {"parallel_read_safe": True, "version": "1"}

@@ -76,7 +76,7 @@ display(Markdown(f"```python\n{source}```"))
 # absolute path), so `eval`, `report`, `train --resume` and `load_run` find it again in any process.
 
 # %%
-epochs = "5" if QUICK else "30"
+epochs = "2" if QUICK else "30"
 run_dir = OUT / "qzx"
 if not (run_dir / "summary.json").exists():
     pyrossl_command("train", ROOT / "runs/demo.toml", "--set", "guide=qzx", "--set", f"train.epochs={epochs}",
@@ -97,7 +97,7 @@ ablation = OUT / "ablation"
 seeds = "0" if QUICK else "0,1,2"
 pyrossl_command("ablate", ROOT / "runs/m2-digits.toml", "--guides", "enum,qzx,smoothed-enum", "--z-guides", "diag-normal",
                 "--seeds", seeds, "--iwae", "100", "--plugin", PLUGIN, "--out", ablation,
-                *(["--set", "train.epochs=5"] if QUICK else []))
+                *(["--set", "train.epochs=3"] if QUICK else []))
 display(Image(filename=str(ablation / "ablation.png")))
 
 # %%
@@ -154,7 +154,7 @@ print(f"one batch: the trainer's loss {trainer_loss:.3f}, SVI's {SVI(entry.model
 pyro.clear_param_store()
 svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 3e-3}), entry.elbo)
 losses = []
-for step in range(150 if QUICK else 1500):
+for step in range(100 if QUICK else 1500):
     batch = torch.randint(0, 1500, (100,))
     losses.append(svi.step(dataset.x[batch]) / 100 + svi.step(dataset.x[labelled], dataset.y[labelled]) / len(labelled))
 test = torch.arange(1500, len(dataset.x))
