@@ -90,10 +90,6 @@ class LabelledMeanField_ELBO(AuxiliaryTermsMixin, TraceMeanField_ELBO):
     """``TraceMeanField_ELBO`` with the guide's observed auxiliary sites as terms (:class:`AuxiliaryTermsMixin`)."""
 
 
-class LabelledTrace_ELBO(AuxiliaryTermsMixin, Trace_ELBO):
-    """``Trace_ELBO`` with the guide's observed auxiliary sites as terms (:class:`AuxiliaryTermsMixin`)."""
-
-
 class DispatchingELBO(DifferentiableLossELBO):
     """An ELBO that hands each call to one of several ELBOs, chosen by :meth:`choose` from the model and
     the batch: ``loss``, ``loss_and_grads`` and ``differentiable_loss`` all go to the same one."""
