@@ -9,7 +9,7 @@ read the family, so a guide registered from a plugin is everywhere at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from pyrossl.errors import ConfigError
 
@@ -18,13 +18,31 @@ class GuideFamily(Mapping):
     """Guides of one kind: ``family[name]`` is a member's description, ``family.classes[name]`` its class.
 
     ``requires`` maps each attribute a member must have (a method, a class attribute) to what it is;
-    :meth:`register` refuses a class that lacks one, naming what is missing.
+    :meth:`register` refuses a class that lacks one, naming what is missing. ``columns`` maps a heading
+    of the family's guide table to what it reads of a member class: the table (:meth:`rows`,
+    :meth:`table`, the site's guide tables) is made from the classes, so it cannot drift from them.
     """
 
-    def __init__(self, what: str, requires: dict[str, str]):
+    def __init__(self, what: str, requires: dict[str, str], columns: dict[str, Callable[[type], str]] | None = None):
         self.what = what
         self.requires = dict(requires)
+        self.columns = dict(columns or {})
         self.classes: dict[str, type] = {}
+
+    def header(self) -> list[str]:
+        return ["name", "what it is", *self.columns]
+
+    def rows(self) -> list[list[str]]:
+        """One row per member, in the order of registration: name, description, then the columns."""
+        return [[name, cls.description, *(str(read(cls)) for read in self.columns.values())] for name, cls in self.classes.items()]
+
+    def table(self) -> str:
+        """The guide table as plain text (for a terminal or a notebook): one member per line."""
+        rows = [self.header(), *self.rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
 
     def missing(self, cls) -> list[str]:
         """What ``cls`` lacks of the family's requirements, as ``name (what it is)``."""

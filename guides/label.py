@@ -1,32 +1,18 @@
 """Guides for a model with a class label y and a continuous code z: q(y|x) q(z|x, y).
 
 The first five differ only in how the label site ``y`` is drawn when it is not observed; the site
-names (``y`` as a one-hot or relaxed one-hot vector, ``z``) and the networks are the same, so the
-model never changes when one of them is swapped. The last two go with a model of their own (vae_ssl's):
+names (``y``, ``z``) and the networks are the same. ``y`` holds class indices (a Categorical site,
+which Pyro's enumeration and ``infer_discrete`` work on) for ``enum`` and ``sample``; the relaxed
+guides put points of the simplex there and say so (``relaxed = True``), and the model then holds y
+as a one-hot vector (OneHotCategorical), the one change a swap makes to it. The last two go with a model of their own (vae_ssl's):
 the label's relaxed proxy alpha, a point of the simplex, is a latent of the *generative model*,
 
     alpha ~ p(alpha),  z ~ N(0, I),  x ~ p(x | alpha, z),  y ~ Cat(alpha) (observed for labelled x only),
 
 and the guide draws alpha from q(alpha|x) for every image, labelled or not. Each guide names the Pyro
-ELBO that trains it and says what its unlabelled loss U(x) is:
-
-======================  ===================================================  ===================  ===============
-name                    q at the unobserved label site                       ELBO                 U(x)
-======================  ===================================================  ===================  ===============
-enum                    ``y``: OneHotCategorical, enumerated in parallel     TraceEnum_ELBO       bound
-                        (exact sum)
-gumbel                  ``y``: Gumbel-softmax relaxation, annealed           TraceMeanField_ELBO  surrogate
-                        temperature
-st-gumbel               ``y``: straight-through Gumbel-softmax (hard         TraceMeanField_ELBO  surrogate
-                        forward)
-logistic-normal         ``y``: softmax(sharpness * (logits + sigma * eps))   TraceMeanField_ELBO  surrogate
-sample                  ``y``: OneHotCategorical sample, score-function      Trace_ELBO           bound
-                        gradient
-dirichlet               ``alpha``: Dirichlet(softplus(logits) + 0.01),       TraceMeanField_ELBO  bound (its own
-                        prior Dirichlet(c 1)                                                      model)
-logistic-normal-latent  ``logits``: N(logits(x), diag sigma(x)^2), prior     TraceMeanField_ELBO  bound (its own
-                        N(0, I); alpha = softmax(sharpness * logits)                              model)
-======================  ===================================================  ===================  ===============
+ELBO that trains it (``make_elbo``) and says what its unlabelled loss U(x) is (``unlabelled_loss``);
+the family's table, made from the classes, is ``print(LABEL_GUIDES.table())`` and is on the site's
+M2 page.
 
 "bound": U(x) is an estimate of -ELBO >= -log p(x) of the model it trains. "surrogate": the relaxed
 guides feed a simplex point to the decoder but take, as the label's KL, the closed-form KL of
@@ -40,7 +26,7 @@ q(z|x, .) is the z-guide of the family (:mod:`pyrossl.guides.zguide`, ``z_guide 
 the vector the decoder takes (y, or alpha): the z term's KL is analytic for ``diag-normal`` and a
 Monte Carlo estimate otherwise (``TraceMeanField_ELBO`` takes the closed form where one is
 registered, per site). With the first five guides a labelled example is scored with its observed
-one-hot y exactly; with the last two the model observes y ~ Cat(alpha) and alpha is still drawn.
+y exactly; with the last two the model observes y ~ Cat(alpha) and alpha is still drawn.
 """
 
 from __future__ import annotations
@@ -139,13 +125,30 @@ class ConditionalGaussianEncoder(nn.Module):
 #: z_guide=..., z_options=..., **extra)``, the extra keywords named by its ``option_arguments``
 #: (constructor keyword -> option), and sets ``z_kl_weight`` and ``aux_weight`` on the instance.
 #: Subclassing :class:`LabelGuide` gives all of it; override what differs.
-LABEL_GUIDES = GuideFamily("label guides of m2", requires={
+def _label_site(cls) -> str:
+    site = getattr(cls, "latent_site", "y")
+    if site != "y":
+        return f"{site} (the model's own latent)"
+    return "y, relaxed vector" if cls.relaxed else "y, class index"
+
+
+def _elbo_name(cls) -> str:
+    name = type(cls.make_elbo()).__name__
+    return f"{name} (or iwae)" if getattr(cls, "iwae", False) else name
+
+
+LABEL_GUIDES = GuideFamily("label guides of m2", columns={
+    "site drawn": _label_site,
+    "Pyro ELBO": _elbo_name,
+    "unlabelled loss": lambda cls: getattr(cls, "unlabelled_loss", "-"),
+}, requires={
     "forward": "forward(x, y=None): the guide, sampling the label's site unless y is given, then z",
     "classify": "classify(x) -> the class logits of q(y|x) (the classifier M2 predicts with)",
     "z_moments": "z_moments(x, y) -> the mean and variance of each unit of q(z|x, y), y one-hot",
     "z_point": "z_point(x, y) -> a representative code of q(z|x, y) (its mean for a Gaussian)",
     "make_elbo": "make_elbo(objective) (a classmethod) -> the Pyro ELBO of the unlabelled term",
     "label_latent": "None, or the simplex-latent model variant it needs: 'dirichlet' or 'logistic-normal'",
+    "relaxed": "False if the label site y holds class indices (Categorical), True if it holds one-hot or relaxed vectors",
 })
 
 
@@ -156,6 +159,12 @@ class LabelGuide(nn.Module):
     #: the model's label variant (:class:`pyrossl.models.m2.M2Model`): None (y ~ Cat(1/K) feeds the
     #: decoder), "dirichlet" or "logistic-normal" (a simplex latent feeds it, y ~ Cat(alpha))
     label_latent: ClassVar[str | None] = None
+    #: whether the guide puts vectors of the simplex at the label site ``y`` (a relaxation): the model
+    #: then holds y as a one-hot vector (OneHotCategorical) instead of a class index (Categorical)
+    relaxed: ClassVar[bool] = False
+    #: the kind of unlabelled loss U(x) it trains, a bound on -log p(x) or a surrogate bounding nothing
+    #: (the guide table's column)
+    unlabelled_loss: ClassVar[str] = "a bound on -log p(x)"
     #: whether every site is reparameterised and none enumerated, so ``train.objective = "iwae"`` trains it
     iwae: ClassVar[bool] = False
     #: constructor keyword -> M2 option it takes (a temperature, a noise scale)
@@ -202,8 +211,11 @@ class LabelGuide(nn.Module):
 
     def label_input(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The vector that q(z|x, .) (and the model's decoder) takes: an observed one-hot y as it is,
-        else a draw at the label site. Inside the data plate."""
-        return y if y is not None else self.label_site(self.classify(x))
+        else the one-hot vector of a draw at the label site (a class index, or a relaxed vector as it
+        is). Inside the data plate."""
+        if y is not None:
+            return y
+        return as_one_hot(self.label_site(self.classify(x)), self.num_classes, x.dtype)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Sites in plate ``data``: the label's (``y``, or the simplex latent) unless y is observed, and
@@ -225,22 +237,25 @@ class LabelGuide(nn.Module):
 class EnumeratedLabelGuide(LabelGuide):
     """y summed out exactly: every class in parallel, weighted by q(y|x) (Kingma et al. 2014, eq. 7)."""
 
-    description = "q(y|x) enumerated in parallel: the exact sum over classes (TraceEnum_ELBO)"
+    description = "q(y|x) summed out exactly, every class in parallel (Kingma et al. 2014, eq. 7)"
 
     @classmethod
     def make_elbo(cls, objective=None) -> ELBO:
         return TraceEnum_ELBO(**particle_settings(objective))
 
     def label_site(self, logits):
-        return pyro.sample("y", dist.OneHotCategorical(logits=logits), infer={"enumerate": "parallel"})
+        return pyro.sample("y", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
 
 
 @LABEL_GUIDES.register("gumbel")
 class GumbelSoftmaxGuide(LabelGuide):
     """y ~ Gumbel-softmax(logits, temperature) (Jang et al. 2017); the temperature is annealed by the model."""
 
-    description = "Gumbel-softmax relaxed y, annealed temperature, categorical KL"
+    description = ("Gumbel-softmax sample of y, temperature annealed (temperature_start/end/anneal); "
+                   "KL of the categoricals (Jang et al. 2017)")
     option_arguments = {"temperature": "temperature_start"}
+    relaxed = True
+    unlabelled_loss = "a surrogate"
     straight_through = False
 
     def __init__(self, *args, temperature: float = 1.0, **kwargs):
@@ -255,7 +270,7 @@ class GumbelSoftmaxGuide(LabelGuide):
 class StraightThroughGumbelGuide(GumbelSoftmaxGuide):
     """Gumbel-softmax with a hard one-hot forward pass and the relaxed sample's gradient."""
 
-    description = "straight-through Gumbel-softmax: hard one-hot forward, relaxed gradient"
+    description = "Gumbel-softmax with a hard one-hot forward pass and the relaxed gradient (straight-through)"
 
     straight_through = True
 
@@ -264,7 +279,9 @@ class StraightThroughGumbelGuide(GumbelSoftmaxGuide):
 class LogisticNormalGuide(LabelGuide):
     """y = softmax(sharpness * (logits + sigma * eps)), eps ~ N(0, I)."""
 
-    description = "y = softmax(sharpness * (logits + sigma * eps))"
+    description = "y = softmax(sharpness * (logits + sigma * eps)), eps ~ N(0, I); KL of the categoricals"
+    relaxed = True
+    unlabelled_loss = "a surrogate"
     option_arguments = {"sigma": "sigma", "sharpness": "sharpness"}
 
     def __init__(self, *args, sigma: float = 1.0, sharpness: float = 1.0, **kwargs):
@@ -279,14 +296,14 @@ class LogisticNormalGuide(LabelGuide):
 class SampledLabelGuide(LabelGuide):
     """y ~ q(y|x) sampled, with the score-function (REINFORCE) gradient: high variance, an ablation baseline."""
 
-    description = "discrete sample with score-function gradient (ablation baseline)"
+    description = "a discrete sample of q(y|x), score-function gradient (the known failure, as a baseline)"
 
     @classmethod
     def make_elbo(cls, objective=None) -> ELBO:
         return Trace_ELBO(**particle_settings(objective))
 
     def label_site(self, logits):
-        return pyro.sample("y", dist.OneHotCategorical(logits=logits))
+        return pyro.sample("y", dist.Categorical(logits=logits))
 
 
 class SimplexLatentGuide(LabelGuide):
@@ -302,6 +319,7 @@ class SimplexLatentGuide(LabelGuide):
     #: the name of the latent sample site, in the model and here
     latent_site: ClassVar[str]
     iwae = True
+    unlabelled_loss = "a bound of its own model"
 
     @classmethod
     def make_elbo(cls, objective: Objective | None = None) -> ELBO:
@@ -332,7 +350,8 @@ class DirichletLabelGuide(SimplexLatentGuide):
     Gamma gradient blows up (its largest value over 1000 draws: ~1e5 at beta = 1e-3, ~2e3 at 1e-2, ~24 at 0.1).
     """
 
-    description = "alpha ~ Dirichlet(c) is the model's label latent, q(alpha|x) = Dirichlet(softplus(logits)), exact KL"
+    description = ("the model's label latent alpha ~ Dirichlet(dirichlet_concentration) decoded in place of y, "
+                   "y ~ Cat(alpha) observed where labelled; q(alpha|x) = Dirichlet(softplus(logits) + 0.01), exact KL")
     label_latent = "dirichlet"
     latent_site = "alpha"
     floor = 1e-2
@@ -355,7 +374,8 @@ class LogisticNormalLatentGuide(SimplexLatentGuide):
     class of q: argmax softmax(sharpness * m) = argmax m.
     """
 
-    description = "logits ~ N(0, I) is the model's label latent, alpha = softmax; learned q scale, exact KL"
+    description = ("the model's label latent l ~ N(0, I), alpha = softmax(sharpness * l); q(l|x) = N(logits, s(x)^2) "
+                   "with a learned scale starting at sigma, exact KL")
     label_latent = "logistic-normal"
     latent_site = "logits"
     option_arguments = {"sigma": "sigma", "sharpness": "sharpness"}

@@ -2,17 +2,11 @@
 
 An entry's encoder maps its inputs to features h (width H) and, from them, to the location mu(h) and
 scale sigma(h) of a diagonal Gaussian. A z-guide turns the three into q(z|.), the distribution the
-guide's ``z`` site draws from:
-
-==============  ================================================================  =================
-name            q(z|h)                                                            KL to the prior
-==============  ================================================================  =================
-diag-normal     N(mu, diag sigma^2)                                               analytic
-lowrank-normal  N(mu, diag sigma^2 + U U^T), U = U(h) a d x r matrix              Monte Carlo
-flow            z = T_K o ... o T_1(z_0), z_0 ~ N(mu, diag sigma^2), each T_k an  Monte Carlo
-                affine autoregressive map (IAF, Kingma et al. 2016) conditioned
-                on h
-==============  ================================================================  =================
+guide's ``z`` site draws from: ``diag-normal`` N(mu, diag sigma^2) (KL in closed form),
+``lowrank-normal`` N(mu, diag sigma^2 + U U^T) with U = U(h) a d x r matrix, ``flow``
+z = T_K o ... o T_1(z_0), z_0 ~ N(mu, diag sigma^2), each T_k an affine autoregressive map (IAF,
+Kingma et al. 2016) conditioned on h (Monte Carlo KL for both). The family's table, made from the
+classes, is ``print(Z_GUIDES.table())`` and is on the site's z-guide page.
 
 ``diag-normal`` adds no parameters, so the entries' state dicts (and old checkpoints) are those of
 the mean-field encoder they always had. The flows are Pyro's
@@ -43,6 +37,9 @@ Z_GUIDES = GuideFamily("z-guides", requires={
     "point": "point(loc, scale, h) -> a representative code per row (a Gaussian's mean)",
     "moments": "moments(loc, scale, h) -> the mean and variance of each unit of z",
     "analytic_kl": "whether KL(q || a Gaussian prior) has a closed form (class attribute)",
+}, columns={
+    "KL to the prior": lambda cls: "closed form" if cls.analytic_kl else "Monte Carlo",
+    "options": lambda cls: ", ".join(getattr(cls, "options", ())) or "-",
 })
 DEFAULT_Z_GUIDE = "diag-normal"
 
@@ -71,6 +68,8 @@ class ZGuide(nn.Module):
 
     #: whether KL(q || a Gaussian prior) is known in closed form (the entry may use TraceMeanField_ELBO)
     analytic_kl: ClassVar = True
+    #: the fields of :class:`ZGuideOptions` it reads (the guide table's column)
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, z_dim: int, context_dim: int, options: ZGuideOptions | None = None):
         super().__init__()
@@ -92,7 +91,7 @@ class ZGuide(nn.Module):
 class DiagonalNormalZ(ZGuide):
     """q(z|h) = N(mu, diag sigma^2): mean field, no parameters of its own."""
 
-    description = "amortised diagonal Gaussian N(mu(x), diag sigma(x)^2) (analytic KL)"
+    description = "amortised diagonal Gaussian N(mu(x), diag sigma(x)^2): mean field, no parameters of its own"
 
     def distribution(self, loc, scale, h):
         return dist.Normal(loc, scale).to_event(1)
@@ -102,9 +101,10 @@ class DiagonalNormalZ(ZGuide):
 class LowRankNormalZ(ZGuide):
     """q(z|h) = N(mu, diag sigma^2 + U U^T) with U = W h + b reshaped to d x r: correlations between units."""
 
-    description = "amortised N(mu(x), diag sigma(x)^2 + U(x) U(x)^T), rank options.z_rank (Monte Carlo KL)"
+    description = "amortised N(mu(x), diag sigma(x)^2 + U(x) U(x)^T), U(x) of rank options.z_rank: correlated units"
 
     analytic_kl = False
+    options = ("z_rank",)
 
     def __init__(self, z_dim, context_dim, options=None):
         super().__init__(z_dim, context_dim, options)
@@ -136,7 +136,8 @@ class FlowZ(ZGuide):
     """
 
     analytic_kl = False
-    description = "diagonal Gaussian pushed through options.flows IAF maps conditioned on the encoder (Monte Carlo KL)"
+    options = ("flows", "flow_hidden")
+    description = "diagonal Gaussian pushed through options.flows IAF maps conditioned on the encoder (Kingma et al. 2016)"
 
     def __init__(self, z_dim, context_dim, options=None):
         super().__init__(z_dim, context_dim, options)

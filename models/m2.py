@@ -107,49 +107,70 @@ LABEL_LATENTS = (None, "dirichlet", "logistic-normal")
 
 
 class M2Model(nn.Module):
-    """p(y) p(z) p(x|y, z). ``y`` is a one-hot (or relaxed one-hot) vector; ``x=None`` samples.
+    """p(y) p(z) p(x|y, z); ``x=None`` samples.
+
+    The label site ``y`` holds class indices, y ~ Categorical(1/K) (shape ``[n]``, enumerated ``[K, 1]``),
+    so that Pyro's discrete machinery (``TraceEnum_ELBO``, ``infer_discrete``) works on it; the decoder
+    takes its one-hot vector. ``relaxed_label`` (the guide's :attr:`~pyrossl.guides.label.LabelGuide.relaxed`)
+    makes it a vector site, y ~ OneHotCategorical(1/K) ``[n, K]``, for guides that put relaxed points of
+    the simplex there (Gumbel-softmax and the like).
 
     ``label_latent`` picks the model variant (the guide's :attr:`~pyrossl.guides.label.LabelGuide.label_latent`):
     None is M2 itself; ``"dirichlet"`` and ``"logistic-normal"`` decode from a latent alpha on the simplex,
     alpha ~ Dirichlet(concentration 1) at site ``alpha``, or alpha = softmax(sharpness * l) with
-    l ~ N(0, I_K) at site ``logits``, and observe y ~ Cat(alpha) at site ``y`` where y is given.
+    l ~ N(0, I_K) at site ``logits``, and observe y ~ Categorical(alpha) at site ``y`` where y is given.
     """
 
     def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp",
-                 label_latent: str | None = None, concentration: float = 1.0, sharpness: float = 1.0):
+                 label_latent: str | None = None, concentration: float = 1.0, sharpness: float = 1.0,
+                 relaxed_label: bool = False):
         super().__init__()
         if label_latent not in LABEL_LATENTS:
             raise ValueError(f"label_latent must be one of {LABEL_LATENTS}, not {label_latent!r}")
+        if relaxed_label and label_latent is not None:
+            raise ValueError("relaxed_label is a variant of M2 itself (label_latent None)")
         self.label_latent, self.concentration, self.sharpness = label_latent, concentration, sharpness
+        self.relaxed_label = relaxed_label
         self.z_kl_weight = 1.0  # beta of the z term (log p(z) - log q(z|x,y)); the guide carries the same
         self.register_buffer("prior_logits", torch.zeros(num_classes), persistent=False)
         self.register_buffer("z_loc", torch.zeros(z_dim), persistent=False)
         self.decoder = LabelledDecoder(image_shape, num_classes, z_dim, hidden, act, net)
 
     def label_input(self, n: int, y: torch.Tensor | None) -> torch.Tensor:
-        """The decoder's label input: y itself, or alpha of the simplex-latent variants (inside the data plate)."""
-        if self.label_latent is None:
+        """The decoder's label input: y's one-hot vector (or relaxed point), or alpha of the simplex-latent
+        variants (inside the data plate). ``y``: class indices, or vectors with ``relaxed_label``."""
+        logits = self.prior_logits.expand(n, -1)
+        if self.relaxed_label:
             # relaxed guides put simplex points at this site: they are scored by the categorical KL
             # (pyrossl.infer.relaxed), so the one-hot support is not checked here
-            prior = dist.OneHotCategorical(logits=self.prior_logits.expand(n, -1), validate_args=False)
-            return pyro.sample("y", prior, obs=y)
+            return pyro.sample("y", dist.OneHotCategorical(logits=logits, validate_args=False), obs=y)
+        if self.label_latent is None:
+            value = pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+            if value.is_floating_point():  # a guide's vector replayed here would be scored as an index
+                raise ValueError("m2's label site 'y' holds class indices (Categorical); a guide that puts one-hot or "
+                                 "relaxed vectors there declares relaxed = True (pyrossl.guides.label.LabelGuide)")
+            return as_one_hot(value, logits.shape[-1], logits.dtype)
         if self.label_latent == "dirichlet":
             alpha = pyro.sample("alpha", dist.Dirichlet(torch.full_like(self.prior_logits, self.concentration).expand(n, -1)))
         else:
             loc = self.prior_logits.expand(n, -1)
             alpha = torch.softmax(self.sharpness * pyro.sample("logits", dist.Normal(loc, torch.ones_like(loc)).to_event(1)), -1)
         if y is not None:
-            pyro.sample("y", dist.OneHotCategorical(probs=alpha), obs=y)
+            pyro.sample("y", dist.Categorical(probs=alpha), obs=y)
         return alpha
 
     def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, num: int | None = None):
-        """Sites ``y`` (one-hot, observed when ``y`` is given; the simplex-latent variants: ``alpha`` or
-        ``logits``, and ``y`` only when given), ``z`` ``[n, z_dim]`` and ``x`` (flat pixels ``[n, D]``,
-        observed when ``x`` is given), all in plate ``data``. ``x``: images ``[n, C, H, W]`` or flat;
-        ``y``: class indices ``[n]`` or one-hot ``[n, K]``; ``num``: how many to draw when neither is given."""
+        """Sites ``y`` (class indices ``[n]``, or one-hot ``[n, K]`` with ``relaxed_label``; observed when
+        ``y`` is given; the simplex-latent variants: ``alpha`` or ``logits``, and ``y`` only when given),
+        ``z`` ``[n, z_dim]`` and ``x`` (flat pixels ``[n, D]``, observed when ``x`` is given), all in plate
+        ``data``. ``x``: images ``[n, C, H, W]`` or flat; ``y``: class indices ``[n]`` or one-hot ``[n, K]``
+        (either is taken); ``num``: how many to draw when neither is given."""
         register(self)
         n = x.shape[0] if x is not None else (y.shape[0] if y is not None else num)
-        y = as_one_hot(y, self.prior_logits.shape[-1], self.prior_logits.dtype)
+        if self.relaxed_label:
+            y = as_one_hot(y, self.prior_logits.shape[-1], self.prior_logits.dtype)
+        elif y is not None and y.is_floating_point():
+            y = y.argmax(-1)
         with pyro.plate("data", n):
             label = self.label_input(n, y)
             loc = self.z_loc.expand(n, -1)
@@ -187,7 +208,8 @@ class M2(LabelClassifier, ZooModel):
         guide_cls = LABEL_GUIDES.cls(guide)
         extra = {keyword: getattr(o, option) for keyword, option in getattr(guide_cls, "option_arguments", {}).items()}
         self.model = M2Model(shape, k, o.z_dim, o.hidden, o.act, o.net, label_latent=guide_cls.label_latent,
-                             concentration=o.dirichlet_concentration, sharpness=o.sharpness)
+                             concentration=o.dirichlet_concentration, sharpness=o.sharpness,
+                             relaxed_label=guide_cls.relaxed)
         self.guide = guide_cls(shape, k, o.z_dim, o.hidden, o.act, o.net, classifier_net=o.classifier_net,
                                shared_trunk=o.shared_trunk, z_guide=self.z_guide_name, z_options=o, **extra)
         # U(x) is estimated as the guide says; L(x, y) has no label to draw (the simplex-latent guides

@@ -73,6 +73,23 @@ def test_every_entry_has_a_page_with_its_generated_options(site):
             assert guide in page, (name, guide)
 
 
+def test_the_guide_tables_on_the_site_are_the_families_tables(site):
+    from pyrossl.guides.label import LABEL_GUIDES
+    from pyrossl.guides.zguide import Z_GUIDES
+
+    import html
+    import re
+
+    def text(page):  # the page's words, tags dropped, entities and smart quotes undone
+        return html.unescape(re.sub(r"<[^>]+>", "", (site / "zoo" / page).read_text())).replace("\u2019", "'")
+
+    m2, z = text("m2.html"), text("z-guides.html")
+    for page, family in ((m2, LABEL_GUIDES), (m2, Z_GUIDES), (z, Z_GUIDES)):
+        for row in family.rows():
+            for cell in row:
+                assert cell in page, (family.what, cell)
+
+
 def test_option_rows_come_from_the_dataclass_and_its_comments():
     from pyrossl.registry import MODELS
 

@@ -260,7 +260,7 @@ def test_the_demo_decodes_the_class_it_is_given(tmp_path):
 
 
 def test_the_model_takes_a_guide_whose_q_of_z_ignores_y():
-    """M2's decoder broadcasts an enumerated y [K, 1, K] against a z drawn once for all classes [n, d]."""
+    """M2's decoder broadcasts an enumerated y [K, 1] (one-hot [K, 1, K]) against a z drawn once for all classes [n, d]."""
     import pyro
     import pyro.distributions as dist
     from pyro.infer import Trace_ELBO, TraceEnum_ELBO
@@ -273,7 +273,7 @@ def test_the_model_takes_a_guide_whose_q_of_z_ignores_y():
     def guide_of_z_given_x(x, y=None):
         with pyro.plate("data", x.shape[0]):
             if y is None:
-                pyro.sample("y", dist.OneHotCategorical(logits=classifier(x.flatten(1))), infer={"enumerate": "parallel"})
+                pyro.sample("y", dist.Categorical(logits=classifier(x.flatten(1))), infer={"enumerate": "parallel"})
             loc, log_scale = encoder(x.flatten(1)).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
 
@@ -311,3 +311,44 @@ def test_the_guides_elbo_estimate_lies_below_the_iwae_bound(guide):
     elbo = torch.stack([model.elbo_estimate(x) for _ in range(50)]).mean(0)
     iwae = model.log_likelihood(x, 200)
     assert elbo.shape == iwae.shape == (6,) and (elbo < iwae + 0.05).all(), (elbo, iwae)
+
+
+def test_infer_discrete_decodes_the_label_site_as_the_exact_map_class():
+    """y is a Categorical site of class indices: Pyro's infer_discrete at temperature 0, z held at the
+    guide's draw, gives argmax_y log p(y) + log p(x|y, z), computed here class by class."""
+    from pyro import poutine
+    from pyro.infer import config_enumerate, infer_discrete
+
+    from pyrossl.infer.params import module_local
+    from pyrossl.models.vae import pixel_likelihood
+
+    torch.manual_seed(0)
+    model = M2(META, M2Options(z_dim=2, hidden=[16]), "enum")
+    x = torch.rand(7, 1, 8, 8).round()
+    with torch.no_grad(), module_local():
+        z = poutine.trace(model.guide).get_trace(x, torch.zeros(7, dtype=torch.long)).nodes["z"]["value"]
+        conditioned = config_enumerate(poutine.condition(model.model, data={"z": z}), "parallel")
+        decoded = poutine.trace(infer_discrete(conditioned, first_available_dim=-2, temperature=0)).get_trace(x)
+        # the prior is uniform: the MAP class maximises log p(x|y, z) alone
+        scores = torch.stack([pixel_likelihood(model.model.decoder(model.one_hot(torch.full((7,), c)), z)).log_prob(x.flatten(1))
+                              for c in range(3)], -1)
+    assert decoded.nodes["y"]["value"].dtype == torch.long
+    assert torch.equal(decoded.nodes["y"]["value"], scores.argmax(-1))
+
+
+def test_a_guide_that_puts_vectors_at_an_index_label_site_is_told_so():
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer import TraceEnum_ELBO
+
+    from pyrossl.models.m2 import M2Model
+
+    model = M2Model((1, 8, 8), 3, z_dim=2, hidden=[16])
+
+    def one_hot_guide(x, y=None):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.OneHotCategorical(logits=torch.zeros(x.shape[0], 3)), infer={"enumerate": "parallel"})
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+
+    with pytest.raises(ValueError, match="holds class indices"):
+        TraceEnum_ELBO(max_plate_nesting=1).loss(model, one_hot_guide, torch.rand(4, 1, 8, 8))

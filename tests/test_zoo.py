@@ -197,9 +197,7 @@ def test_pyros_tools_work_on_every_entry(name):
 
             draws = Predictive(guided_predictive_model(entry.model, entry.guide), num_samples=2)(*args)
         assert draws and all(v.shape[0] in (1, 2) for v in draws.values())
-        # M2's y is one-hot (the relaxed guides put simplex points at the same site), and Pyro 1.9's
-        # infer_discrete packs site values without event dimensions: it cannot decode a OneHotCategorical
-        discrete = {"ccvae": "y", "gmm-vae": "c"}.get(name)
+        discrete = {"ccvae": "y", "gmm-vae": "c", "m2": "y"}.get(name)
         if discrete:
             fixed = {k: v for k, v in latents.items() if k != discrete}
             model = config_enumerate(poutine.condition(entry.model, data=fixed), "parallel")

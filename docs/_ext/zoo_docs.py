@@ -3,7 +3,9 @@
 - ``{zoo-options} NAME``: the entry's Options dataclass as a table (setting, type, default, the
   comment beside the field in the source): :meth:`pyrossl.zoo.ZooModel.option_rows`;
 - ``{zoo-guides} NAME``: the guides that fit the entry, its z-guides and the objectives it trains
-  with, from the class attributes the registry checks recipes against;
+  with, from the class attributes the registry checks recipes against, each guide family's table
+  made from its classes (``{zoo-guide-family} label|z|ccvae``: one family's table alone;
+  ``{zoo-guide-requires} label|z|ccvae``: what a member of it must provide);
 - ``{zoo-recipes} NAME``: the recipes of ``runs/`` for the entry, with their first comment line;
 - ``{zoo-config} SECTION``: the ``[data]`` or ``[train]`` settings of a recipe (and the top-level keys).
 """
@@ -19,7 +21,7 @@ from docutils.parsers.rst import Directive
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _table(header: list[str], rows: list[list[str]], widths: list[int]) -> nodes.table:
+def _table(header: list[str], rows: list[list[str]], widths: list[int], literal=(0, 2)) -> nodes.table:
     table = nodes.table()
     group = nodes.tgroup(cols=len(header))
     table += group
@@ -35,7 +37,7 @@ def _table(header: list[str], rows: list[list[str]], widths: list[int]) -> nodes
             for i, text in enumerate(cells_row):
                 entry = nodes.entry()
                 paragraph = nodes.paragraph()
-                paragraph += nodes.literal(text=text) if i in (0, 2) and target is body and text else nodes.Text(text)
+                paragraph += nodes.literal(text=text) if i in literal and target is body and text else nodes.Text(text)
                 entry += paragraph
                 row += entry
             target += row
@@ -59,19 +61,69 @@ class ZooOptions(Directive):
         return [_table(["setting (options.)", "type", "default", "what it does"], rows, [20, 14, 14, 52])]
 
 
+def _family_table(family, default: str | None = None) -> nodes.table:
+    """A guide family's table, made from its classes (:meth:`pyrossl.guides.family.GuideFamily.rows`)."""
+    rows = [[name + (" (default)" if name == default else ""), *rest] for name, *rest in family.rows()]
+    extra = len(family.columns)  # the description keeps half the width, the columns share the rest
+    widths = [20, 50, *[30 // extra] * extra] if extra else [22, 78]
+    return _table(family.header(), rows, widths, literal=(0,))
+
+
+def _guides_table(guides: dict, default: str | None) -> nodes.table:
+    from pyrossl.guides.family import GuideFamily
+
+    if isinstance(guides, GuideFamily):
+        return _family_table(guides, default)
+    rows = [[g + (" (default)" if g == default else ""), text] for g, text in guides.items()]
+    return _table(["name", "what it is"], rows, [22, 78], literal=(0,))
+
+
 class ZooGuides(Directive):
+    """The guides that fit an entry (``guide =``), its z-guides (``z_guide =``), each family's table
+    made from the classes, then its guide aliases and objectives."""
+
     required_arguments = 1
 
     def run(self):
         cls = _entry(self.arguments[0])
-        rows = [[g, "guide" + (" (default)" if g == cls.default_guide else ""), "", text] for g, text in cls.guides.items()]
-        for i, (g, text) in enumerate(cls.z_guides.items()):
-            rows.append([g, "z_guide" + (" (default)" if i == 0 else ""), "", text])
-        for alias, target in cls.guide_aliases.items():
-            rows.append([alias, "guide alias", "", f"the same as {target}"])
-        table = _table(["name", "recipe key", "", "what it is"], rows, [22, 18, 1, 59])
-        objectives = nodes.paragraph(text=f"train.objective: {', '.join(cls.objectives)}.")
-        return [table, objectives]
+        out = [nodes.paragraph(text="guide ="), _guides_table(cls.guides, cls.default_guide)]
+        if cls.z_guides:
+            out += [nodes.paragraph(text="z_guide ="), _guides_table(cls.z_guides, next(iter(cls.z_guides)))]
+        if cls.guide_aliases:
+            out.append(nodes.paragraph(text="Guide aliases: " + "; ".join(f"{a} is {t}" for a, t in cls.guide_aliases.items()) + "."))
+        out.append(nodes.paragraph(text=f"train.objective: {', '.join(cls.objectives)}."))
+        return out
+
+
+def _family(name: str):
+    from pyrossl.guides.ccvae import CCVAE_GUIDES
+    from pyrossl.guides.label import LABEL_GUIDES
+    from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, Z_GUIDES
+
+    families = {"label": (LABEL_GUIDES, "enum"), "z": (Z_GUIDES, DEFAULT_Z_GUIDE), "ccvae": (CCVAE_GUIDES, "ccvae")}
+    if name not in families:
+        raise ValueError(f"unknown guide family {name!r} (valid: {', '.join(families)})")
+    return families[name]
+
+
+class ZooGuideFamily(Directive):
+    """A guide family's table by the family's name: ``label`` (M2's), ``z`` or ``ccvae``."""
+
+    required_arguments = 1
+
+    def run(self):
+        return [_family_table(*_family(self.arguments[0]))]
+
+
+class ZooGuideRequires(Directive):
+    """What a member of a guide family must provide (its ``requires``, checked at registration)."""
+
+    required_arguments = 1
+
+    def run(self):
+        family, _ = _family(self.arguments[0])
+        rows = [["description", "a one-line str, the guide tables' text"], *[[k, v] for k, v in family.requires.items()]]
+        return [_table(["attribute", "what it is"], rows, [20, 80], literal=(0,))]
 
 
 class ZooRecipes(Directive):
@@ -159,6 +211,8 @@ class ZooGraph(Directive):
 def setup(app):
     app.add_directive("zoo-options", ZooOptions)
     app.add_directive("zoo-guides", ZooGuides)
+    app.add_directive("zoo-guide-family", ZooGuideFamily)
+    app.add_directive("zoo-guide-requires", ZooGuideRequires)
     app.add_directive("zoo-recipes", ZooRecipes)
     app.add_directive("zoo-config", ZooConfig)
     app.add_directive("zoo-graph", ZooGraph)

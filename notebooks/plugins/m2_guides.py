@@ -48,4 +48,4 @@ class SmoothedEnumGuide(EnumeratedLabelGuide):
 
     def label_site(self, logits):
         probs = (1 - self.eps) * logits.softmax(-1) + self.eps / logits.shape[-1]
-        return pyro.sample("y", dist.OneHotCategorical(probs=probs), infer={"enumerate": "parallel"})
+        return pyro.sample("y", dist.Categorical(probs=probs), infer={"enumerate": "parallel"})
