@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt -e ".[test,docs]"
 	touch $(STAMP)
 
+# a fresh run folder each time (outputs/demo-<date>-<time>): the demo runs again and again, always ending with its table
 demo: $(STAMP)
-	$(BIN)/pyrossl train runs/demo.toml --out outputs/demo --threads 2
+	$(BIN)/pyrossl train runs/demo.toml --out outputs/demo-$$(date +%Y%m%d-%H%M%S) --threads 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

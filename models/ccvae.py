@@ -17,7 +17,6 @@ ELBO of p(x) with y drawn from q(y|z_c) (enumerated exactly for a categorical la
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import pyro

@@ -42,7 +42,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -352,17 +351,16 @@ class SerketVAEGMM(_ClusteringVAE):
         metrics = clustering_metrics(classes, truth)
         out = Path(out)
         paths = []
+        tables = [("module001_vae/z_learn.txt", z.numpy(), "%.18e"), ("module002_gmm/class_learn.txt", classes.numpy(), "%d"),
+                  ("module002_gmm/acc_learn.txt", [metrics["cluster_accuracy"]], "%.18e"),
+                  ("module002_gmm/mu.txt", self.gmm.means.cpu().numpy(), "%.18e")]
         for folder in (out, out / "rounds" / f"{r['round']:03d}"):
-            vae, gmm = folder / "module001_vae", folder / "module002_gmm"
-            vae.mkdir(parents=True, exist_ok=True)
-            gmm.mkdir(parents=True, exist_ok=True)
-            np.savetxt(vae / "z_learn.txt", z.numpy())
-            np.savetxt(gmm / "class_learn.txt", classes.numpy(), fmt="%d")
-            np.savetxt(gmm / "acc_learn.txt", [metrics["cluster_accuracy"]])
-            np.savetxt(gmm / "mu.txt", self.gmm.means.cpu().numpy())
-            paths += [vae / "z_learn.txt", gmm / "class_learn.txt", gmm / "acc_learn.txt", gmm / "mu.txt"]
-        np.savetxt(out / "index.txt", index.numpy(), fmt="%d")
-        np.savetxt(out / "category.txt", truth.numpy(), fmt="%d")
+            for name, table, fmt in tables:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                runs.write_table(folder / name, table, fmt)
+                paths.append(folder / name)
+        runs.write_table(out / "index.txt", index.numpy(), "%d")
+        runs.write_table(out / "category.txt", truth.numpy(), "%d")
         return paths + [out / "index.txt", out / "category.txt"]
 
     @classmethod

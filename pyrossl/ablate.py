@@ -98,7 +98,7 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
     """Train every variant (guides × z-guides × varied values) × seed (finishing only what is missing)
     and write the summaries; ``iwae`` is k of the held-out IWAE bound (``train.iwae_samples``; 0: off)."""
     from pyrossl.registry import resolve
-    from pyrossl.train import check_train_config, train_to_completion
+    from pyrossl.train import check_train_config
 
     parsed = [parse_vary(v) for v in vary]
     keys = [k for k, _ in parsed]
@@ -119,6 +119,15 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
     for config in configs.values():  # every run's settings, checked before the first one trains
         check_train_config(resolve(config))
     runs.prepare_output(out)  # before any data is loaded
+    # one ablation at a time in OUT (its tables are its own); each run folder is locked by its trainer too
+    with runs.RunLock(out, "pyrossl ablate"):
+        return _train_and_summarise(recipe, out, all_variants, seeds, configs)
+
+
+def _train_and_summarise(recipe, out: Path, all_variants: list[Variant], seeds, configs: dict) -> dict:
+    """Train (or read) every run of the ablation and write its table and figures into ``out``."""
+    from pyrossl.train import train_to_completion
+
     rows, curves, selection = [], {}, None
     for v in all_variants:
         curves[v.label] = []

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pyrossl import distributed
-from pyrossl.errors import PyrosslError, TrainingInterrupted
+from pyrossl.errors import ProcessLost, PyrosslError, TrainingInterrupted
 from pyrossl.infer.params import module_local
 from pyrossl.plugins import load_plugins
 
@@ -121,8 +121,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+#: set in the processes ``pyrossl train --nproc N`` starts: the launcher reports a failed process itself
+LAUNCHED = "PYROSSL_LAUNCHED_BY_NPROC"
+
+
 def launch_processes(args, config, out: Path) -> int:
     """``pyrossl train --nproc N ...``: the same command on N processes of this machine, started by torchrun."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -132,7 +137,8 @@ def launch_processes(args, config, out: Path) -> int:
         raise PyrosslError(f"--nproc must be at least 1, not {args.nproc}")
     if distributed.environment().active:
         raise PyrosslError("--nproc starts the processes itself: leave it out under torchrun or srun")
-    Trainer(config, out, resume=bool(args.resume))  # bad input fails here, once, before any process starts
+    # bad input fails here, once, before any process starts; the lock is the job's rank 0's to take
+    Trainer(config, out, resume=bool(args.resume)).release()
     child, tokens = [], iter(args.argv)
     for token in tokens:  # the same command without --nproc N (or --nproc=N)
         if token == "--nproc":
@@ -142,12 +148,19 @@ def launch_processes(args, config, out: Path) -> int:
     if not args.out and not args.resume:
         child += ["--out", str(out)]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # the cores, shared
+    os.environ[LAUNCHED] = "1"  # the processes leave the job's one line to this launcher
     launcher = get_args_parser().parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(args.nproc),
                                              "--module", "pyrossl", *child])
     try:
         run(launcher)
+    except SignalException as exc:  # Ctrl-C or SIGTERM to the launcher: torchrun has stopped every process
+        print(f"pyrossl: interrupted by {exc.sigval.name}; every process was stopped and the last checkpoint is intact: "
+              f"resume with pyrossl train --resume {out} --nproc {args.nproc}", file=sys.stderr)
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        # the process that died first by a signal is the cause; the others stopped because of it
+        killed = sorted((f.timestamp, r) for r, f in exc.failures.items() if f.exitcode < 0)
+        rank, failure = (killed[0][1], exc.failures[killed[0][1]]) if killed else exc.get_first_failure()
         if failure.exitcode == 2:  # bad input: rank 0 has said why
             return 2
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
@@ -279,12 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"pyrossl: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ProcessLost as exc:  # each surviving process says which one it is, unless --nproc's launcher speaks for the job
+        if not os.environ.get(LAUNCHED):
+            print(f"pyrossl: error: {one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     except PyrosslError as exc:
         if distributed.environment().rank == 0:  # every process has the same input: one of them says what is wrong
-            print(f"pyrossl: error: {exc}", file=sys.stderr)
+            print(f"pyrossl: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pyrossl: interrupted", file=sys.stderr)
+        if distributed.environment().rank == 0:  # Ctrl-C reaches every process of a job: one of them says so
+            print("pyrossl: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
         if exc.filename is None:  # not about a file the user named or can fix: a bug, with its traceback
@@ -302,6 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         print("pyrossl: error: out of memory: lower train.batch_size, train.eval_batch_size or the network's sizes",
               file=sys.stderr)
         return 2
+
+
+def one_line(message: str, limit: int = 1500) -> str:
+    """``message`` on one line and at most about ``limit`` characters: a value echoed from the input (a
+    50 MB string, a 3,000-deep array) is cut in its middle, the start and the advice at the end kept."""
+    message = " ".join(message.splitlines())
+    if len(message) <= limit:
+        return message
+    cut = len(message) - limit
+    return f"{message[: limit * 2 // 3]} [... {cut} characters ...] {message[-(limit // 3):]}"
 
 
 def console() -> int:

@@ -172,10 +172,39 @@ def build_dataclass(cls, values: dict, where: str = ""):
     return cls(**kwargs)
 
 
+#: how deeply arrays and tables may nest in a recipe or an override (no setting nests more than twice)
+MAX_NESTING = 32
+
+
+def _parse_toml(text: str, where: str) -> dict:
+    """``tomllib.loads`` whose limits are ConfigErrors: nesting too deep for the parser, integers of more
+    digits than Python converts (4,300)."""
+    try:
+        return _check_nesting(tomllib.loads(text), where)
+    except RecursionError:
+        raise ConfigError(f"{where}: arrays or tables nested too deeply (at most {MAX_NESTING} levels)") from None
+    except ValueError as exc:
+        if isinstance(exc, tomllib.TOMLDecodeError):
+            raise
+        raise ConfigError(f"{where}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _check_nesting(value: Any, where: str, depth: int = 0) -> Any:
+    if depth > MAX_NESTING:
+        raise ConfigError(f"{where}: arrays or tables nested too deeply (at most {MAX_NESTING} levels)")
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_nesting(v, where, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_nesting(v, where, depth + 1)
+    return value
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value read as a TOML literal (``3``, ``1e-3``, ``true``, ``[256, 128]``), else a string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return _parse_toml(f"v = {text}", "override")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
@@ -203,7 +232,7 @@ def read_recipe(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"recipe '{path}' does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        return _parse_toml(path.read_text(encoding="utf-8-sig"), str(path))  # (an editor's byte-order mark is no error)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
     except UnicodeDecodeError:

@@ -169,6 +169,15 @@ def broadcast_object(value=None, source: int = 0):
     return box[0]
 
 
+def gather_object(value, dest: int = 0) -> list | None:
+    """Every process's ``value``, in rank order, on process ``dest`` (``None`` on the others)."""
+    if not _context.active:
+        return [value]
+    gathered = [None] * _context.world_size if _context.rank == dest else None
+    dist.gather_object(value, gathered, dst=dest)
+    return gathered
+
+
 def broadcast_state(module: torch.nn.Module, source: int = 0) -> None:
     """Every process loads ``module``'s state (parameters and buffers) of process ``source``:
     what a stage run once on rank 0 (a mixture fit) computed."""
@@ -211,6 +220,15 @@ def sum_counts(counts: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor
     dist.all_gather_object(gathered, mine)
     present = [c for c in gathered if c is not None]
     return {k: sum(c[k] for c in present) for k in present[0]} if present else None
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective operation failing because another process is gone (gloo's
+    "Connection closed by peer", NCCL's watchdog, a store that no longer answers)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe"))
 
 
 def _collective_device() -> torch.device:

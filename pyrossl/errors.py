@@ -33,3 +33,19 @@ class TrainingInterrupted(PyrosslError):
     """Training stopped on request (Ctrl-C) after writing a checkpoint; the message says how to resume."""
 
     exit_code = 130
+
+
+class WriteError(CheckpointError):
+    """A file could not be written (a full disk, a read-only or vanished folder); ``errno`` keeps the
+    operating system's code. The file's previous content is intact (every write is atomic)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class ProcessLost(PyrosslError):
+    """Another process of a multi-process job ended while this one waited on it; nothing of the input
+    was wrong, so the command exits with 1. The message names this process and the resume command."""
+
+    exit_code = 1

@@ -25,6 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pyrossl import runs
 from pyrossl.evaluate import to_numpy
 
 ArrayLike = torch.Tensor | npt.ArrayLike
@@ -68,7 +69,8 @@ def _save(fig: Figure, path: PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG at ``path`` (folders created) and release its artists."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=dpi, bbox_inches="tight")
+    # atomically: a kill or a full disk never leaves a cut PNG, and a link planted at ``out`` is refused
+    runs.atomic_write_bytes(out, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
     # The figure was never registered with pyplot; clearing drops its artists at once rather than
     # whenever the garbage collector gets to them.
     fig.clear()
@@ -330,7 +332,7 @@ def plot_latent_pca(
         return None
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ax.figure.savefig(out, format="png", bbox_inches="tight")
+    runs.atomic_write_bytes(out, lambda f: ax.figure.savefig(f, format="png", bbox_inches="tight"))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from pyrossl.config import Config, suggest, unknown_key
 from pyrossl.errors import ConfigError
@@ -109,4 +110,7 @@ def resolve(config: Config) -> Config:
     options = cls.make_options(config.options)
     guide, z_guide = resolve_guide(cls, config.guide), resolve_z_guide(cls, config.z_guide)
     cls.check_objective(guide, z_guide, objective_of(config))
-    return replace(config, guide=guide, z_guide=z_guide, options=cls.options_dict(options), plugins=plugins)
+    # data files by absolute path too: eval, report or a resume from another folder read the same files
+    d = config.data
+    data = replace(d, **{k: str(Path(v).expanduser().absolute()) for k, v in (("data_dir", d.data_dir), ("path", d.path)) if v})
+    return replace(config, guide=guide, z_guide=z_guide, options=cls.options_dict(options), plugins=plugins, data=data)

@@ -91,10 +91,14 @@ figure{{display:inline-block;margin:1em;vertical-align:top}} img{{max-width:560p
 
 def write_report(run_dir: str | Path, which: str = "best", device: str = "cpu") -> tuple[Path, list[Path]]:
     """Redraw every figure of a run from its checkpoint and write ``figures/index.html``."""
-    runs.prepare_output(Path(run_dir) / runs.FIGURES)  # a run that cannot take its figures is said before anything loads
-    run = runs.load_run(run_dir, which=which, device=device)
-    type(run.model).read_outputs(run_dir, run.model.options)  # the entry's own files, checked before anything is redrawn
-    part = figure_part(run.split, run.model.evaluate_on_train)
-    x, y = run.tensors(part)
-    figures = draw_figures(run.model, run.dataset, run.metrics, x, y, Path(run_dir) / runs.FIGURES)
-    return write_index(run_dir, figures), figures
+    run_dir = Path(run_dir)
+    if not runs.is_run(run_dir):  # said before anything is written: a path that is not a run stays as it was
+        raise runs.CheckpointError(f"{run_dir} is not a run directory (no {runs.CONFIG})")
+    with runs.RunLock(run_dir, "pyrossl report"):  # never beside a training that writes the same figures
+        runs.prepare_output(run_dir / runs.FIGURES)  # a run that cannot take its figures is said before anything loads
+        run = runs.load_run(run_dir, which=which, device=device)
+        type(run.model).read_outputs(run_dir, run.model.options)  # the entry's own files, checked before anything is redrawn
+        part = figure_part(run.split, run.model.evaluate_on_train)
+        x, y = run.tensors(part)
+        figures = draw_figures(run.model, run.dataset, run.metrics, x, y, run_dir / runs.FIGURES)
+        return write_index(run_dir, figures), figures

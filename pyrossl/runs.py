@@ -8,6 +8,7 @@
     <run>/checkpoint.pt    last epoch: parameters, optimiser, RNG states, counters (resume)
     <run>/best.pt          parameters of the best epoch
     <run>/figures/         PNG figures
+    <run>/.lock            held (``fcntl.flock``) by the one process writing the run: :class:`RunLock`
 
 Checkpoints hold plain tensors and containers only; they are written to a temporary file, flushed
 and renamed (a crash never leaves a half-written one) and read with ``weights_only=True`` (loading
@@ -16,11 +17,12 @@ one never runs code).
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import math
-import os
 import pickle
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,8 @@ import torch
 
 from pyrossl.config import Config, dumps, load_config
 from pyrossl.errors import CheckpointError, ConfigError, PyrosslError
+from pyrossl.files import (LOCK, RunLock, atomic_save, atomic_write_bytes, atomic_write_text, prepare_output,  # noqa: F401
+                           refuse_symlink, remove_stale_temporaries, write_table)
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -35,72 +39,12 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 FIGURES = "figures"
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    If anything fails (a full disk, a kill), ``path`` keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def child(folder: Path, name: str) -> Path:
     """``folder / name`` where ``name`` comes from user input (a config value, a variant label): it
     must be one plain entry of ``folder``, so nothing is ever written outside it."""
     if not name or name in (".", "..") or Path(name).name != name or "/" in name or "\\" in name or "\0" in name:
         raise PyrosslError(f"{name!r} cannot name an entry of {folder}: it must be a plain file or folder name")
     return Path(folder) / name
-
-
-def prepare_output(folder: Path) -> Path:
-    """Create ``folder`` (and its parents) and prove it writable by writing and deleting a file in it.
-
-    Called before any data is loaded or any step is taken, so that an ``--out`` that cannot hold
-    a run is one line at once instead of a failure at the first checkpoint.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except FileExistsError:
-        raise CheckpointError(f"cannot write into {folder}: a file of that name exists") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot write into {folder}: {exc.strerror or exc}") from None
-    return folder
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files a killed write left in ``folder`` (never a finished file)."""
-    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()] if Path(folder).is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
-
-
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``."""
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def _text(path: Path) -> str:
@@ -122,6 +66,98 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class _Census(pickle.Unpickler):
+    """Reads a checkpoint's pickle without making anything in it: the globals it asks for (only what
+    ``torch.save`` writes for tensors in plain containers is answered), its storages (size in bytes)
+    and every tensor's view of one (offset, sizes, strides)."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.storages: dict[str, tuple[int, int]] = {}  # key -> (elements, bytes per element)
+        self.views: list[tuple] = []
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._view
+        if module == "torch" and name.endswith("Storage") and isinstance(getattr(torch, name, None), type):
+            return getattr(torch, name)
+        raise _Refused(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        with warnings.catch_warnings():  # (the legacy storage classes torch.save names warn when touched)
+            warnings.simplefilter("ignore")
+            dtype = getattr(pid[1], "dtype", None) if isinstance(pid, tuple) and len(pid) == 5 else None
+        if not (isinstance(dtype, torch.dtype) and pid[0] == "storage" and isinstance(pid[2], str)
+                and isinstance(pid[4], int) and pid[4] >= 0):
+            raise pickle.UnpicklingError(f"a storage record of another form ({str(pid)[:80]})")
+        key, numel, itemsize = pid[2], pid[4], dtype.itemsize
+        self.storages[key] = (numel, itemsize)
+        return key
+
+    def _view(self, storage, offset, size, stride, *rest):
+        self.views.append((storage, offset, size, stride))
+
+
+class _Refused(Exception):
+    """A global a checkpoint asks for that a checkpoint never needs."""
+
+
+#: the most a checkpoint's pickle (the tables around its tensors) may take: far above any real one
+MAX_PICKLE_BYTES = 64 << 20
+
+
+def census(path: Path) -> None:
+    """Refuse, cheaply and before anything is allocated, a checkpoint file that is not what
+    ``torch.save`` writes for the zoo: a zip archive whose records are stored, not compressed (a
+    compressed record expands to any size); whose pickle asks for nothing but tensors in plain
+    containers (the refusal names what it asked for); whose storages are no larger than their records
+    in the file; and whose tensors view only elements their storage holds. A CheckpointError naming
+    the file and the fault."""
+    import zipfile
+
+    def refuse(why: str, kind: str = "readable") -> CheckpointError:
+        return CheckpointError(f"{path} is not a {'safe pyrossl' if kind == 'safe' else kind} checkpoint ({why})")
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            pickles = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+            if len(pickles) != 1:
+                raise refuse("no data.pkl record")
+            compressed = next((i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
+            if compressed:
+                raise refuse(f"its record {compressed} is compressed; torch.save never compresses")
+            if pickles[0].file_size > MAX_PICKLE_BYTES:
+                raise refuse(f"its data.pkl of {pickles[0].file_size} bytes is larger than any checkpoint's")
+            folder = pickles[0].filename[: -len("data.pkl")]
+            records = {i.filename[len(folder) + len("data/"):]: i.file_size for i in infos if i.filename.startswith(folder + "data/")}
+            census = _Census(io.BytesIO(archive.read(pickles[0])))
+            census.load()
+    except CheckpointError:
+        raise
+    except _Refused as exc:
+        raise refuse(f"refused to unpickle: it asks to import and call {exc}", kind="safe") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile):
+        raise refuse("not a zip archive as torch.save writes") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # a damaged pickle fails in many ways (EOF, bad opcodes, wrong arguments)
+        raise refuse(f"{type(exc).__name__}: {str(exc).strip()[:120]}") from None
+    for key, (numel, itemsize) in census.storages.items():
+        if key not in records or numel * itemsize > records[key]:
+            raise refuse(f"storage {key} declares {numel * itemsize} bytes, its record holds {records.get(key, 0)}")
+    for storage, offset, size, stride in census.views:
+        if not (isinstance(storage, str) and storage in census.storages and isinstance(offset, int) and offset >= 0
+                and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+                and all(isinstance(n, int) and n >= 0 for n in (*size, *stride))):
+            raise refuse("a tensor record of another form")
+        if 0 not in size and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= census.storages[storage][0]:
+            raise refuse(f"a tensor of shape {list(size)} views more elements than its storage {storage} holds "
+                         f"({census.storages[storage][0]})")
+
+
 def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) -> dict:
     """A checkpoint's dict, loaded with ``weights_only=True``: a file that would run code is refused.
 
@@ -132,15 +168,9 @@ def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    census(path)  # what the file asks for and how much it would allocate, before torch makes anything
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message is a page of advice (some of it: load with weights_only=False); its reason is what matters
-        text = str(exc)
-        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0].split(". ")[0] if "WeightsUnpickler error:" in text else ""
-        if "global" in reason.lower():  # a class or function the file asks to import and call
-            raise CheckpointError(f"{path} is not a safe pyrossl checkpoint (refused to unpickle: {reason})") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason or 'not a checkpoint file'})") from None
     except Exception as exc:  # garbage bytes fail in many ways inside the unpickler: all mean "not a checkpoint"
         detail = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else ""
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {detail})") from None
@@ -168,8 +198,18 @@ def load_parameters(model: torch.nn.Module, path: Path, map_location="cpu", stat
     """
     if state is None:
         state = load_checkpoint(path, map_location=map_location, keys=("model",))
+    own, theirs = model.state_dict(), state["model"]
+    missing, unexpected = [k for k in own if k not in theirs], [k for k in theirs if k not in own]
+    reshaped = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
+    if missing or unexpected or reshaped:  # torch's own message is a page; its first line names nothing
+        faults = [f"{len(missing)} of this model's tensors missing (first: {missing[0]})" if missing else "",
+                  f"{len(unexpected)} it does not have (first: {unexpected[0]})" if unexpected else "",
+                  f"{len(reshaped)} of another shape (first: {reshaped[0]}, {list(theirs[reshaped[0]].shape)} in the file, "
+                  f"{list(own[reshaped[0]].shape)} here)" if reshaped else ""]
+        raise CheckpointError(f"{path} does not match this {type(model).__name__}: {'; '.join(f for f in faults if f)} "
+                              f"(a checkpoint of another model, guide or options?)")
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(theirs)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path} does not match this model ({str(exc).strip().splitlines()[0]})") from None
     return state
@@ -213,9 +253,13 @@ def write_metrics(run_dir: Path, records: list[dict]) -> None:
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(Path(run_dir) / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """Add one epoch's record to ``metrics.jsonl``: the file is rewritten whole (atomically), so a
+    kill leaves the records of before or of after, never a torn line (a few KB per run)."""
+    path = Path(run_dir) / METRICS
+    before = _text(path) if path.exists() else ""
+    if before and not before.endswith("\n"):
+        before += "\n"
+    atomic_write_text(path, before + json.dumps(record) + "\n")
 
 
 def write_config(run_dir: Path, config: Config) -> None:
@@ -228,8 +272,6 @@ def read_table(path: Path, dtype=float, shape: tuple[int | None, ...] = (None,))
     ``shape`` gives the size of each axis (None: any, at least one row); a value that is not a
     number, a ragged row or another shape is a CheckpointError naming the file (and the row).
     """
-    import warnings
-
     import numpy as np
 
     path = Path(path)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from pyrossl import distributed, runs
 from pyrossl.config import Config
 from pyrossl.data import batch_indices, binarize
-from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
+from pyrossl.errors import CheckpointError, ConfigError, ProcessLost, PyrosslError, TrainingError, TrainingInterrupted, WriteError
 from pyrossl.infer.params import module_local
 from pyrossl.registry import build_model, model_class, resolve
 
@@ -95,6 +95,22 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)  # torch, numpy and random
 
 
+@contextlib.contextmanager
+def separate_randomness(words: list[int], device: torch.device):
+    """Run the block on a random stream of its own, seeded from ``words``, and give the caller's
+    streams (torch's, the CUDA device's, numpy's and Python's: every one Pyro draws from) back as
+    they were. Evaluation runs inside it, so how often and how much is evaluated never changes what
+    is trained, and an evaluation's noise depends on what it evaluates, not on what ran before."""
+    saved = {"random": random.getstate(), "numpy": np.random.get_state()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        pyro.set_rng_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
+        try:
+            yield
+        finally:
+            random.setstate(saved["random"])
+            np.random.set_state(saved["numpy"])
+
+
 def rng_state(generator: torch.Generator) -> dict:
     """Every RNG state training draws from, as plain tensors and containers (``weights_only`` loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -132,6 +148,50 @@ class TrainingData:
     def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         index = getattr(self.split, name).to(self.x.device)
         return self.x[index], self.y[index]
+
+
+def check_progress(state: dict, epochs: int, path: Path) -> None:
+    """The counters of a checkpoint, and its position inside an epoch (``partial``), checked for type
+    and range against a run of ``epochs`` epochs before a resume uses (or writes) anything: a damaged
+    or foreign file is one line, never steps replayed or skipped."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{path}: {what}: the file is damaged or not this run's")
+
+    def whole(value, low: int, high: float = math.inf) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    def finite(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def real(value) -> bool:  # a duration
+        return finite(value) and value >= 0
+
+    c = state["counters"]
+    need(isinstance(c, dict), "'counters' is not a table")
+    need(whole(c.get("epoch"), 0, epochs), f"counters.epoch is {c.get('epoch')!r}, not 0 .. {epochs}")
+    need(whole(c.get("step"), 0), f"counters.step is {c.get('step')!r}, not a count")
+    need(whole(c.get("skipped"), 0, c["step"]), f"counters.skipped is {c.get('skipped')!r}, not 0 .. {c['step']}")
+    need(whole(c.get("best_epoch"), 0, c["epoch"]), f"counters.best_epoch is {c.get('best_epoch')!r}, not 0 .. {c['epoch']}")
+    need(real(c.get("seconds")), f"counters.seconds is {c.get('seconds')!r}, not a duration")
+    score = c.get("best_score")
+    need(isinstance(score, (int, float)) and not isinstance(score, bool) and not math.isnan(score),
+         f"counters.best_score is {score!r}, not a score")
+    partial = state.get("partial")
+    if partial is None:
+        return
+    need(isinstance(partial, dict), "'partial' is not a table")
+    need(partial.get("epoch") == c["epoch"] + 1 <= epochs and whole(partial.get("epoch"), 1),
+         f"partial.epoch is {partial.get('epoch')!r}, not the epoch after counters.epoch ({c['epoch'] + 1})")
+    need(whole(partial.get("batch"), 1), f"partial.batch is {partial.get('batch')!r}, not a batch count")
+    losses = partial.get("losses")
+    need(isinstance(losses, list) and len(losses) <= partial["batch"] and all(finite(v) for v in losses),
+         "partial.losses is not a list of at most partial.batch finite numbers")
+    rng = partial.get("data_rng")
+    need(isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.Generator().get_state().shape,
+         "partial.data_rng is not the state of a torch generator")
+    need(real(partial.get("train_seconds")), f"partial.train_seconds is {partial.get('train_seconds')!r}, not a duration")
 
 
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -195,7 +255,10 @@ def check_data_config(config: Config) -> None:
 
 #: settings of where and how visibly a run computes, not of what it computes: they may change on resume
 # plugins say where the code of an entry or guide comes from; the model and guide names are compared
-RUNTIME_KEYS = {"device", "threads", "train.progress", "train.eval_batch_size", "train.checkpoint_every", "plugins"}
+# evaluation draws from its own random stream (separate_randomness): how often and how much is evaluated
+# never changes what is trained, so those settings may change on resume too
+RUNTIME_KEYS = {"device", "threads", "train.progress", "train.eval_batch_size", "train.checkpoint_every", "plugins",
+                "train.eval_every", "train.iwae_samples"}
 
 
 class Trainer:
@@ -207,12 +270,27 @@ class Trainer:
         self.out = Path(out)
         self.resume = resume
         self._resume_state = None  # checkpoint.pt as _check_resumable read it, for _restore
-        if resume:
-            self._check_resumable()
-        elif (self.out / runs.CHECKPOINT).exists():
-            raise CheckpointError(f"{self.out} already holds a run: resume it with --resume {self.out}, or choose another --out")
+        self.lock = None
+        if resume and not runs.is_run(self.out):
+            raise CheckpointError(f"cannot resume: {self.out} is not a run directory (no {runs.CONFIG})")
         if distributed.environment().rank == 0:
             runs.prepare_output(self.out)  # before any data is loaded: an --out that cannot be written fails now
+            # the run's one writer from here to the end of fit(); what is checked below is checked under the lock
+            self.lock = runs.RunLock(self.out, "pyrossl train" + (" --resume" if resume else "")).acquire()
+        try:
+            if resume:
+                self._check_resumable()
+            elif (self.out / runs.CHECKPOINT).exists():
+                raise CheckpointError(f"{self.out} already holds a run: resume it with --resume {self.out}, or choose another --out")
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the run directory's lock (fit() does, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _check_resumable(self) -> None:
         if not runs.is_run(self.out):
@@ -228,6 +306,7 @@ class Trainer:
         cls.read_outputs(self.out, cls.make_options(self.config.options))
         if (self.out / runs.CHECKPOINT).exists():
             self._resume_state = runs.load_checkpoint(self.out / runs.CHECKPOINT, keys=("model", "optimizer", "rng", "counters"))
+            check_progress(self._resume_state, self.config.train.epochs, self.out / runs.CHECKPOINT)
         if (self.out / runs.BEST).exists():
             try:
                 runs.load_checkpoint(self.out / runs.BEST, keys=("model",))
@@ -259,6 +338,7 @@ class Trainer:
         self.data = TrainingData(x.to(self.device), self.dataset.y.to(self.device), self.split, c.data.binarize)
         self.model = build_model(c, self.dataset.meta()).to(self.device)
         self._check_split()
+        self._check_evaluation_memory()
         self.model.prepare(self._training_tensors)
         self.optimizer = make_optimizer(c, self.model.parameters())
         self.generator = torch.Generator().manual_seed(c.seed)
@@ -268,8 +348,11 @@ class Trainer:
         self.skipped = 0
         self.best_epoch = 0
         self.best_score = -math.inf
+        self.saved_epoch = None  # the epoch of the last checkpoint this process wrote
+        self.records_kept = None  # on a resume: the metrics records up to the checkpoint's epoch
+        self._rank_states = None  # on a resume: every process's random state at the checkpoint
         self.partial = None  # where a mid-epoch checkpoint stopped: {"epoch", "batch", "losses", "data_rng", ...}
-        self.stop_requested = False
+        self.stop_requested = 0  # the signal that asked training to stop (0: none)
         if self.resume and self.writer:
             runs.remove_stale_temporaries(self.out)
         if self.resume and (self.out / runs.CHECKPOINT).exists():
@@ -282,8 +365,18 @@ class Trainer:
         if self.dist.active:
             # gradients averaged over the processes; the entry itself stays what checkpoints hold
             self.loss_module = distributed.wrap(self.model, self.device, self._has_unused_parameters())
-            # each process draws its own sampling noise; the data generator (the batch order) is shared
-            pyro.set_rng_seed((c.seed * 1_000_003 + self.epoch * 7919 + self.dist.rank) % 2**32)
+            # each process draws its own sampling noise; the data generator (the batch order) is shared.
+            # A resume on as many processes as wrote the checkpoint takes up each one's streams where they
+            # were; on another number of processes the streams start anew (the run goes on, not bit for bit)
+            ranks = self._rank_states
+            if ranks is not None and len(ranks) == self.dist.world_size:
+                try:
+                    set_rng_state(ranks[self.dist.rank], self.generator)
+                except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    raise CheckpointError(f"{self.out / runs.CHECKPOINT}: its random state of process {self.dist.rank} "
+                                          f"is damaged ({str(exc).strip().splitlines()[0]})") from None
+            else:
+                pyro.set_rng_seed(int(np.random.SeedSequence([c.seed, self.epoch, self.dist.rank, self.dist.world_size]).generate_state(1)[0]))
             distributed.barrier()  # rank 0 has written the run directory
 
     def _check_split(self) -> None:
@@ -293,6 +386,26 @@ class Trainer:
             if n == 1:  # 0 turns the part off; the latent figure projects a part onto 2 principal components
                 raise ConfigError(f"{key} leaves 1 {part} example: at least 2 are needed (or 0 for none)")
         self.model.check_split(self.split, self.dataset)
+
+    def _check_evaluation_memory(self) -> None:
+        """The IWAE bound at the end holds k samples of about 100 test images at a time, each a decoded
+        image and a few tensors of its size: a k this machine cannot hold is said now, not after training."""
+        k = self.config.train.iwae_samples
+        images = min(100, self.split.test.numel())
+        if not k or not images:
+            return
+        need = k * images * self.dataset.num_features * 4 * 4  # float32; the image, its logits, log-probs, a temporary
+        if self.device.type == "cuda":
+            have = torch.cuda.mem_get_info(self.device)[1]
+        else:
+            try:
+                have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (ValueError, OSError, AttributeError):  # a system that does not say: nothing to check against
+                return
+        if need > have:
+            raise ConfigError(f"train.iwae_samples = {k} needs about {need / 2**30:.0f} GiB for the IWAE bound "
+                              f"({images} test images x {k} samples x {self.dataset.num_features} pixels), more than the "
+                              f"{have / 2**30:.0f} GiB of this {self.device.type}: lower it")
 
     def _restore(self) -> None:
         # RNG states must stay CPU tensors; load_state_dict moves parameters and optimiser state
@@ -306,15 +419,19 @@ class Trainer:
             self.epoch, self.step, self.skipped = int(counters["epoch"]), int(counters["step"]), int(counters["skipped"])
             self.seconds = float(counters["seconds"])
             self.best_epoch, self.best_score = int(counters["best_epoch"]), float(counters["best_score"])
+            self.saved_epoch = self.epoch
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
             raise CheckpointError(f"{path} does not match this model ({str(exc).strip().splitlines()[0]})") from None
         self.partial = state.get("partial")
-        # epochs after the checkpoint never happened, as far as the resumed run is concerned
-        if self.writer:
-            runs.write_metrics(self.out, [r for r in runs.read_metrics(self.out) if r["epoch"] <= self.epoch])
+        self._rank_states = state.get("rng_ranks")
+        # epochs after the checkpoint never happened, as far as the resumed run is concerned: their records
+        # go when the first resumed epoch writes its own (a resume that fails before that changes no file)
+        self.records_kept = [r for r in runs.read_metrics(self.out) if r["epoch"] <= self.epoch] if self.writer else None
 
     def _checkpoint(self, partial: dict | None = None) -> None:
         """Write ``checkpoint.pt`` (``partial``: the position inside an unfinished epoch); rank 0 alone writes."""
+        # each process draws its own sampling noise: every one's random state is kept, for an exact resume
+        ranks = distributed.gather_object(rng_state(self.generator)) if self.dist.active else None
         if not self.writer:
             return
         counters = {
@@ -325,13 +442,34 @@ class Trainer:
                  "rng": rng_state(self.generator), "counters": counters}
         if partial is not None:
             state["partial"] = partial
-        path = self.out / runs.CHECKPOINT
+        if ranks is not None:
+            state["rng_ranks"] = ranks
+        runs.atomic_save(state, self.out / runs.CHECKPOINT)
+        self.saved_epoch = self.epoch
+
+    def _peer_lost(self, exc: RuntimeError) -> ProcessLost:
+        """Another process of the job died (killed, out of memory) while this one waited on it: the
+        backend's trace goes to ``<run>/process<rank>-error.log``, this process says one line."""
+        import traceback
+
+        log = self.out / f"process{self.dist.rank}-error.log"
         try:
-            runs.atomic_save(state, path)
-        except OSError as exc:
-            what = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
-            kept = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint exists"
-            raise CheckpointError(f"cannot write {path} ({what}); {kept}: free space and resume with --resume {self.out}") from None
+            runs.atomic_write_text(log, "".join(traceback.format_exception(exc)))
+            where = f"the backend's trace is in {log}"
+        except PyrosslError:
+            where = "its trace could not be written"
+        return ProcessLost(f"process {self.dist.rank} of {self.dist.world_size} stopped: another process of the job "
+                           f"ended while this one waited on it ({where}); the last checkpoint is intact: "
+                           f"resume with pyrossl train --resume {self.out} --nproc {self.dist.world_size}")
+
+    def _write_failed(self, exc: WriteError) -> CheckpointError:
+        """A failed write of any run file, in one line: what failed, the checkpoint that is kept, how to go on."""
+        if not self.out.is_dir():
+            return CheckpointError(f"{exc}: the run directory {self.out} was removed while it trained")
+        kept = "no checkpoint was written yet" if self.saved_epoch is None else \
+            f"the previous checkpoint is intact (epoch {self.saved_epoch})"
+        fix = "free space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        return CheckpointError(f"{exc}; {kept}: {fix}, then resume with pyrossl train --resume {self.out}")
 
     # ------------------------------------------------------------------------------------
     def _batches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -443,16 +581,17 @@ class Trainer:
             f"lower train.lr, set train.clip_norm, or set train.on_nonfinite=skip"
         )
 
-    def _evaluate(self, parts=("validation", "test")) -> dict:
+    def _evaluate(self, parts=("validation", "test"), stream: int = 0) -> dict:
         """Metrics of the held-out parts (and of the training set for entries that score it), on every process.
 
         With several processes each one evaluates its share of a part and the entry's counts are
         summed (:meth:`pyrossl.zoo.ZooModel.evaluation_counts`): the metrics of a single process.
         An entry without counts is evaluated by rank 0 alone.
         """
-        if self.dist.active and not self.model.splits_evaluation():
-            return distributed.broadcast_object(self._evaluate_parts(parts, split=False) if self.writer else None)
-        return self._evaluate_parts(parts, split=self.dist.active)
+        with separate_randomness([self.config.seed, stream, self.dist.rank, 0x5EA1], self.device):
+            if self.dist.active and not self.model.splits_evaluation():
+                return distributed.broadcast_object(self._evaluate_parts(parts, split=False) if self.writer else None)
+            return self._evaluate_parts(parts, split=self.dist.active)
 
     def _evaluate_parts(self, parts, split: bool) -> dict:
         self.model.eval()
@@ -482,8 +621,11 @@ class Trainer:
     def fit(self) -> dict:
         """Train for the remaining epochs, then write the summary and figures; returns the summary.
         Parameters stay module-local meanwhile (:func:`pyrossl.infer.params.module_local`)."""
-        with module_local():
-            return self._fit()
+        try:
+            with module_local():
+                return self._fit()
+        finally:
+            self.release()
 
     def _fit(self) -> dict:
         self.setup()
@@ -498,21 +640,31 @@ class Trainer:
             summary = self.finish()
             completed = True
             return summary
+        except WriteError as exc:
+            raise self._write_failed(exc) from None
+        except RuntimeError as exc:
+            if not (self.dist.active and distributed.is_collective_failure(exc)):
+                raise
+            raise self._peer_lost(exc) from None
         finally:
             self.loss_module = self.model  # no DDP wrapper once the process group is gone
             distributed.teardown(completed)  # see distributed.end_process for how a job's process ends
 
     def _interrupted(self, where: str) -> TrainingInterrupted:
-        return TrainingInterrupted(
-            f"interrupted {where}; checkpoint written to {self.out / runs.CHECKPOINT}; "
+        by = f" by {signal.Signals(self.stop_requested).name}" if self.stop_requested not in (0, signal.SIGINT) else ""
+        exc = TrainingInterrupted(
+            f"interrupted {where}{by}; checkpoint written to {self.out / runs.CHECKPOINT}; "
             f"resume with: pyrossl train --resume {self.out}"
         )
+        exc.exit_code = 128 + int(self.stop_requested or signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM: the shell's convention
+        return exc
 
     @contextlib.contextmanager
     def _graceful_interrupt(self):
-        """While training, the first Ctrl-C asks the loop to stop after the current step and checkpoint;
-        a second one interrupts at once (the last checkpoint stays intact). Only the main thread can
-        take signals: elsewhere Ctrl-C keeps its default behaviour."""
+        """While training, the first Ctrl-C (SIGINT) or SIGTERM (what ``kill``, a scheduler's time limit
+        and a system shutdown send) asks the loop to stop after the current step and checkpoint; a
+        second one interrupts at once (the last checkpoint stays intact). Only the main thread can
+        take signals: elsewhere both keep their default behaviour."""
         if threading.current_thread() is not threading.main_thread() or self.dist.active:
             # several processes: Ctrl-C reaches all of them and torchrun stops the job; the last checkpoint stays
             yield
@@ -522,15 +674,17 @@ class Trainer:
             if self.stop_requested:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
-            self.stop_requested = True
-            print("\npyrossl: stopping after this step to write a checkpoint (Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)
+            self.stop_requested = signum
+            again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+            print(f"\npyrossl: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+                  f"({again} again to stop at once)", file=sys.stderr, flush=True)
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def _epochs(self, bar, select: str) -> None:
         c = self.config
@@ -544,6 +698,9 @@ class Trainer:
             data_rng = self.generator.get_state()
             batches = self._batches()
             first = int(partial["batch"]) if partial else 0
+            if partial and not first < len(batches):
+                raise CheckpointError(f"{self.out / runs.CHECKPOINT}: its partial epoch stopped after batch {first}, but the epoch "
+                                      f"has {len(batches)}: the file is damaged or not this run's")
             losses = [float(v) for v in partial["losses"]] if partial else []
             earlier = float(partial["train_seconds"]) if partial else 0.0
             for i in range(first, len(batches)):
@@ -563,8 +720,8 @@ class Trainer:
                 total, count = distributed.sum_over_processes([sum(losses), len(losses)])
                 losses = [total / count] if count else []
             train_seconds = earlier + time.perf_counter() - start
-            metrics = self._evaluate() if evaluate else {}
-            if evaluate and self.writer:
+            metrics = self._evaluate(stream=epoch) if evaluate else {}
+            if self.writer:  # an entry's files of the epoch (Serket's round tables), whether evaluated or not
                 self.model.write_outputs(self.out, epoch, lambda index: self.data.y[index.to(self.device)])
             self.seconds += time.perf_counter() - start
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
@@ -578,7 +735,10 @@ class Trainer:
                 self.best_epoch, self.best_score = epoch, score
                 if self.writer:
                     runs.atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.out / runs.BEST)
-            if self.writer:
+            if self.writer and self.records_kept is not None:
+                runs.write_metrics(self.out, [*self.records_kept, record])
+                self.records_kept = None
+            elif self.writer:
                 runs.append_metrics(self.out, record)
             if evaluate or epoch % c.train.checkpoint_every == 0 or self.stop_requested:
                 start = time.perf_counter()
@@ -613,13 +773,16 @@ class Trainer:
     def finish(self) -> dict:
         """Evaluate the best and the last epoch on the test set (every process takes its share); write
         summary.json and the figures (rank 0). Every process returns the summary."""
+        if self.writer and self.records_kept is not None:  # a resume with no epoch left to train
+            runs.write_metrics(self.out, self.records_kept)
+            self.records_kept = None
         last_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        result = {"last": self._final_metrics()}
+        result = {"last": self._final_metrics(stream=self.epoch + 1)}
         if distributed.broadcast_object((self.out / runs.BEST).exists() if self.writer else None):
             if self.writer:
                 runs.load_parameters(self.model, self.out / runs.BEST, map_location=self.device)
             distributed.broadcast_state(self.model)
-            result["best"] = self._final_metrics()
+            result["best"] = self._final_metrics(stream=self.epoch + 2)
         else:  # no epoch had a finite validation score
             result["best"] = result["last"]
         summary = self._write_summary(result) if self.writer else None
@@ -645,14 +808,15 @@ class Trainer:
         self.figures(records)
         return summary
 
-    def _final_metrics(self) -> dict:
-        metrics = self._evaluate()
+    def _final_metrics(self, stream: int) -> dict:
+        metrics = self._evaluate(stream=stream)
         k = self.config.train.iwae_samples
         if k:
             x = distributed.shard(self.data.part("test")[0])  # this process's share of the test set
             try:
-                ll = self.model.log_likelihood(x, k) if x.shape[0] else torch.zeros(0)
-                elbo = self.model.elbo_estimate(x) if x.shape[0] else torch.zeros(0)
+                with separate_randomness([self.config.seed, stream, self.dist.rank, 0x1EAE], self.device):
+                    ll = self.model.log_likelihood(x, k) if x.shape[0] else torch.zeros(0)
+                    elbo = self.model.elbo_estimate(x) if x.shape[0] else torch.zeros(0)
             except NotImplementedError:
                 ll = elbo = None
             if distributed.all_true(ll is not None):

@@ -203,7 +203,7 @@ class ZooModel(nn.Module):
         return {}
 
     def write_outputs(self, out, epoch: int, labels: Callable[[torch.Tensor], torch.Tensor]) -> list:
-        """Called after each evaluated epoch: files the model keeps in its run directory ``out``.
+        """Called after every epoch (rank 0): files the model keeps in its run directory ``out``.
 
         ``labels(index)`` gives the true labels of dataset rows, for scoring only. Returns the paths written.
         """

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,36 @@ def test_a_run_folder_that_vanishes_mid_training_is_one_line(tmp_path, recipe, c
     monkeypatch.setattr(runs, "append_metrics", vanish_then_append)
     code, out, err = run_cli(["train", recipe, "--out", tmp_path / "run"], capsys)
     assert code == 2 and err.count("\n") == 1 and str(tmp_path / "run") in err and "Traceback" not in err, err
+
+
+def test_input_beyond_any_limit_is_one_short_line_before_anything_is_written(tmp_path, recipe, capsys):
+    """Nesting deeper than the parser goes, integers of thousands of digits, a value of megabytes,
+    an IWAE k no memory holds, a data path that is a FIFO: each one line of bounded length, exit 2."""
+    huge = tmp_path / "huge.toml"
+    huge.write_text(recipe.read_text().replace('name = "digits"', 'name = "' + "d" * 5_000_000 + '"'))
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    cases = [([recipe, "--set", "options.hidden=" + "[" * 3000 + "1" + "]" * 3000], "nested too deeply"),
+             ([recipe, "--set", "options.hidden=" + "[" * 40 + "1" + "]" * 40], "nested too deeply"),
+             ([recipe, "--set", "train.epochs=" + "9" * 5000], "digits"),
+             ([huge], "unknown dataset"),
+             ([recipe, "--set", "train.iwae_samples=100000000"], "train.iwae_samples = 100000000 needs about"),
+             ([recipe, "--set", "data.name='npz'", "--set", f"data.path='{fifo}'"], "not a regular file")]
+    for args, message in cases:
+        out = tmp_path / "run"
+        code, _, err = run_cli(["train", *args, "--out", out], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err and len(err) < 1600, err[:2000]
+        assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_recipe_with_a_byte_order_mark_and_a_relative_data_dir(tmp_path, recipe, capsys, monkeypatch):
+    """An editor's BOM is no syntax error; a relative data_dir is recorded as an absolute path, so the
+    run reads the same files from any folder."""
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + recipe.read_bytes())
+    (tmp_path / "files").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["train", bom, "--out", tmp_path / "run", "--set", "train.epochs=1", "--data-dir", "files"], capsys)
+    assert code == 0, err
+    assert f'data_dir = "{tmp_path / "files"}"' in (tmp_path / "run" / "config.toml").read_text()

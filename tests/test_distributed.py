@@ -107,7 +107,7 @@ def test_two_processes_end_identical_and_write_one_run_directory(tmp_path):
     assert states[0].keys() == states[1].keys()
     for key in states[0]:  # parameters, and the mixtures fitted once on rank 0 and broadcast
         assert torch.equal(states[0][key], states[1][key]), key
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.toml", "figures", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [runs.LOCK, "best.pt", "checkpoint.pt", "config.toml", "figures", "metrics.jsonl", "summary.json"]
     assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2]  # one writer
     summary = runs.read_summary(out)
     assert summary["processes"] == 2 and 0 <= summary["test_accuracy"] <= 1
@@ -240,12 +240,70 @@ def test_a_killed_process_stops_the_others_with_a_message_and_the_run_resumes(tm
     assert time.monotonic() - killed < 60
     assert proc.returncode == 1
     assert "pyrossl: error: process 1 of 2 failed (signal SIGKILL)" in err and f"--resume {out}" in err
+    assert "Traceback" not in err, err[-3000:]  # a survivor's backend trace goes to process<rank>-error.log
     epoch = runs.load_checkpoint(out / runs.CHECKPOINT)["counters"]["epoch"]  # intact
     assert 1 <= epoch < 60
     done = subprocess.run([sys.executable, "-m", "pyrossl", "train", "--resume", str(out), "--quiet"], cwd=tmp_path,
                           env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r["epoch"] for r in runs.read_metrics(out)] == list(range(1, 61))
+
+
+def test_a_two_process_run_killed_and_resumed_on_two_processes_ends_bit_for_bit_as_an_uninterrupted_one(tmp_path):
+    """Every process's random state is in the checkpoint: rank 1 killed mid-run, the job resumed on two
+    processes, and the final parameters equal those of an uninterrupted two-process run."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "vae"\nseed = 3\n[data]\nname = "digits"\nlabels_per_class = 0\n'
+                      '[train]\nepochs = 4\nbatch_size = 16\nprogress = false\n[options]\nz_dim = 4\nhidden = [32]\n')
+
+    def pyrossl(*args):
+        return subprocess.run([sys.executable, "-m", "pyrossl", "train", *map(str, args)], cwd=tmp_path, env=_env(),
+                              capture_output=True, text=True, timeout=240)
+
+    assert pyrossl(recipe, "--out", tmp_path / "whole", "--nproc", 2).returncode == 0
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pyrossl", "train", str(recipe), "--out", str(out), "--nproc", "2"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / runs.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # into the next epoch
+    victims = [pid for pid in _children(proc.pid) if _rank_of(pid) == 1]
+    assert proc.poll() is None and victims, "the run ended before a process could be killed"
+    os.kill(victims[0], signal.SIGKILL)
+    proc.communicate(timeout=90)
+    assert proc.returncode == 1
+    assert 1 <= runs.load_checkpoint(out / runs.CHECKPOINT)["counters"]["epoch"] < 4
+    done = pyrossl("--resume", out, "--nproc", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    whole, resumed = (runs.load_checkpoint(d / runs.CHECKPOINT) for d in (tmp_path / "whole", out))
+    assert len(resumed["rng_ranks"]) == 2
+    for key in whole["model"]:
+        assert torch.equal(whole["model"][key], resumed["model"][key]), key
+    assert [r["loss"] for r in runs.read_metrics(out)] == [r["loss"] for r in runs.read_metrics(tmp_path / "whole")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_stops_every_process_in_one_line(tmp_path, signum):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "vae"\n[data]\nname = "digits"\nlabels_per_class = 0\n'
+                      '[train]\nepochs = 200\nbatch_size = 32\nprogress = false\n[options]\nz_dim = 4\nhidden = [32]\n')
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pyrossl", "train", str(recipe), "--out", str(out), "--nproc", "2"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / runs.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = _children(proc.pid)
+    assert proc.poll() is None and ranks
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"pyrossl: interrupted by {signum.name}; every process was stopped and the last "
+                                            f"checkpoint is intact: resume with pyrossl train --resume {out} --nproc 2")
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    runs.load_checkpoint(out / runs.CHECKPOINT)
 
 
 def test_two_machines_simulated_on_one_host_complete_a_recipe(tmp_path):

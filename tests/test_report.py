@@ -53,3 +53,28 @@ def test_report_of_an_unsupervised_run_uses_its_training_points(tmp_path):
                                           "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}}), out)
     _, figures = write_report(out)
     assert {"cluster_samples.png", "cluster_confusion.png", "latent_pca.png"} <= {p.name for p in figures}
+
+
+def test_report_writes_nothing_where_it_should_not(m2_run, tmp_path, capsys):
+    """A path that is not a run stays as it was; a figure planted as a link is refused, its target kept;
+    a run that another process writes is refused with its holder."""
+    plain = tmp_path / "not-a-run"
+    plain.mkdir()
+    assert cli.main(["report", str(plain)]) == 2
+    assert f"{plain} is not a run directory" in capsys.readouterr().err and not list(plain.iterdir())
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"keep me")
+    planted = m2_run / runs.FIGURES / "loss.png"
+    planted.unlink()
+    planted.symlink_to(outside)
+    try:
+        assert cli.main(["report", str(m2_run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"pyrossl: error: {planted} is a symbolic link: a run directory's files are never written through one"
+        assert outside.read_bytes() == b"keep me"
+    finally:
+        planted.unlink()
+    with runs.RunLock(m2_run, "pyrossl train"):
+        assert cli.main(["report", str(m2_run)]) == 2
+        assert f"{m2_run} is in use by pid" in capsys.readouterr().err
+    assert cli.main(["report", str(m2_run)]) == 0 and _drawn(planted)

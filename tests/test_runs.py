@@ -5,12 +5,13 @@ import torch
 
 from conftest import WritesAFile, tiny_config
 from pyrossl import runs
-from pyrossl.errors import CheckpointError, PyrosslError
+from pyrossl.errors import CheckpointError, PyrosslError, WriteError
 from pyrossl.train import train
 
 
 def test_atomic_save_round_trip(tmp_path):
     path = tmp_path / "sub" / "c.pt"
+    path.parent.mkdir()  # (a write makes no folder: a run deleted while it trains is noticed)
     runs.atomic_save({"w": torch.arange(3), "n": 2}, path)
     loaded = runs.load_checkpoint(path)
     assert torch.equal(loaded["w"], torch.arange(3)) and loaded["n"] == 2
@@ -25,7 +26,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match=r"\(the disk is full\)$"):
         runs.atomic_write_bytes(path, broken)
     assert runs.load_checkpoint(path) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
@@ -198,3 +199,59 @@ def test_metrics_keep_a_torn_last_line_out_and_refuse_a_damaged_one(tmp_path):
     (tmp_path / runs.METRICS).write_text('{"epoch": 1}\n{"loss": 2.0}\n')
     with pytest.raises(CheckpointError, match="line 2: not an epoch's record"):
         runs.read_metrics(tmp_path)
+
+
+def test_loading_refuses_before_it_allocates_and_names_what_a_file_asks_for(tmp_path):
+    """What torch.save never writes is refused from the archive's directory and a dry read of its pickle:
+    a global it asks for (named), a compressed record, a storage larger than its record, a view larger
+    than its storage; a checkpoint of another model names the tensors that differ."""
+    import collections
+    import os
+    import time
+    import zipfile
+
+    class System:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"model": {}, "x": System()}, tmp_path / "system.pt")
+    with pytest.raises(CheckpointError, match=r"not a safe pyrossl checkpoint \(refused to unpickle: it asks to import and call posix.system\)"):
+        runs.load_checkpoint(tmp_path / "system.pt")
+
+    stored = tmp_path / "stored.pt"
+    torch.save({"model": {"w": torch.zeros(1_000_000)}}, stored)
+    with zipfile.ZipFile(stored) as zin, zipfile.ZipFile(tmp_path / "deflated.pt", "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        names = [i.filename for i in zin.infolist()]
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="is compressed; torch.save never compresses"):
+        runs.load_checkpoint(tmp_path / "deflated.pt")
+    assert time.perf_counter() - start < 0.5
+    record = next(n for n in names if n.endswith("/data/0"))
+    with zipfile.ZipFile(stored) as zin, zipfile.ZipFile(tmp_path / "short.pt", "w") as zout:
+        for name in names:
+            zout.writestr(name, zin.read(name)[:400] if name == record else zin.read(name))
+    with pytest.raises(CheckpointError, match="storage 0 declares 4000000 bytes, its record holds 400"):
+        runs.load_checkpoint(tmp_path / "short.pt")
+
+    class HugeView:  # 10^12 elements over a storage of 100
+        def __init__(self, storage):
+            self.storage = storage
+
+        def __reduce_ex__(self, protocol):
+            return (torch._utils._rebuild_tensor_v2, (self.storage, 0, (10**6, 10**6), (10**6, 1), False, collections.OrderedDict()))
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = torch.storage.TypedStorage(wrap_storage=torch.zeros(100).untyped_storage(), dtype=torch.float32, _internal=True)
+    torch.save({"model": {"w": HugeView(storage)}}, tmp_path / "view.pt")
+    with pytest.raises(CheckpointError, match=r"a tensor of shape \[1000000, 1000000\] views more elements than its storage 0 holds \(100\)"):
+        runs.load_checkpoint(tmp_path / "view.pt")
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    runs.atomic_save({"model": {"0.weight": torch.zeros(5, 3), "0.bias": torch.zeros(4), "extra": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"does not match this Sequential: 2 of this model's tensors missing \(first: 1.weight\); "
+                                              r"1 it does not have \(first: extra\); 1 of another shape \(first: 0.weight, \[5, 3\] in the file, \[4, 3\] here\)"):
+        runs.load_parameters(model, tmp_path / "other.pt")

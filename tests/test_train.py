@@ -4,6 +4,7 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -207,7 +208,7 @@ def _stop_at_step(monkeypatch, stop_step):
     def stepping(self, unlab, lab):
         loss = step(self, unlab, lab)
         if self.step == stop_step:
-            self.stop_requested = True
+            self.stop_requested = signal.SIGINT
         return loss
 
     monkeypatch.setattr(Trainer, "_step", stepping)
@@ -273,6 +274,63 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     train(tiny_config(**{"train.epochs": 3}), tmp_path / "run", resume=True)
     train(tiny_config(**{"train.epochs": 3}), tmp_path / "full")
     _same_run(tmp_path / "full", tmp_path / "run")
+
+
+def test_a_full_disk_at_each_write_in_turn_is_one_line_and_the_resumed_run_ends_the_same(tmp_path, monkeypatch):
+    """Fault injection at the write layer: the disk fills at the n-th file the run writes (a checkpoint,
+    best.pt, the metrics, the summary, a figure...). Each time: one line naming the file, the run
+    loads, and after space is freed a resume ends exactly as the uninterrupted run. A bounded profile;
+    PYROSSL_FAULTS=long tries every write."""
+    from pyrossl import files
+
+    config = tiny_config(**{"train.epochs": 3, "train.eval_every": 2})
+    real, written = files._fdopen, []
+
+    def counting(fd, mode):
+        written.append(fd)
+        return real(fd, mode)
+
+    monkeypatch.setattr(files, "_fdopen", counting)
+    train(config, tmp_path / "whole")
+    total = len(written)
+    every = range(1, total + 1) if os.environ.get("PYROSSL_FAULTS") == "long" else sorted({1, 2, 3, total // 3, total // 2, total - 1, total})
+
+    class Full:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    for n in every:
+        run, count = tmp_path / f"full-at-{n}", [0]
+
+        def full_at_n(fd, mode, n=n):
+            count[0] += 1
+            return Full(real(fd, mode)) if count[0] == n else real(fd, mode)
+
+        monkeypatch.setattr(files, "_fdopen", full_at_n)
+        with pytest.raises(CheckpointError) as info:
+            train(config, run)
+        message = str(info.value)
+        assert "\n" not in message and "(the disk is full)" in message, message
+        monkeypatch.setattr(files, "_fdopen", real)
+        if (run / runs.CHECKPOINT).exists():
+            runs.load_checkpoint(run / runs.CHECKPOINT)
+            assert "resume with pyrossl train --resume" in message
+        train(config, run, resume=runs.is_run(run))  # (a run whose config.toml was never written starts anew)
+        _same_run(tmp_path / "whole", run)
+        assert not list(run.glob(".*.tmp"))
+    assert len(every) >= 5 and total >= 10
 
 
 def test_resume_removes_temporaries_a_kill_left_behind(tmp_path):
@@ -348,7 +406,29 @@ def test_killed_at_random_points_and_resumed_ends_like_an_uninterrupted_run(tmp_
     assert json.loads((run / runs.SUMMARY).read_text())["epochs"] == 8
 
 
-def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resumed_run_ends_the_same(tmp_path):
+def test_a_second_writer_of_a_run_is_refused_in_one_line_and_a_reader_is_served(tmp_path):
+    """While a run trains: a second train into it, a resume of it and a report of it are each one line
+    naming the holder, exit 2; eval reads it. The run goes on untouched, and its lock dies with it."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(FAULT_RECIPE)
+    run = tmp_path / "run"
+    proc = _start([recipe, "--out", run, "--set", "train.epochs=100"], tmp_path)
+    _wait_for(run / runs.BEST, proc)
+    for args in (["train", recipe, "--out", run, "--seed", "1"], ["train", "--resume", run], ["report", run]):
+        other = subprocess.run([sys.executable, "-m", "pyrossl", *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert other.returncode == 2 and proc.poll() is None, (args, other.stderr)
+        assert other.stderr.startswith(f"pyrossl: error: {run} is in use by pid {proc.pid} on ") and other.stderr.count("\n") == 1
+    read = subprocess.run([sys.executable, "-m", "pyrossl", "eval", str(run)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0 and "test_elbo" in read.stdout, read.stderr
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epochs = [r["epoch"] for r in runs.read_metrics(run)]
+    assert epochs == list(range(1, len(epochs) + 1))  # one writer's records, in order
+    runs.RunLock(run, "after the kill").acquire().release()  # the dead holder left no lock
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_checkpoints_says_how_to_resume_and_the_resumed_run_ends_the_same(tmp_path, signum, code):
     recipe = _reference(tmp_path)
     run = tmp_path / "run"
     proc = _start([recipe, "--out", run], tmp_path)
@@ -357,9 +437,9 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resumed_run_ends_the_same
     while proc.poll() is None and not runs.read_metrics(run) and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("pyrossl: interrupted ")
     assert f"resume with: pyrossl train --resume {run}" in err
@@ -456,10 +536,45 @@ def test_tuned_allocator_keeps_freed_step_memory_for_the_next_step(setting):
         assert tuned == "False" and float(returned) > 14
 
 
+def _run_files(run):
+    """The bytes of a run's files (its lock names whoever held it last: not the run's content)."""
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != runs.LOCK}
+
+
+def test_a_resume_checks_every_counter_before_it_writes_anything(tmp_path, monkeypatch):
+    """Nonsense counters or a nonsense position inside an epoch: one line naming the field, and every
+    file of the run as it was (before: steps replayed or skipped, a summary of 1,000,000 epochs)."""
+    config = tiny_config(**{"train.epochs": 3})
+    with monkeypatch.context() as m:
+        _stop_at_step(m, 14)  # inside epoch 2: the checkpoint has a partial epoch
+        with pytest.raises(TrainingInterrupted):
+            train(config, tmp_path / "run")
+    path = tmp_path / "run" / runs.CHECKPOINT
+    good = runs.load_checkpoint(path)
+    assert good["partial"]["batch"] > 0
+    damages = [("counters", "epoch", 1e6, "counters.epoch is 1000000.0"), ("counters", "epoch", -1, "counters.epoch is -1"),
+               ("counters", "epoch", 1_000_000, "not 0 .. 3"), ("counters", "step", "12", "counters.step is '12'"),
+               ("counters", "skipped", 99, "counters.skipped is 99"), ("counters", "best_score", math.nan, "best_score is nan"),
+               ("counters", "best_epoch", 2, "best_epoch is 2, not 0 .. 1"), ("counters", "seconds", -3.0, "seconds is -3.0"),
+               ("partial", "batch", -15, "partial.batch is -15"), ("partial", "batch", 10**6, "stopped after batch 1000000, but the epoch has"),
+               ("partial", "epoch", 3, "partial.epoch is 3"), ("partial", "losses", [math.inf], "partial.losses"),
+               ("partial", "data_rng", torch.zeros(3), "partial.data_rng")]
+    for part, key, value, message in damages:
+        state = {**good, part: {**good[part], key: value}}
+        runs.atomic_save(state, path)
+        before = _run_files(tmp_path / "run")
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            train(config, tmp_path / "run", resume=True)
+        assert _run_files(tmp_path / "run") == before, key
+    runs.atomic_save(good, path)
+    train(config, tmp_path / "run", resume=True)  # the real one resumes
+    assert runs.read_summary(tmp_path / "run")["epochs"] == 3
+
+
 def test_resume_reads_every_run_file_before_loading_data(tmp_path, monkeypatch):
     train(tiny_config(**{"train.epochs": 1}), tmp_path / "run")
     (tmp_path / "run" / runs.BEST).write_bytes(b"damaged")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    before = _run_files(tmp_path / "run")
 
     def no_data(*args, **kwargs):
         raise AssertionError("data loaded before the run's files were checked")
@@ -467,4 +582,4 @@ def test_resume_reads_every_run_file_before_loading_data(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "load_dataset_for", no_data)
     with pytest.raises(CheckpointError, match="best.pt is not a readable checkpoint.*delete it to resume"):
         train(tiny_config(**{"train.epochs": 1}), tmp_path / "run", resume=True)
-    assert before == {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert before == _run_files(tmp_path / "run")

@@ -48,6 +48,34 @@ def test_counts_of_parts_add_up_to_the_metrics_of_the_whole_set(tmp_path, name):
         assert _same(summed[key], whole[key]), (key, summed[key], whole[key])
 
 
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_evaluation_never_changes_what_is_trained(tmp_path, name):
+    """Evaluated after every epoch with the IWAE bound, or only after the last without it: the same
+    parameters, optimiser state and training random state at the end, bit for bit."""
+    settings = {"model": name, **ENTRIES[name], "train.epochs": 2}
+    train(tiny_config(**settings, **{"train.eval_every": 1, "train.iwae_samples": 3}), tmp_path / "often")
+    train(tiny_config(**settings, **{"train.eval_every": 2, "train.eval_batch_size": 7}), tmp_path / "once")
+    often, once = (runs.load_checkpoint(tmp_path / d / runs.CHECKPOINT) for d in ("often", "once"))
+    for part in ("model", "optimizer", "rng"):
+        _identical(often[part], once[part], part)
+
+
+def _identical(a, b, where):
+    """Nested containers of tensors and numbers, equal bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            _identical(u, v, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
 def test_an_entry_without_counts_says_so():
     class Plain(ZooModel):
         def evaluate(self, x, y, batch_size=1000):

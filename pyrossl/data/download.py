@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pyrossl.errors import ConfigError, DataError
+from pyrossl.files import atomic_write_bytes
 
 _CHUNK_SIZE = 1 << 20
 
@@ -120,41 +120,30 @@ def file_md5(path: str | os.PathLike[str]) -> str:
 
 
 def _fetch(url: str, target: Path, expected_md5: str, *, timeout: float, progress: bool) -> None:
-    """Stream ``url`` into ``target`` through a temporary file, renaming it only if its MD5 is ``expected_md5``."""
-    digest = hashlib.md5(usedforsecurity=False)
-    descriptor, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(descriptor, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    with tqdm(
-                        total=response.length,
-                        unit="B",
-                        unit_scale=True,
-                        unit_divisor=1024,
-                        desc=target.name,
-                        disable=not progress,
-                    ) as bar:
-                        while chunk := response.read(_CHUNK_SIZE):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            bar.update(len(chunk))
-            except urllib.error.HTTPError as error:
-                raise DataError(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
-            except urllib.error.URLError as error:
-                raise DataError(f"cannot download {url}: {error.reason}") from None
-            except (OSError, http.client.HTTPException) as error:
-                raise DataError(f"cannot download {url}: {error or type(error).__name__}") from None
+    """Stream ``url`` into ``target`` through a temporary file (:func:`pyrossl.files.atomic_write_bytes`),
+    which is renamed into place only if its MD5 is ``expected_md5``."""
+
+    def stream(out) -> None:
+        digest = hashlib.md5(usedforsecurity=False)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                with tqdm(total=response.length, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
+                          disable=not progress) as bar:
+                    while chunk := response.read(_CHUNK_SIZE):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        except urllib.error.HTTPError as error:
+            raise DataError(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
+        except urllib.error.URLError as error:
+            raise DataError(f"cannot download {url}: {error.reason}") from None
+        except (OSError, http.client.HTTPException) as error:
+            raise DataError(f"cannot download {url}: {error or type(error).__name__}") from None
         found = digest.hexdigest()
-        if found != expected_md5:
+        if found != expected_md5:  # raised inside the write: the temporary file is removed, nothing kept
             raise DataError(
                 f"{target.name} from {url} has MD5 {found}, expected {expected_md5}: "
                 "the download is corrupt or the server holds other files; nothing was kept"
             )
-        # mkstemp creates the file readable by its owner only; a cached dataset is ordinary data.
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+
+    atomic_write_bytes(target, stream)

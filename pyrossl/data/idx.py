@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrossl.errors import DataError
+from pyrossl.files import atomic_write_bytes
 
 #: The first two bytes of every gzip stream (RFC 1952).
 GZIP_MAGIC = b"\x1f\x8b"
@@ -98,7 +99,7 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     data = header + np.ascontiguousarray(array, dtype=IDX_TYPES[code]).tobytes()
     if path.name.endswith(".gz"):
         data = gzip.compress(data, mtime=0)
-    path.write_bytes(data)
+    atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def _read_bytes(path: Path) -> bytes:

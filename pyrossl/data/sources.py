@@ -118,6 +118,8 @@ def load_npz(*, path: PathArg | None = None, data_dir: PathArg | None = None) ->
     if path is None:
         raise ConfigError("dataset 'npz' needs the option path=<file.npz>")
     path = Path(path).expanduser()
+    if path.exists() and not path.is_file():  # a folder, a FIFO (reading one waits forever), a device
+        raise DataError(f"{path}: not a regular file (an .npz archive is expected)")
     arrays = _read_npz(path)
     for key in ("x", "y"):
         if key not in arrays:
