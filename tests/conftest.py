@@ -52,4 +52,29 @@ class WritesAFile:
         return (open, (self.target, "w"))
 
 
+class DiskFull:
+    """A file on a disk that fills after ``room`` bytes: ``write`` raises ENOSPC (for fault injection
+    at :data:`pyrossl.files._fdopen`)."""
+
+    def __init__(self, file, room=0):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        import errno
+
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
 torch.set_num_threads(1)

@@ -222,16 +222,24 @@ def test_a_non_finite_loss_in_one_process_is_skipped_by_all(tmp_path):
     assert runs.read_summary(tmp_path / "run")["skipped_steps"] == 2
 
 
-def test_a_killed_process_stops_the_others_with_a_message_and_the_run_resumes(tmp_path):
+def _job_past_its_first_checkpoint(tmp_path, epochs: int, batch_size: int, seed: int = 0):
+    """``pyrossl train --nproc 2`` of a small VAE recipe, started and waited on until its first
+    checkpoint exists; returns the process (the launcher), the recipe and the run directory."""
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text('model = "vae"\n[data]\nname = "digits"\nlabels_per_class = 0\n'
-                      '[train]\nepochs = 60\nbatch_size = 32\nprogress = false\n[options]\nz_dim = 4\nhidden = [64]\n')
+    recipe.write_text(f'model = "vae"\nseed = {seed}\n[data]\nname = "digits"\nlabels_per_class = 0\n'
+                      f'[train]\nepochs = {epochs}\nbatch_size = {batch_size}\nprogress = false\n[options]\nz_dim = 4\nhidden = [32]\n')
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pyrossl", "train", str(recipe), "--out", str(out), "--nproc", "2"],
                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / runs.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before its first checkpoint could be seen"
+    return proc, recipe, out
+
+
+def test_a_killed_process_stops_the_others_with_a_message_and_the_run_resumes(tmp_path):
+    proc, recipe, out = _job_past_its_first_checkpoint(tmp_path, epochs=60, batch_size=32)
     victims = [pid for pid in _children(proc.pid) if _rank_of(pid) == 1]
     assert proc.poll() is None and victims, "the run ended before a process could be killed"
     os.kill(victims[0], signal.SIGKILL)
@@ -252,21 +260,11 @@ def test_a_killed_process_stops_the_others_with_a_message_and_the_run_resumes(tm
 def test_a_two_process_run_killed_and_resumed_on_two_processes_ends_bit_for_bit_as_an_uninterrupted_one(tmp_path):
     """Every process's random state is in the checkpoint: rank 1 killed mid-run, the job resumed on two
     processes, and the final parameters equal those of an uninterrupted two-process run."""
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text('model = "vae"\nseed = 3\n[data]\nname = "digits"\nlabels_per_class = 0\n'
-                      '[train]\nepochs = 4\nbatch_size = 16\nprogress = false\n[options]\nz_dim = 4\nhidden = [32]\n')
-
     def pyrossl(*args):
         return subprocess.run([sys.executable, "-m", "pyrossl", "train", *map(str, args)], cwd=tmp_path, env=_env(),
                               capture_output=True, text=True, timeout=240)
 
-    assert pyrossl(recipe, "--out", tmp_path / "whole", "--nproc", 2).returncode == 0
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "pyrossl", "train", str(recipe), "--out", str(out), "--nproc", "2"],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / runs.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc, recipe, out = _job_past_its_first_checkpoint(tmp_path, epochs=4, batch_size=16, seed=3)
     time.sleep(0.2)  # into the next epoch
     victims = [pid for pid in _children(proc.pid) if _rank_of(pid) == 1]
     assert proc.poll() is None and victims, "the run ended before a process could be killed"
@@ -274,6 +272,7 @@ def test_a_two_process_run_killed_and_resumed_on_two_processes_ends_bit_for_bit_
     proc.communicate(timeout=90)
     assert proc.returncode == 1
     assert 1 <= runs.load_checkpoint(out / runs.CHECKPOINT)["counters"]["epoch"] < 4
+    assert pyrossl(recipe, "--out", tmp_path / "whole", "--nproc", 2).returncode == 0
     done = pyrossl("--resume", out, "--nproc", 2)
     assert done.returncode == 0, done.stderr[-2000:]
     whole, resumed = (runs.load_checkpoint(d / runs.CHECKPOINT) for d in (tmp_path / "whole", out))
@@ -285,15 +284,7 @@ def test_a_two_process_run_killed_and_resumed_on_two_processes_ends_bit_for_bit_
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_launcher_stops_every_process_in_one_line(tmp_path, signum):
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text('model = "vae"\n[data]\nname = "digits"\nlabels_per_class = 0\n'
-                      '[train]\nepochs = 200\nbatch_size = 32\nprogress = false\n[options]\nz_dim = 4\nhidden = [32]\n')
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "pyrossl", "train", str(recipe), "--out", str(out), "--nproc", "2"],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / runs.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    proc, _, out = _job_past_its_first_checkpoint(tmp_path, epochs=200, batch_size=32)
     ranks = _children(proc.pid)
     assert proc.poll() is None and ranks
     proc.send_signal(signum)

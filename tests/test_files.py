@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DiskFull
 from pyrossl import files
 from pyrossl.errors import CheckpointError, WriteError
 
@@ -73,30 +74,9 @@ def test_a_write_that_fails_keeps_the_previous_content_and_says_so_in_one_line(t
     path = tmp_path / "c.pt"
     files.atomic_save({"v": 1}, path)
 
-    class Full:
-        """A file on a disk that fills after ``room`` bytes."""
-
-        def __init__(self, file, room):
-            self.file, self.room = file, room
-
-        def write(self, data):
-            if len(data) > self.room:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            self.room -= len(data)
-            return self.file.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
     real = files._fdopen
     for room in (0, 100, 5000):  # torch's zip writer hides the errno in a RuntimeError: it is found again
-        monkeypatch.setattr(files, "_fdopen", lambda fd, mode, room=room: Full(real(fd, mode), room))
+        monkeypatch.setattr(files, "_fdopen", lambda fd, mode, room=room: DiskFull(real(fd, mode), room))
         with pytest.raises(WriteError, match=rf"^cannot write {path} \(the disk is full\)$") as info:
             files.atomic_save({"w": torch.zeros(10_000)}, path)
         assert info.value.errno == errno.ENOSPC

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import DiskFull, tiny_config
 from pyrossl import runs
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from pyrossl.registry import resolve
@@ -295,28 +295,12 @@ def test_a_full_disk_at_each_write_in_turn_is_one_line_and_the_resumed_run_ends_
     total = len(written)
     every = range(1, total + 1) if os.environ.get("PYROSSL_FAULTS") == "long" else sorted({1, 2, 3, total // 3, total // 2, total - 1, total})
 
-    class Full:
-        def __init__(self, file):
-            self.file = file
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
     for n in every:
         run, count = tmp_path / f"full-at-{n}", [0]
 
         def full_at_n(fd, mode, n=n):
             count[0] += 1
-            return Full(real(fd, mode)) if count[0] == n else real(fd, mode)
+            return DiskFull(real(fd, mode), room=-1) if count[0] == n else real(fd, mode)  # (-1: even an empty write fails)
 
         monkeypatch.setattr(files, "_fdopen", full_at_n)
         with pytest.raises(CheckpointError) as info:
