@@ -198,6 +198,9 @@ def cmd_eval(args) -> int:
         raise PyrosslError(f"run {run.path} has no {part} examples to evaluate")
     metrics = {f"{part}_{k}": v for k, v in run.model.evaluate(x, y, run.config.train.eval_batch_size).items()}
     if args.iwae:
+        from pyrossl.train import check_iwae_memory
+
+        check_iwae_memory(args.iwae, x.shape[0], x[0].numel(), x.device, "--iwae")
         try:
             metrics[f"{part}_log_likelihood"] = run.model.log_likelihood(x, args.iwae).mean().item()
         except NotImplementedError:

@@ -194,6 +194,26 @@ def check_progress(state: dict, epochs: int, path: Path) -> None:
     need(real(partial.get("train_seconds")), f"partial.train_seconds is {partial.get('train_seconds')!r}, not a duration")
 
 
+def check_iwae_memory(k: int, images: int, pixels: int, device: torch.device, name: str) -> None:
+    """The IWAE bound holds k samples of about 100 images at a time, each a decoded image and a few
+    tensors of its size (float32: the image, its logits, log-probabilities, a temporary): a ConfigError
+    naming the setting ``name`` when that is more than the device's memory."""
+    images = min(100, images)
+    if not k or not images:
+        return
+    need = k * images * pixels * 4 * 4
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # a system that does not say: nothing to check against
+            return
+    if need > have:
+        raise ConfigError(f"{name} = {k} needs about {need / 2**30:.0f} GiB for the IWAE bound ({images} images x {k} "
+                          f"samples x {pixels} pixels), more than the {have / 2**30:.0f} GiB of this {device.type}: lower it")
+
+
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
     t = config.train
     choices = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -388,24 +408,9 @@ class Trainer:
         self.model.check_split(self.split, self.dataset)
 
     def _check_evaluation_memory(self) -> None:
-        """The IWAE bound at the end holds k samples of about 100 test images at a time, each a decoded
-        image and a few tensors of its size: a k this machine cannot hold is said now, not after training."""
-        k = self.config.train.iwae_samples
-        images = min(100, self.split.test.numel())
-        if not k or not images:
-            return
-        need = k * images * self.dataset.num_features * 4 * 4  # float32; the image, its logits, log-probs, a temporary
-        if self.device.type == "cuda":
-            have = torch.cuda.mem_get_info(self.device)[1]
-        else:
-            try:
-                have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            except (ValueError, OSError, AttributeError):  # a system that does not say: nothing to check against
-                return
-        if need > have:
-            raise ConfigError(f"train.iwae_samples = {k} needs about {need / 2**30:.0f} GiB for the IWAE bound "
-                              f"({images} test images x {k} samples x {self.dataset.num_features} pixels), more than the "
-                              f"{have / 2**30:.0f} GiB of this {self.device.type}: lower it")
+        """An IWAE k (``train.iwae_samples``) this machine cannot hold is said now, not after training."""
+        check_iwae_memory(self.config.train.iwae_samples, self.split.test.numel(), self.dataset.num_features,
+                          self.device, "train.iwae_samples")
 
     def _restore(self) -> None:
         # RNG states must stay CPU tensors; load_state_dict moves parameters and optimiser state

@@ -288,3 +288,9 @@ def test_a_recipe_with_a_byte_order_mark_and_a_relative_data_dir(tmp_path, recip
     code, _, err = run_cli(["train", bom, "--out", tmp_path / "run", "--set", "train.epochs=1", "--data-dir", "files"], capsys)
     assert code == 0, err
     assert f'data_dir = "{tmp_path / "files"}"' in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_eval_refuses_an_iwae_k_no_memory_holds(tmp_path, recipe, capsys):
+    assert run_cli(["train", recipe, "--out", tmp_path / "run"], capsys)[0] == 0
+    code, _, err = run_cli(["eval", tmp_path / "run", "--iwae", "100000000"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--iwae = 100000000 needs about" in err, err
