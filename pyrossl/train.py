@@ -313,8 +313,6 @@ class Trainer:
             self.lock = None
 
     def _check_resumable(self) -> None:
-        if not runs.is_run(self.out):
-            raise CheckpointError(f"cannot resume: {self.out} is not a run directory (no {runs.CONFIG})")
         # resolved, so a run written before a key existed compares equal with that key's default
         saved_d, new_d = _flat(resolve(runs.read_config(self.out)).to_dict()), _flat(self.config.to_dict())
         diff = [k for k in sorted(set(saved_d) | set(new_d)) if saved_d.get(k) != new_d.get(k) and k not in RUNTIME_KEYS]
