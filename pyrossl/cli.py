@@ -125,6 +125,20 @@ def cmd_train(args) -> int:
 LAUNCHED = "PYROSSL_LAUNCHED_BY_NPROC"
 
 
+def first_cause(failures: dict) -> tuple:
+    """The (rank, failure) that stopped a torchrun job, from its ``ChildFailedError.failures``.
+
+    torchrun records the processes it finds failed first, then stops the rest (SIGTERM) and records
+    those too, in the same dict after them. Timestamps are whole seconds, so a process killed and the
+    one stopped because of it often share one: the order of capture breaks the tie (a stable sort),
+    never the rank. A process that died by a signal is preferred to one that exited with a code,
+    since a survivor exits with a code once it notices its peer is gone.
+    """
+    captured = sorted(failures.items(), key=lambda item: item[1].timestamp)  # stable: capture order within a second
+    killed = [item for item in captured if item[1].exitcode < 0]
+    return (killed or captured)[0]
+
+
 def launch_processes(args, config, out: Path) -> int:
     """``pyrossl train --nproc N ...``: the same command on N processes of this machine, started by torchrun."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -158,9 +172,7 @@ def launch_processes(args, config, out: Path) -> int:
               f"resume with pyrossl train --resume {out} --nproc {args.nproc}", file=sys.stderr)
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
-        # the process that died first by a signal is the cause; the others stopped because of it
-        killed = sorted((f.timestamp, r) for r, f in exc.failures.items() if f.exitcode < 0)
-        rank, failure = (killed[0][1], exc.failures[killed[0][1]]) if killed else exc.get_first_failure()
+        rank, failure = first_cause(exc.failures)
         if failure.exitcode == 2:  # bad input: rank 0 has said why
             return 2
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"

@@ -294,3 +294,22 @@ def test_eval_refuses_an_iwae_k_no_memory_holds(tmp_path, recipe, capsys):
     assert run_cli(["train", recipe, "--out", tmp_path / "run"], capsys)[0] == 0
     code, _, err = run_cli(["eval", tmp_path / "run", "--iwae", "100000000"], capsys)
     assert code == 2 and err.count("\n") == 1 and "--iwae = 100000000 needs about" in err, err
+
+
+def test_the_cause_of_a_failed_job_is_the_process_found_failed_first():
+    """torchrun's failures: the process killed first, then the one it stopped, often in the same second."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from pyrossl.cli import first_cause
+
+    def failure(rank, exitcode, second):
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file="/nonexistent")
+        f.timestamp = second
+        return f
+
+    killed_then_stopped = {1: failure(1, -9, 50), 0: failure(0, -15, 50)}  # capture order, one second
+    assert first_cause(killed_then_stopped)[0] == 1
+    assert first_cause({0: failure(0, -15, 51), 1: failure(1, -9, 50)})[0] == 1  # an earlier second wins
+    assert first_cause({0: failure(0, 1, 50), 1: failure(1, -9, 50)})[0] == 1  # a survivor's exit code is an effect
+    rank, f = first_cause({1: failure(1, 2, 50), 0: failure(0, 1, 50)})
+    assert (rank, f.exitcode) == (1, 2)  # no signal: the first captured
