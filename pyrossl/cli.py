@@ -1,6 +1,7 @@
 """Command line: ``pyrossl train|eval|ablate|report|list|data``.
 
-Exit codes: 0 on success, 2 on bad input (one line on stderr, no traceback), 1 on an internal error.
+Exit codes: 0 on success, 2 on bad input (one line on stderr, no traceback), 1 on an internal error,
+130 on Ctrl-C (SIGINT) and 143 on SIGTERM (one line, with the resume command when a run exists).
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pyrossl import distributed
-from pyrossl.errors import ProcessLost, PyrosslError, TrainingInterrupted
+from pyrossl.errors import Interrupted, ProcessLost, PyrosslError, TrainingInterrupted
 from pyrossl.infer.params import module_local
 from pyrossl.plugins import load_plugins
 
@@ -114,7 +117,17 @@ def cmd_train(args) -> int:
     if args.nproc is not None:
         return launch_processes(args, config, out)
     tune_allocator()  # this process only trains: keep each step's memory for the next
-    summary = train(config, out, resume=bool(args.resume))
+    try:
+        summary = train(config, out, resume=bool(args.resume))
+    except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the training loop
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if not runs.is_run(out) or distributed.environment().active:  # nothing to resume yet; a job: its launcher says it
+            raise
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        kept = f"the last checkpoint {out / runs.CHECKPOINT} is intact" if (out / runs.CHECKPOINT).exists() else "no checkpoint was written yet"
+        interrupted = TrainingInterrupted(f"interrupted{by}; {kept}: resume with: pyrossl train --resume {out}")
+        interrupted.exit_code = 128 + int(signum)
+        raise interrupted from None
     if distributed.environment().rank == 0:  # one summary per job, not one per process
         print(format_summary(summary))
         print(f"run directory: {out}")
@@ -296,7 +309,17 @@ def cmd_data(args) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "ablate": cmd_ablate, "report": cmd_report, "list": cmd_list, "data": cmd_data}
 
 
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM ends a command as Ctrl-C does (one line, 143), wherever it arrives: setup, a write, the
+    # report; the training loop takes both over to stop at a step's end. A process of a job keeps the
+    # default: its launcher stops it with SIGTERM and speaks for the job.
+    sigterm = None
+    if threading.current_thread() is threading.main_thread() and not distributed.environment().active:
+        sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = _parser().parse_args(argv)
@@ -315,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.environment().rank == 0:  # every process has the same input: one of them says what is wrong
             print(f"pyrossl: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
         if distributed.environment().rank == 0:  # Ctrl-C reaches every process of a job: one of them says so
-            print("pyrossl: interrupted", file=sys.stderr)
-        return 130
+            print("pyrossl: interrupted" + ("" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"), file=sys.stderr)
+        return 128 + int(signum)
     except OSError as exc:
         if exc.filename is None:  # not about a file the user named or can fix: a bug, with its traceback
             raise
@@ -335,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         print("pyrossl: error: out of memory: lower train.batch_size, train.eval_batch_size or the network's sizes",
               file=sys.stderr)
         return 2
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def one_line(message: str, limit: int = 1500) -> str:

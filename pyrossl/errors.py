@@ -35,6 +35,17 @@ class TrainingInterrupted(PyrosslError):
     exit_code = 130
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped a command at once: Ctrl-C (SIGINT) as Python's own ``KeyboardInterrupt``, or
+    SIGTERM (``kill``, a scheduler's time limit), which the CLI turns into this so that both end the
+    same way: one line and exit code 128 + the signal's number. Files being written keep their
+    previous content (every write is atomic)."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = int(signum)
+
+
 class WriteError(CheckpointError):
     """A file could not be written (a full disk, a read-only or vanished folder); ``errno`` keeps the
     operating system's code. The file's previous content is intact (every write is atomic)."""

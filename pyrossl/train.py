@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from pyrossl import distributed, runs
 from pyrossl.config import Config
 from pyrossl.data import batch_indices, binarize
-from pyrossl.errors import CheckpointError, ConfigError, ProcessLost, PyrosslError, TrainingError, TrainingInterrupted, WriteError
+from pyrossl.errors import CheckpointError, ConfigError, Interrupted, ProcessLost, PyrosslError, TrainingError, TrainingInterrupted, WriteError
 from pyrossl.infer.params import module_local
 from pyrossl.registry import build_model, model_class, resolve
 
@@ -675,8 +675,7 @@ class Trainer:
 
         def handler(signum, frame):
             if self.stop_requested:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt
+                raise Interrupted(signum)
             self.stop_requested = signum
             again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
             print(f"\npyrossl: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "

@@ -411,6 +411,90 @@ def test_a_second_writer_of_a_run_is_refused_in_one_line_and_a_reader_is_served(
     runs.RunLock(run, "after the kill").acquire().release()  # the dead holder left no lock
 
 
+# ``python DRIVER AT SIGNALS ARGS...``: ``pyrossl ARGS...`` in a process that sends itself SIGNALS
+# (comma-separated numbers) as the AT-th file it writes gets its first bytes -- a checkpoint, best.pt,
+# the metrics, the summary, a figure.
+SIGNAL_DRIVER = """
+import os, sys
+from pyrossl import files
+from pyrossl.cli import main
+
+at, signums, count = int(sys.argv[1]), [int(s) for s in sys.argv[2].split(",") if s], [0]
+real = files._fdopen
+
+class Signalling:
+    def __init__(self, file):
+        self.file, self.sent = file, False
+    def write(self, data):
+        if not self.sent:
+            self.sent = True
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return self.file.write(data)
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+def opening(fd, mode):
+    count[0] += 1
+    return Signalling(real(fd, mode)) if count[0] == at else real(fd, mode)
+
+files._fdopen = opening
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_signals_inside_each_kind_of_write_are_one_line_and_the_resumed_run_ends_the_same(tmp_path, monkeypatch):
+    """SIGINT or SIGTERM, once (stop after this step) or twice (stop at once), arriving while the
+    n-th file of a run is being written. Each time: exit 130 or 143, one last line saying so and how
+    to resume, no traceback, no temporary file, a checkpoint that loads, and a resume (or a fresh
+    start, if the run had not begun) that ends exactly as the uninterrupted run. A bounded profile;
+    PYROSSL_FAULTS=long tries every write with every pattern."""
+    from pyrossl import files
+    from pyrossl.config import load_config
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(FAULT_RECIPE.replace("epochs = 8", "epochs = 3"))
+    real, written = files._fdopen, []
+    monkeypatch.setattr(files, "_fdopen", lambda fd, mode: written.append(fd) or real(fd, mode))
+    train(load_config(recipe), tmp_path / "reference")  # the same writes as the command's, counted
+    monkeypatch.setattr(files, "_fdopen", real)
+    total = len(written)
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGNAL_DRIVER)
+
+    def pyrossl(at, signums, *args):
+        return subprocess.run([sys.executable, str(driver), str(at), ",".join(str(int(s)) for s in signums),
+                               *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+
+    patterns = [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]]
+    if os.environ.get("PYROSSL_FAULTS") == "long":
+        cases = [(at, p) for at in range(1, total + 1) for p in patterns]
+    else:  # the run's first write (before any checkpoint), one in training, its last (after training)
+        cases = [(1, patterns[1]), (random.Random(1).randint(2, total - 1), patterns[2]), (total, patterns[3])]
+    for at, signums in cases:
+        run = tmp_path / f"at-{at}-{'-'.join(signal.Signals(s).name for s in signums)}"
+        done = pyrossl(at, signums, "train", recipe, "--out", run, "--quiet")
+        code = 128 + int(signums[-1])
+        assert done.returncode in (0, code), (at, signums, done.returncode, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, (at, signums, done.stderr[-2000:])
+        assert not list(run.glob(".*.tmp"))
+        if done.returncode:
+            last = done.stderr.strip().splitlines()[-1]
+            assert last.startswith("pyrossl: interrupted"), (at, signums, done.stderr)
+            if (run / runs.CHECKPOINT).exists():
+                runs.load_checkpoint(run / runs.CHECKPOINT)
+                assert f"resume with: pyrossl train --resume {run}" in last, last
+        again = pyrossl(-1, [], "train", *(["--resume", run] if runs.is_run(run) else [recipe, "--out", run]), "--quiet")
+        assert again.returncode == 0, (at, signums, again.stderr[-2000:])
+        _same_run(tmp_path / "reference", run)
+        assert json.loads((run / runs.SUMMARY).read_text())["epochs"] == 3
+    assert total >= 10
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_checkpoints_says_how_to_resume_and_the_resumed_run_ends_the_same(tmp_path, signum, code):
     recipe = _reference(tmp_path)
