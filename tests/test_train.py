@@ -495,6 +495,40 @@ def test_signals_inside_each_kind_of_write_are_one_line_and_the_resumed_run_ends
     assert total >= 10
 
 
+def test_writers_and_readers_started_together_on_one_folder_leave_one_run(tmp_path):
+    """Three ``train`` of one recipe into one new folder, a ``train --resume``, a ``report`` and an
+    ``eval`` of it, started together at random offsets (the race at a run's creation included). Each
+    ends with exit 0, or exit 2 and one line; exactly one of the trainings trains; the folder ends as
+    the uninterrupted run, its metrics one writer's. Once in ``make test``, five rounds under
+    PYROSSL_FAULTS=long."""
+    from pyrossl.config import load_config
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(FAULT_RECIPE.replace("epochs = 8", "epochs = 3"))
+    train(load_config(recipe), tmp_path / "reference")
+    rounds = 5 if os.environ.get("PYROSSL_FAULTS") == "long" else 1
+    for seed in range(rounds):
+        run, rng = tmp_path / f"race-{seed}", random.Random(seed)
+        commands = [*[["train", recipe, "--out", run, "--quiet"]] * 3, ["train", "--resume", run, "--quiet"],
+                    ["report", run], ["eval", run]]
+        procs = []
+        for args in rng.sample(commands, len(commands)):
+            time.sleep(rng.uniform(0.0, 1.5))  # spread over a run's life: before, during and after its training
+            procs.append((args, subprocess.Popen([sys.executable, "-m", "pyrossl", *map(str, args)], cwd=tmp_path,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        trained = 0
+        for args, proc in procs:
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode in (0, 2), (args, proc.returncode, err[-2000:])
+            if proc.returncode == 2:
+                assert err.startswith("pyrossl: error: ") and err.count("\n") == 1, (args, err[-2000:])
+            elif args[0] == "train" and args[1] != "--resume":
+                trained += 1
+        assert trained == 1, seed
+        _same_run(tmp_path / "reference", run)
+        assert not list(run.glob(".*.tmp"))
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_checkpoints_says_how_to_resume_and_the_resumed_run_ends_the_same(tmp_path, signum, code):
     recipe = _reference(tmp_path)
