@@ -416,10 +416,12 @@ class CCVAE(ZooModel):
         paths = [plots.plot_reconstructions(x.cpu(), self.reconstruct(x).cpu(), folder / "reconstructions.png")]
         if not self.multilabel:
             k = self.meta["num_classes"]
-            rows = torch.stack([self.swap(x, torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)) for c in range(k)])
+            swapped = [self.swap(x, torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)) for c in range(k)]
+            rows = torch.stack([x.reshape(swapped[0].shape), *swapped])  # the originals above their swaps
+            names = [str(n) for n in (self.label_names or range(k))]
             paths.append(plots.save_image_grid(rows.reshape(-1, *rows.shape[2:]).cpu(), folder / "swaps.png", nrow=x.shape[0],
-                                               title="characteristic swap: row k sets z_c to class k's prior mean, z_s kept",
-                                               row_labels=self.label_names or None))
+                                               title="characteristic swap: each row below the originals sets z_c to that class's prior mean, z_s kept",
+                                               row_labels=["original", *names]))
         else:
             frames = torch.stack([self.walk(x[:1], i)[:, 0] for i in range(self.meta["num_classes"])])
             paths.append(plots.save_image_grid(frames.reshape(-1, *frames.shape[2:]).cpu(), folder / "walks.png", nrow=frames.shape[1],

@@ -247,6 +247,8 @@ class GAE(ELBOModuleEntry, ZooModel):
         return metrics
 
     # --- inspection and generation -----------------------------------------------------------
+    latent_title = "codes f(x) of the encoder"
+
     @torch.no_grad()
     def latent(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """The code f(x) (not standardised)."""

@@ -314,6 +314,8 @@ class M2(LabelClassifier, ZooModel):
         """The moments of q(z|x, y) at the predicted class."""
         return self.guide.z_moments(x, self.one_hot(self.predict(x)))
 
+    latent_title = "means of q(z|x, y = predicted class)"
+
     @torch.no_grad()
     def latent(self, x):
         """The mean of q(z|x, y) at the predicted class (a flow: its image of the base mean)."""

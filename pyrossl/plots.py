@@ -131,7 +131,9 @@ def save_image_grid(
     rows = math.ceil(n / min(nrow, n))
     if row_labels is not None and len(row_labels) != rows:
         raise ValueError(f"row_labels has {len(row_labels)} entries but the grid has {rows} rows")
-    inches_per_pixel = 0.5 / 28  # half an inch per MNIST digit keeps 10 x 10 grids readable
+    # half an inch per MNIST digit keeps 10 x 10 grids readable; smaller images (8 x 8 digits) get
+    # half an inch each too, larger ones keep the MNIST scale
+    inches_per_pixel = 0.5 / min(h, 28)
     height, width = grid.shape[:2]
     fig = _new_figure(max(2.0, width * inches_per_pixel), max(1.0, height * inches_per_pixel))
     ax = fig.add_subplot()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pyrossl import plots, runs
+from pyrossl.data.splits import figure_sample
 
 
 def figure_part(split, evaluate_on_train: bool) -> str:
@@ -25,8 +26,13 @@ def figure_part(split, evaluate_on_train: bool) -> str:
     return "train"
 
 
-def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.Tensor, folder: str | Path) -> list[Path]:
-    """Learning curves, the latent space coloured by class, and the model's own figures, into ``folder``."""
+def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.Tensor, folder: str | Path,
+                 seed: int = 0) -> list[Path]:
+    """Learning curves, the latent space coloured by class, and the model's own figures, into ``folder``.
+
+    The images are a seeded sample of at most 2,000 of the part ``x``, stratified over its classes and
+    interleaved (:func:`~pyrossl.data.splits.figure_sample`): a figure of the first ten shows ten classes.
+    """
     folder = Path(folder)
     paths = []
     keys = sorted({k for r in records for k, v in r.items()
@@ -39,7 +45,8 @@ def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.
         kl_prefix = next((p for p in ("val_", "train_") if any(p + "kl_per_unit" in r for r in records)), None)
         if kl_prefix:
             paths.append(plots.plot_kl_per_unit(records, kl_prefix, folder / "kl_per_unit.png"))
-    x, y = x[:2000], y[:2000]
+    rows = figure_sample(y, 2000, seed).to(x.device)
+    x, y = x[rows], y[rows.to(y.device)]
     model.eval()
     try:
         z = model.latent(x)
@@ -47,7 +54,7 @@ def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.
         z = None
     if z is not None and not dataset.multilabel:
         paths.append(plots.plot_latent_pca(z.cpu(), y.cpu(), folder / "latent_pca.png", classes=dataset.classes,
-                                           title=f"posterior means of q(z|x), {dataset.name}"))
+                                           title=f"{model.latent_title}, {dataset.name}"))
     paths += model.figures(folder, x, y)
     return [Path(p) for p in paths]
 
@@ -100,5 +107,5 @@ def write_report(run_dir: str | Path, which: str = "best", device: str = "cpu") 
         type(run.model).read_outputs(run_dir, run.model.options)  # the entry's own files, checked before anything is redrawn
         part = figure_part(run.split, run.model.evaluate_on_train)
         x, y = run.tensors(part)
-        figures = draw_figures(run.model, run.dataset, run.metrics, x, y, run_dir / runs.FIGURES)
+        figures = draw_figures(run.model, run.dataset, run.metrics, x, y, run_dir / runs.FIGURES, seed=run.config.seed)
         return write_index(run_dir, figures), figures

@@ -837,7 +837,7 @@ class Trainer:
 
         part = report.figure_part(self.split, self.model.evaluate_on_train)
         x, y = self._training_set() if part == "train" else self.data.part(part)
-        paths = report.draw_figures(self.model, self.dataset, records, x, y, self.out / runs.FIGURES)
+        paths = report.draw_figures(self.model, self.dataset, records, x, y, self.out / runs.FIGURES, seed=self.config.seed)
         report.write_index(self.out, paths)
         return paths
 

@@ -301,6 +301,9 @@ class ZooModel(nn.Module):
         """
         raise NotImplementedError(f"{self.name} does not describe its posterior")
 
+    #: what :meth:`latent` returns, in the latent figure's title
+    latent_title = "posterior means of q(z|x)"
+
     @torch.no_grad()
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """The posterior mean of the continuous latent code."""

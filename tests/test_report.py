@@ -78,3 +78,38 @@ def test_report_writes_nothing_where_it_should_not(m2_run, tmp_path, capsys):
         assert cli.main(["report", str(m2_run)]) == 2
         assert f"{m2_run} is in use by pid" in capsys.readouterr().err
     assert cli.main(["report", str(m2_run)]) == 0 and _drawn(planted)
+
+
+def test_figures_show_every_class_of_a_class_sorted_part(tmp_path):
+    """Parts are stored sorted by class: the figures draw a stratified, interleaved sample, so the ten
+    reconstructions are ten classes and the latent plot holds every class of the part."""
+    import torch
+
+    from pyrossl.report import draw_figures
+
+    class Recording:
+        latent_title = "posterior means of q(z|x)"
+
+        def eval(self):
+            pass
+
+        def latent(self, x):
+            self.latent_rows = x[:, 0, 0, 0].long()
+            return torch.randn(len(x), 2)
+
+        def figures(self, folder, x, y):
+            self.first_ten = y[:10]
+            return []
+
+    class Data:
+        multilabel, name, classes = False, "sorted", [str(c) for c in range(10)]
+
+    y = torch.arange(10).repeat_interleave(torch.tensor([600, 500, 400, 300, 300, 300, 300, 300, 2, 1]))  # 3,003, sorted
+    x = y.float().reshape(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()  # each image carries its class
+    model = Recording()
+    draw_figures(model, Data(), [], x, y, tmp_path, seed=3)
+    assert sorted(model.first_ten.tolist()) == list(range(10))
+    drawn = torch.bincount(model.latent_rows, minlength=10)
+    assert len(model.latent_rows) == 2000 and (drawn > 0).all()  # classes 8 and 9 (3 images) included
+    assert abs(drawn[0].item() - 2000 * 600 / 3003) <= 2  # otherwise each class its share
+    assert Image.open(tmp_path / "latent_pca.png").size[0] > 0

@@ -226,3 +226,18 @@ def test_binarize():
     assert set(sample.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(sample, binarize(x, generator=torch.Generator().manual_seed(1)))
     assert abs(float(sample.mean()) - float(x.mean())) < 0.05
+
+
+def test_figure_sample_is_stratified_interleaved_and_seeded():
+    from pyrossl.data.splits import figure_sample
+
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    rows = figure_sample(y, 10, seed=0)
+    assert len(set(rows.tolist())) == 10 and torch.bincount(y[rows], minlength=3).tolist() == [5, 3, 2]
+    assert y[rows[:3]].tolist() == [0, 1, 2]  # every class before any class's second
+    assert torch.equal(rows, figure_sample(y, 10, seed=0)) and not torch.equal(rows, figure_sample(y, 10, seed=1))
+    assert sorted(figure_sample(y, 500).tolist()) == list(range(100))  # n beyond the part: all of it
+    rare = torch.tensor([0] * 98 + [1, 2])
+    assert sorted(rare[figure_sample(rare, 3)].tolist()) == [0, 1, 2]  # rare classes kept
+    attributes = torch.randint(0, 2, (40, 5))
+    assert len(set(figure_sample(attributes, 7).tolist())) == 7  # multi-label: a seeded random sample

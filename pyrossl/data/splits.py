@@ -141,6 +141,35 @@ def batch_indices(
     return batches
 
 
+def figure_sample(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Row indices of at most ``n`` examples of a part with labels ``y``, for the figures of a run.
+
+    A seeded stratified sample: each class keeps its share of the part (largest remainder, at least
+    one example of every class present when ``n`` allows), drawn at random within the class, and the
+    rows are interleaved class by class, so that any prefix of the sample spreads over the classes
+    (the first ten rows of ten-class data hold ten classes). Parts are stored sorted, often by class:
+    their first rows would show one class. Multi-label ``y`` (a matrix): a seeded random sample.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    count = y.shape[0]
+    n = min(int(n), count)
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        return torch.randperm(count, generator=generator)[:n]
+    classes, inverse = torch.unique(y.cpu(), return_inverse=True)
+    members = [torch.nonzero(inverse == c).flatten() for c in range(len(classes))]
+    members = [m[torch.randperm(len(m), generator=generator)] for m in members]
+    sizes = [len(m) for m in members]
+    take = _largest_remainder(sizes, n)
+    if n >= len(classes):  # every class shown, taken from the largest shares
+        for c in range(len(classes)):
+            if take[c] == 0:
+                take[max(range(len(classes)), key=lambda k: take[k])] -= 1
+                take[c] = 1
+    # interleave: the r-th example of every class before the (r + 1)-th of any
+    rows = [(r, c, int(m[r])) for c, m in enumerate(members) for r in range(take[c])]
+    return torch.tensor([row for _, _, row in sorted(rows)], dtype=torch.long)
+
+
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Return a dynamic binarisation of ``x``: each value ``p`` in [0, 1] becomes 1 with probability ``p``.
 
