@@ -27,6 +27,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from torch import nn
 
 from pyrossl.errors import ConfigError
+from pyrossl.figures import Figure
 from pyrossl.guides.ccvae import CCVAE_GUIDES, label_values
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.objective import DifferentiableLossELBO, DispatchingELBO
@@ -406,25 +407,20 @@ class CCVAE(ZooModel):
         z = self.latent(x)
         return [self._judged_ends(judge, z, i, batch_size) for i in range(self.model.prior.loc.shape[0])]
 
-    def figures(self, folder, x, y):
-        from pathlib import Path
-
-        from pyrossl import plots
-
-        folder = Path(folder)
+    def figures(self, x, y, outputs=None):
         x = x[:10]
-        paths = [plots.plot_reconstructions(x.cpu(), self.reconstruct(x).cpu(), folder / "reconstructions.png")]
+        figures = [Figure.reconstructions("reconstructions", x, self.reconstruct(x))]
         if not self.multilabel:
             k = self.meta["num_classes"]
             swapped = [self.swap(x, torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)) for c in range(k)]
             rows = torch.stack([x.reshape(swapped[0].shape), *swapped])  # the originals above their swaps
             names = [str(n) for n in (self.label_names or range(k))]
-            paths.append(plots.save_image_grid(rows.reshape(-1, *rows.shape[2:]).cpu(), folder / "swaps.png", nrow=x.shape[0],
-                                               title="characteristic swap: each row below the originals sets z_c to that class's prior mean, z_s kept",
-                                               row_labels=["original", *names]))
+            figures.append(Figure.images("swaps", rows.reshape(-1, *rows.shape[2:]), nrow=x.shape[0],
+                                         title="characteristic swap: each row below the originals sets z_c to that class's prior mean, z_s kept",
+                                         row_labels=["original", *names]))
         else:
             frames = torch.stack([self.walk(x[:1], i)[:, 0] for i in range(self.meta["num_classes"])])
-            paths.append(plots.save_image_grid(frames.reshape(-1, *frames.shape[2:]).cpu(), folder / "walks.png", nrow=frames.shape[1],
-                                               title="latent walks: row i moves z_c[i] from the y=0 to the y=1 prior mean",
-                                               row_labels=self.label_names or None))
-        return paths
+            figures.append(Figure.images("walks", frames.reshape(-1, *frames.shape[2:]), nrow=frames.shape[1],
+                                         title="latent walks: row i moves z_c[i] from the y=0 to the y=1 prior mean",
+                                         row_labels=self.label_names or None))
+        return figures

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -30,9 +29,9 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
-from pyrossl import plots
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import classification_metrics, clustering_metrics, confusion_matrix, label_table, pairs_from_table
+from pyrossl.figures import Figure
 from pyrossl.infer.params import register
 from pyrossl.mixture import GaussianMixtureClassifier, MixtureStack, check_mixture_options
 from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
@@ -279,27 +278,25 @@ class GAE(ELBOModuleEntry, ZooModel):
         z = torch.cat([mix.sample(columns, y, component=m, generator=generator) for m in order])
         return self.decode(self._unstandardise(z))
 
-    def figures(self, folder, x, y):
-        folder = Path(folder)
+    def figures(self, x, y, outputs=None):
         k = self.meta["num_classes"]
         classes = [str(c) for c in self.meta["classes"]] or [str(c) for c in range(k)]
         g = torch.Generator().manual_seed(0)
         per_class = self.sample(10 * k, torch.arange(k).repeat_interleave(10), generator=g)
-        paths = [
-            plots.save_image_grid(per_class.cpu(), folder / "class_samples.png", nrow=10,
-                                  title="z ~ p(z|c), decoded: one class per row", row_labels=classes),
-            plots.save_image_grid(self.sample_styles(0, generator=g).cpu(), folder / "styles.png", nrow=10,
-                                  title=f"class {classes[0]}: one mixture component (style) per row, heaviest first"),
-            plots.plot_confusion(confusion_matrix(self.predict(x).cpu(), y.cpu(), k), classes, folder / "confusion.png"),
-            plots.plot_reconstructions(x[:10].cpu(), self.reconstruct(x[:10]).cpu(), folder / "reconstructions.png"),
+        figures = [
+            Figure.images("class_samples", per_class, nrow=10, title="z ~ p(z|c), decoded: one class per row", row_labels=classes),
+            Figure.images("styles", self.sample_styles(0, generator=g), nrow=10,
+                          title=f"class {classes[0]}: one mixture component (style) per row, heaviest first"),
+            Figure.confusion("confusion", confusion_matrix(self.predict(x).cpu(), y.cpu(), k), classes),
+            Figure.reconstructions("reconstructions", x[:10], self.reconstruct(x[:10])),
         ]
         pairs = class_pairs(y, k)
         if pairs:
             rows = torch.cat([latent_interpolation(self, x[i : i + 1], x[j : j + 1]) for i, j in pairs])
             labels = [f"{classes[int(y[i])]} → {classes[int(y[j])]}" for i, j in pairs]
-            paths.append(plots.save_image_grid(rows.cpu(), folder / "interpolation.png", nrow=10,
-                                               title="linear path between two images' codes", row_labels=labels))
-        return paths
+            figures.append(Figure.images("interpolation", rows, nrow=10, title="linear path between two images' codes",
+                                         row_labels=labels))
+        return figures
 
 
 def class_pairs(y: torch.Tensor, num_classes: int, count: int = 5) -> list[tuple[int, int]]:

@@ -40,7 +40,6 @@ component); beta > 1 trades reconstruction for codes that sit closer to their cl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -48,10 +47,10 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrossl import plots, runs
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import (cluster_mapping, clustering_metrics, confusion_matrix, iwae_log_likelihood, label_table,
                               pairs_from_table)
+from pyrossl.figures import Figure
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.objective import DispatchingELBO, Objective
@@ -162,9 +161,8 @@ class _ClusteringVAE(ELBOModuleEntry, ZooModel):
         loc, scale = self.q_z(x)
         return {"z_loc": loc, "z_scale": scale, "cluster_probs": self.cluster_probs(self.latent(x))}
 
-    def figures(self, folder, x, y):
-        folder = Path(folder)
-        paths = [plots.plot_reconstructions(x[:10].cpu(), self.reconstruct(x[:10]).cpu(), folder / "reconstructions.png")]
+    def figures(self, x, y, outputs=None):
+        figures = [Figure.reconstructions("reconstructions", x[:10], self.reconstruct(x[:10]))]
         clusters = self.cluster(x).cpu()
         k = self.num_clusters
         # rows: clusters in the order of the class each is matched to (Hungarian), so row i shows "class i"
@@ -173,13 +171,13 @@ class _ClusteringVAE(ELBOModuleEntry, ZooModel):
         matched = torch.tensor([mapping.get(int(c), -1) for c in clusters])
         if (matched >= 0).all():
             cm = confusion_matrix(matched, y.cpu(), self.meta["num_classes"])
-            paths.append(plots.plot_confusion(cm, self.meta.get("classes"), folder / "cluster_confusion.png"))
+            figures.append(Figure.confusion("cluster_confusion", cm, self.meta.get("classes")))
         names = self.meta.get("classes") or [str(i) for i in range(self.meta["num_classes"])]
         samples = torch.cat([self.sample_cluster(10, c) for c in order])
-        paths.append(plots.save_image_grid(samples.cpu(), folder / "cluster_samples.png", nrow=10,
-                                           row_labels=[f"cluster {c} → {names[mapping[c]]}" if c in mapping else f"cluster {c}" for c in order],
-                                           title="samples per cluster (rows matched to classes)"))
-        return paths
+        figures.append(Figure.images("cluster_samples", samples, nrow=10,
+                                     row_labels=[f"cluster {c} → {names[mapping[c]]}" if c in mapping else f"cluster {c}" for c in order],
+                                     title="samples per cluster (rows matched to classes)"))
+        return figures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +252,7 @@ class SerketVAEGMM(_ClusteringVAE):
         # the message to each dataset row: its cluster (-1: none yet, the prior is N(0, I))
         self.register_buffer("assignment", torch.full((num_examples,), -1, dtype=torch.long))
         self.register_buffer("rounds", torch.zeros((), dtype=torch.long))
-        self._round = None  # the last round's codes and clusters, until write_outputs saves them
+        self._round = None  # the last round's codes and clusters, until epoch_outputs hands them to the run folder
 
     @property
     def num_clusters(self) -> int:
@@ -340,53 +338,41 @@ class SerketVAEGMM(_ClusteringVAE):
         loc = self.gmm.means[k.to(self.gmm.means.device)]
         return self.decode(loc + torch.randn_like(loc))
 
-    def write_outputs(self, out, epoch, labels):
-        """Serket's files for the round that just ended: under ``NNN/`` and, as the latest, at the top."""
+    def epoch_outputs(self, epoch, labels):
+        """Serket's tables of the round that just ended: under ``rounds/NNN/`` and, as the latest, at the top."""
         if self._round is None:
-            return []
+            return {}
         r, self._round = self._round, None
         order = r["index"].argsort()  # rows in dataset order, as Serket's data file
         index, z, classes = r["index"][order], r["z"][order], r["classes"][order]
         truth = labels(index).cpu()
         metrics = clustering_metrics(classes, truth)
-        out = Path(out)
-        paths = []
-        tables = [("module001_vae/z_learn.txt", z.numpy(), "%.18e"), ("module002_gmm/class_learn.txt", classes.numpy(), "%d"),
-                  ("module002_gmm/acc_learn.txt", [metrics["cluster_accuracy"]], "%.18e"),
-                  ("module002_gmm/mu.txt", self.gmm.means.cpu().numpy(), "%.18e")]
-        for folder in (out, out / "rounds" / f"{r['round']:03d}"):
-            for name, table, fmt in tables:
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                runs.write_table(folder / name, table, fmt)
-                paths.append(folder / name)
-        runs.write_table(out / "index.txt", index.numpy(), "%d")
-        runs.write_table(out / "category.txt", truth.numpy(), "%d")
-        return paths + [out / "index.txt", out / "category.txt"]
+        tables = {"module001_vae/z_learn.txt": (z.numpy(), "%.18e"), "module002_gmm/class_learn.txt": (classes.numpy(), "%d"),
+                  "module002_gmm/acc_learn.txt": ([metrics["cluster_accuracy"]], "%.18e"),
+                  "module002_gmm/mu.txt": (self.gmm.means.cpu().numpy(), "%.18e")}
+        kept = {**tables, **{f"rounds/{r['round']:03d}/{name}": table for name, table in tables.items()}}
+        return {**kept, "index.txt": (index.numpy(), "%d"), "category.txt": (truth.numpy(), "%d")}
 
     @classmethod
-    def read_outputs(cls, run_dir, options) -> dict:
+    def read_outputs(cls, files, options) -> dict:
         """The codes before the first message and after the last (``rounds/001`` and the top
         ``module001_vae/z_learn.txt``) with the true classes (``category.txt``), checked; empty before a round."""
-        run = Path(run_dir)
-        first = run / "rounds" / "001" / "module001_vae" / "z_learn.txt"
-        if not (first.exists() or (run / "category.txt").exists()):
+        first = "rounds/001/module001_vae/z_learn.txt"
+        if not (files.exists(first) or files.exists("category.txt")):
             return {}
-        truth = runs.read_table(run / "category.txt", dtype=int)
+        truth = files.table("category.txt", dtype=int)
         shape = (len(truth), options.z_dim)
-        return {"truth": truth, "before": runs.read_table(first, shape=shape),
-                "after": runs.read_table(run / "module001_vae" / "z_learn.txt", shape=shape)}
+        return {"truth": truth, "before": files.table(first, shape=shape),
+                "after": files.table("module001_vae/z_learn.txt", shape=shape)}
 
-    def figures(self, folder, x, y):
-        kept = self.read_outputs(Path(folder).parent, self.options)  # first: a damaged file stops before any figure is drawn
-        paths = super().figures(folder, x, y)
-        if kept:
-            truth, before, after = kept["truth"], kept["before"], kept["after"]
-            rounds = int(self.rounds)
-            paths.append(plots.plot_latent_pair(
-                before, after, truth, Path(folder) / "latent_before_after.png", classes=self.meta.get("classes"),
-                titles=("round 1: before the first message (plain VAE)", f"round {rounds}: after the last message"),
+    def figures(self, x, y, outputs=None):
+        figures = super().figures(x, y)
+        if outputs:
+            figures.append(Figure.latent_pair(
+                "latent_before_after", outputs["before"], outputs["after"], outputs["truth"], classes=self.meta.get("classes"),
+                titles=("round 1: before the first message (plain VAE)", f"round {int(self.rounds)}: after the last message"),
             ))
-        return paths
+        return figures
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -41,9 +40,9 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrossl import plots
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import confusion_matrix, iwae_log_likelihood
+from pyrossl.figures import Figure
 from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide, as_one_hot
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
@@ -343,15 +342,14 @@ class M2(LabelClassifier, ZooModel):
         y = torch.arange(k, device=device).repeat_interleave(columns)
         return self.decode(self.one_hot(y), z)
 
-    def figures(self, folder, x, y):
-        folder = Path(folder)
+    def figures(self, x, y, outputs=None):
         classes = [str(c) for c in self.meta["classes"]] or [str(c) for c in range(self.meta["num_classes"])]
         cm = confusion_matrix(self.predict(x).cpu(), y.cpu(), self.meta["num_classes"])
         return [
-            plots.save_image_grid(self.class_conditional_samples().cpu(), folder / "class_samples.png", nrow=10,
-                                  title="p(x|y,z): one class per row, one z per column", row_labels=classes),
-            plots.plot_confusion(cm, classes, folder / "confusion.png"),
-            plots.plot_reconstructions(x[:10].cpu(), self.reconstruct(x[:10]).cpu(), folder / "reconstructions.png"),
-            plots.plot_latent_pca(self.latent(x[:1000]).cpu(), y[:1000].cpu(), folder / "latent_tsne.png", classes=classes,
-                                  title="t-SNE of the means of q(z|x, y = predicted class)", method="tsne"),
+            Figure.images("class_samples", self.class_conditional_samples(), nrow=10,
+                          title="p(x|y,z): one class per row, one z per column", row_labels=classes),
+            Figure.confusion("confusion", cm, classes),
+            Figure.reconstructions("reconstructions", x[:10], self.reconstruct(x[:10])),
+            Figure.latent("latent_tsne", self.latent(x[:1000]), y[:1000], classes=classes,
+                          title="t-SNE of the means of q(z|x, y = predicted class)", method="tsne"),
         ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -24,8 +23,8 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrossl import plots
 from pyrossl.evaluate import iwae_log_likelihood
+from pyrossl.figures import Figure
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
@@ -183,10 +182,9 @@ class VAE(ELBOModuleEntry, ZooModel):
         z = torch.randn(n, self.options.z_dim, device=next(self.parameters()).device)
         return self.decode(z)
 
-    def figures(self, folder, x, y):
-        folder = Path(folder)
+    def figures(self, x, y, outputs=None):
         x = x[:10]
         return [
-            plots.plot_reconstructions(x.cpu(), self.reconstruct(x).cpu(), folder / "reconstructions.png"),
-            plots.save_image_grid(self.sample(100).cpu(), folder / "samples.png", nrow=10, title="samples from p(x|z), z ~ N(0, I)"),
+            Figure.reconstructions("reconstructions", x, self.reconstruct(x)),
+            Figure.images("samples", self.sample(100), nrow=10, title="samples from p(x|z), z ~ N(0, I)"),
         ]

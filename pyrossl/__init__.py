@@ -28,7 +28,21 @@ from pyrossl.errors import (  # noqa: E402
     PyrosslError,
     TrainingError,
 )
-from pyrossl.runs import Run, load_run  # noqa: E402
+
+
+def __getattr__(name):
+    # Run and load_run come from the run-folder layer, loaded on first use: importing a model module
+    # (pyrossl.models.m2) loads the model, its guides and the layers below, nothing of runs or training
+    if name in ("Run", "load_run"):
+        from pyrossl import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module 'pyrossl' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), "Run", "load_run"})
+
 
 __all__ = [
     "CheckpointError",

@@ -15,6 +15,7 @@ import torch
 
 from pyrossl import plots, runs
 from pyrossl.data.splits import figure_sample
+from pyrossl.figures import KINDS, Figure
 
 
 def figure_part(split, evaluate_on_train: bool) -> str:
@@ -27,11 +28,13 @@ def figure_part(split, evaluate_on_train: bool) -> str:
 
 
 def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.Tensor, folder: str | Path,
-                 seed: int = 0) -> list[Path]:
+                 seed: int = 0, outputs: dict | None = None) -> list[Path]:
     """Learning curves, the latent space coloured by class, and the model's own figures, into ``folder``.
 
     The images are a seeded sample of at most 2,000 of the part ``x``, stratified over its classes and
     interleaved (:func:`~pyrossl.data.splits.figure_sample`): a figure of the first ten shows ten classes.
+    The entry says what to draw (:meth:`~pyrossl.zoo.Entry.figures`, with ``outputs``, the tables it
+    kept in the run); :func:`draw` draws it.
     """
     folder = Path(folder)
     paths = []
@@ -55,8 +58,13 @@ def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.
     if z is not None and not dataset.multilabel:
         paths.append(plots.plot_latent_pca(z.cpu(), y.cpu(), folder / "latent_pca.png", classes=dataset.classes,
                                            title=f"{model.latent_title}, {dataset.name}"))
-    paths += model.figures(folder, x, y)
+    paths += [draw(figure, folder) for figure in model.figures(x, y, outputs or {})]
     return [Path(p) for p in paths]
+
+
+def draw(figure: Figure, folder: str | Path) -> Path:
+    """Draw one :class:`~pyrossl.figures.Figure` of an entry into ``folder/<name>.png`` (atomically)."""
+    return getattr(plots, KINDS[figure.kind])(**figure.arguments, path=Path(folder) / f"{figure.name}.png")
 
 
 def _cell(value) -> str:
@@ -104,8 +112,9 @@ def write_report(run_dir: str | Path, which: str = "best", device: str = "cpu") 
     with runs.RunLock(run_dir, "pyrossl report"):  # never beside a training that writes the same figures
         runs.prepare_output(run_dir / runs.FIGURES)  # a run that cannot take its figures is said before anything loads
         run = runs.load_run(run_dir, which=which, device=device)
-        type(run.model).read_outputs(run_dir, run.model.options)  # the entry's own files, checked before anything is redrawn
+        outputs = run.outputs()  # the entry's own files, checked before anything is redrawn
         part = figure_part(run.split, run.model.evaluate_on_train)
         x, y = run.tensors(part)
-        figures = draw_figures(run.model, run.dataset, run.metrics, x, y, run_dir / runs.FIGURES, seed=run.config.seed)
+        figures = draw_figures(run.model, run.dataset, run.metrics, x, y, run_dir / runs.FIGURES, seed=run.config.seed,
+                               outputs=outputs)
         return write_index(run_dir, figures), figures

@@ -293,6 +293,39 @@ def read_table(path: Path, dtype=float, shape: tuple[int | None, ...] = (None,))
     return table
 
 
+class RunFiles:
+    """The tables an entry keeps in a run directory, as the entry sees them: names relative to the
+    run, read and checked here (:func:`read_table`), written atomically (:func:`write_tables`). Entries
+    get one of these instead of paths, so that no model touches the file system itself."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def path(self, name: str) -> Path:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise PyrosslError(f"{name!r} cannot name a file of a run: it must be a path inside it")
+        return self.run_dir / name
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def table(self, name: str, shape: tuple[int | None, ...] = (None,), dtype=float) -> "np.ndarray":
+        return read_table(self.path(name), dtype=dtype, shape=shape)
+
+
+def write_tables(run_dir: Path, tables: dict) -> list[Path]:
+    """Write an entry's tables (:meth:`~pyrossl.zoo.Entry.epoch_outputs`: ``{name: (array, format)}``,
+    names relative to ``run_dir``), each atomically; returns the paths."""
+    files, paths = RunFiles(run_dir), []
+    for name, (table, fmt) in tables.items():
+        path = files.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_table(path, table, fmt)
+        paths.append(path)
+    return paths
+
+
 #: what every finished run's summary.json holds, and the type each must have
 SUMMARY_FIELDS = {"model": str, "guide": str, "dataset": str, "seed": int, "epochs": int, "best_epoch": int,
                   "selection_metric": str, "seconds": (int, float), "best": dict, "last": dict}
@@ -355,6 +388,11 @@ class Run:
     split: object
     metrics: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+
+    def outputs(self) -> dict:
+        """The tables the entry kept in the run and reads again (Serket's codes before and after its
+        rounds...), read and checked: ``type(model).read_outputs`` on this run's files."""
+        return type(self.model).read_outputs(RunFiles(self.path), self.model.options)
 
     def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of one part of the split: labelled, unlabelled, validation, test, or train (labelled and unlabelled)."""

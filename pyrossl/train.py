@@ -321,7 +321,7 @@ class Trainer:
         # every file the resumed run reads, read now (before any data is loaded) so a damaged one is named at once
         runs.read_metrics(self.out)
         cls = model_class(self.config.model)
-        cls.read_outputs(self.out, cls.make_options(self.config.options))
+        cls.read_outputs(runs.RunFiles(self.out), cls.make_options(self.config.options))
         if (self.out / runs.CHECKPOINT).exists():
             self._resume_state = runs.load_checkpoint(self.out / runs.CHECKPOINT, keys=("model", "optimizer", "rng", "counters"))
             check_progress(self._resume_state, self.config.train.epochs, self.out / runs.CHECKPOINT)
@@ -724,7 +724,7 @@ class Trainer:
             train_seconds = earlier + time.perf_counter() - start
             metrics = self._evaluate(stream=epoch) if evaluate else {}
             if self.writer:  # an entry's files of the epoch (Serket's round tables), whether evaluated or not
-                self.model.write_outputs(self.out, epoch, lambda index: self.data.y[index.to(self.device)])
+                runs.write_tables(self.out, self.model.epoch_outputs(epoch, lambda index: self.data.y[index.to(self.device)]))
             self.seconds += time.perf_counter() - start
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
                       "train_seconds": train_seconds, **logs, **metrics}
@@ -837,7 +837,9 @@ class Trainer:
 
         part = report.figure_part(self.split, self.model.evaluate_on_train)
         x, y = self._training_set() if part == "train" else self.data.part(part)
-        paths = report.draw_figures(self.model, self.dataset, records, x, y, self.out / runs.FIGURES, seed=self.config.seed)
+        outputs = type(self.model).read_outputs(runs.RunFiles(self.out), self.model.options)
+        paths = report.draw_figures(self.model, self.dataset, records, x, y, self.out / runs.FIGURES, seed=self.config.seed,
+                                    outputs=outputs)
         report.write_index(self.out, paths)
         return paths
 

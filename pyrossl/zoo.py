@@ -196,18 +196,21 @@ class ZooModel(nn.Module):
         return {}
 
     @classmethod
-    def read_outputs(cls, run_dir, options) -> dict:
-        """The files :meth:`write_outputs` keeps in ``run_dir`` that the entry reads again (for its
-        figures), read and checked: a damaged one is a CheckpointError naming the file. Called before
-        a run is resumed or redrawn, so that nothing is rewritten on the way to that error."""
+    def read_outputs(cls, files, options) -> dict:
+        """What the entry reads again (for its figures) of the tables :meth:`epoch_outputs` kept.
+
+        ``files`` reads the run directory (:class:`pyrossl.runs.RunFiles`: ``files.exists(name)``,
+        ``files.table(name, shape=..., dtype=...)``, names relative to the run), checked: a damaged
+        table is a CheckpointError naming the file. Called before a run is resumed or redrawn, so that
+        nothing is rewritten on the way to that error; the result reaches :meth:`figures`.
+        """
         return {}
 
-    def write_outputs(self, out, epoch: int, labels: Callable[[torch.Tensor], torch.Tensor]) -> list:
-        """Called after every epoch (rank 0): files the model keeps in its run directory ``out``.
-
-        ``labels(index)`` gives the true labels of dataset rows, for scoring only. Returns the paths written.
-        """
-        return []
+    def epoch_outputs(self, epoch: int, labels: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """Called after every epoch (rank 0): the tables the entry keeps in its run directory, as
+        ``{name relative to the run: (array, numpy format)}``; the run-folder layer writes them
+        (atomically). ``labels(index)`` gives the true labels of dataset rows, for scoring only."""
+        return {}
 
     # --- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -319,8 +322,10 @@ class ZooModel(nn.Module):
         """``n`` images from the generative model (of classes ``y`` where the model is conditional)."""
         raise NotImplementedError
 
-    def figures(self, folder, x: torch.Tensor, y: torch.Tensor) -> list:
-        """The model's own figures of a trained run, written into ``folder``; returns their paths."""
+    def figures(self, x: torch.Tensor, y: torch.Tensor, outputs: dict | None = None) -> list:
+        """The model's own figures of a trained run, as :class:`pyrossl.figures.Figure` specs that the
+        report layer draws: ``x, y`` a stratified sample of the figure part, ``outputs`` what
+        :meth:`read_outputs` read of the run."""
         return []
 
 

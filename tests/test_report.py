@@ -97,7 +97,7 @@ def test_figures_show_every_class_of_a_class_sorted_part(tmp_path):
             self.latent_rows = x[:, 0, 0, 0].long()
             return torch.randn(len(x), 2)
 
-        def figures(self, folder, x, y):
+        def figures(self, x, y, outputs=None):
             self.first_ten = y[:10]
             return []
 

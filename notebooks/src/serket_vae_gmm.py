@@ -62,7 +62,7 @@ plt.show()
 
 # %%
 run = pyrossl.load_run(OUT / "serket")
-kept = run.model.read_outputs(OUT / "serket", run.model.options)
+kept = run.outputs()  # the tables the entry kept in the run, read and checked
 path = plots.plot_latent_pair(kept["before"], kept["after"], kept["truth"], OUT / "serket" / "figures" / "before_after_again.png",
                               classes=run.dataset.classes, titles=("round 1: no message yet", f"round {len(rounds)}: after the last"))
 display(Image(filename=str(path)))
