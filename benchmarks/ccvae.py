@@ -31,7 +31,8 @@ import torch
 from pyrossl.config import load_config
 from pyrossl.evaluate import mean_sd
 from pyrossl.judge import fit_judge, judge_accuracy
-from pyrossl.runs import load_run, read_metrics
+from pyrossl.run import load_run
+from pyrossl.runs import read_metrics
 from pyrossl.train import train_to_completion, tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from pyrossl.config import config_from_dict, load_config
 from pyrossl.data import load_dataset
 from pyrossl.evaluate import mean_sd
 from pyrossl.models.gae import class_pairs, latent_interpolation
-from pyrossl.runs import load_run
+from pyrossl.run import load_run
 from pyrossl.train import train_to_completion, tune_allocator
 
 PUBLISHED = {"fashion-mnist": 0.8538, "mnist5k": 0.9766}  # the post; its MNIST figure is on full MNIST

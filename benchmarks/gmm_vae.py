@@ -101,7 +101,7 @@ def serket_plain(x: np.ndarray, seed: int, config, image_shape) -> tuple[np.ndar
 def zoo_run(method: str, seed: int, runs_dir: Path, overrides: list[str]) -> tuple[np.ndarray, dict]:
     """Train (or read) the recipe's run for ``seed``; clusters of the training points and the run's seconds."""
     from pyrossl.config import load_config
-    from pyrossl.runs import load_run
+    from pyrossl.run import load_run
     from pyrossl.train import train_to_completion
 
     config = load_config(str(RECIPES[method]), [*overrides, f"seed={seed}", "train.progress=false"])

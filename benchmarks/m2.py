@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pyrossl import runs
+from pyrossl.run import load_run
 from pyrossl.config import load_config
 from pyrossl.evaluate import mean_sd
 from pyrossl.registry import build_model
@@ -58,7 +59,7 @@ def generative_agreement(out: Path, images: int, num_samples: int = 16) -> dict:
     On the first ``images`` validation images: the accuracy of each and how often their classes agree.
     M2's unlabelled term pulls q(y|x) towards p(y|x); where they agree, it has nothing left to teach.
     """
-    run = runs.load_run(out)
+    run = load_run(out)
     x, y = run.tensors("validation")
     x, y = x[:images], y[:images]
     q = run.predict(x)

@@ -416,7 +416,7 @@ class CCVAE(ZooModel):
             rows = torch.stack([x.reshape(swapped[0].shape), *swapped])  # the originals above their swaps
             names = [str(n) for n in (self.label_names or range(k))]
             figures.append(Figure.images("swaps", rows.reshape(-1, *rows.shape[2:]), nrow=x.shape[0],
-                                         title="characteristic swap: each row below the originals sets z_c to that class's prior mean, z_s kept",
+                                         title="swaps: row k sets z_c to class k's prior mean, z_s kept",
                                          row_labels=["original", *names]))
         else:
             frames = torch.stack([self.walk(x[:1], i)[:, 0] for i in range(self.meta["num_classes"])])

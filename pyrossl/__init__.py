@@ -34,9 +34,9 @@ def __getattr__(name):
     # Run and load_run come from the run-folder layer, loaded on first use: importing a model module
     # (pyrossl.models.m2) loads the model, its guides and the layers below, nothing of runs or training
     if name in ("Run", "load_run"):
-        from pyrossl import runs
+        from pyrossl import run
 
-        return getattr(runs, name)
+        return getattr(run, name)
     raise AttributeError(f"module 'pyrossl' has no attribute {name!r}")
 
 

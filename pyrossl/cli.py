@@ -212,7 +212,7 @@ def format_summary(summary: dict) -> str:
 
 
 def cmd_eval(args) -> int:
-    from pyrossl.runs import load_run
+    from pyrossl.run import load_run
 
     if args.iwae < 0:
         raise PyrosslError(f"--iwae must be 0 (off) or a positive number of samples, not {args.iwae}")

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pyrossl.errors import ConfigError
+
 #: Seconds a collective waits for the other processes before failing (``PYROSSL_DIST_TIMEOUT``).
 DEFAULT_TIMEOUT = 600.0
 
@@ -233,3 +235,16 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if _context.backend == "nccl" else torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}' (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for, but CUDA is not available here (use --device auto or cpu)")
+    return device

@@ -25,7 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pyrossl import runs
+from pyrossl.files import atomic_write_bytes
 from pyrossl.evaluate import to_numpy
 
 ArrayLike = torch.Tensor | npt.ArrayLike
@@ -70,7 +70,7 @@ def _save(fig: Figure, path: PathLike, dpi: int = 100) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     # atomically: a kill or a full disk never leaves a cut PNG, and a link planted at ``out`` is refused
-    runs.atomic_write_bytes(out, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+    atomic_write_bytes(out, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
     # The figure was never registered with pyplot; clearing drops its artists at once rather than
     # whenever the garbage collector gets to them.
     fig.clear()
@@ -334,7 +334,7 @@ def plot_latent_pca(
         return None
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write_bytes(out, lambda f: ax.figure.savefig(f, format="png", bbox_inches="tight"))
+    atomic_write_bytes(out, lambda f: ax.figure.savefig(f, format="png", bbox_inches="tight"))
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pyrossl import plots, runs
+from pyrossl.run import load_run
 from pyrossl.data.splits import figure_sample
 from pyrossl.figures import KINDS, Figure
 
@@ -111,7 +112,7 @@ def write_report(run_dir: str | Path, which: str = "best", device: str = "cpu") 
         raise runs.CheckpointError(f"{run_dir} is not a run directory (no {runs.CONFIG})")
     with runs.RunLock(run_dir, "pyrossl report"):  # never beside a training that writes the same figures
         runs.prepare_output(run_dir / runs.FIGURES)  # a run that cannot take its figures is said before anything loads
-        run = runs.load_run(run_dir, which=which, device=device)
+        run = load_run(run_dir, which=which, device=device)
         outputs = run.outputs()  # the entry's own files, checked before anything is redrawn
         part = figure_part(run.split, run.model.evaluate_on_train)
         x, y = run.tensors(part)

@@ -46,19 +46,7 @@ from pyrossl.data import batch_indices, binarize
 from pyrossl.errors import CheckpointError, ConfigError, Interrupted, ProcessLost, PyrosslError, TrainingError, TrainingInterrupted, WriteError
 from pyrossl.infer.params import module_local
 from pyrossl.registry import build_model, model_class, resolve
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{name}' (use auto, cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' asked for, but CUDA is not available here (use --device auto or cpu)")
-    return device
+from pyrossl.distributed import resolve_device
 
 
 #: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`tune_allocator` sets

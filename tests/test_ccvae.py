@@ -9,6 +9,7 @@ from pyro import poutine
 
 from conftest import tiny_config
 from pyrossl import runs
+from pyrossl.run import load_run
 from pyrossl.models.ccvae import CCVAE, CCVAE_ELBO, CCVAELabelled_ELBO, CCVAEOptions, ConditionalPrior
 from pyrossl.train import train
 
@@ -145,7 +146,7 @@ def test_digits_with_10_labels_per_class_learns_to_classify(tmp_path):
     assert summary["test_accuracy"] > 0.75  # 100 labels; logistic regression on them: about 0.8 at best
     for name in ("swaps.png", "reconstructions.png"):
         assert (tmp_path / "run" / "figures" / name).stat().st_size > 0
-    run = runs.load_run(tmp_path / "run")
+    run = load_run(tmp_path / "run")
     assert run.posterior(run.tensors("test")[0][:5])["y_probs"].shape == (5, 10)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from conftest import tiny_config
 from pyrossl import distributed, runs
+from pyrossl.run import load_run
 from pyrossl.config import config_from_dict
 from pyrossl.errors import TrainingInterrupted
 from pyrossl.train import Trainer
@@ -116,7 +117,7 @@ def test_two_processes_end_identical_and_write_one_run_directory(tmp_path):
     # evaluation was split: each process counted one half of each set, and the sums give one process's metrics
     dump = tmp_path / "states-2-run"
     rows = [json.loads((dump / f"rows{r}.json").read_text()) for r in (0, 1)]
-    run = runs.load_run(out, "last")
+    run = load_run(out, "last")
     sizes = [run.split.validation.numel(), run.split.test.numel()]
     assert [a + b for a, b in zip(*rows)] == sizes * (len(rows[0]) // 2) and all(abs(a - b) <= 1 for a, b in zip(*rows))
     for part, prefix in (("validation", "val_"), ("test", "test_")):
@@ -133,7 +134,7 @@ def test_two_processes_train_the_new_guides_and_write_the_kl_of_each_unit(tmp_pa
                         "options": {"z_dim": 3, "hidden": [16], "flow_hidden": [8]}})
     states = _launch(tmp_path, config, out)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert any("z_guide.maps" in k for k in states[0]) and runs.load_run(out, "last").model.z_guide_name == "flow"
+    assert any("z_guide.maps" in k for k in states[0]) and load_run(out, "last").model.z_guide_name == "flow"
     last = runs.read_metrics(out)[-1]
     assert len(last["val_kl_per_unit"]) == 3 and 0 <= last["val_active_units"] <= 3
 

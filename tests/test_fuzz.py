@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from pyrossl import cli, runs
+from pyrossl.run import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "runs").glob("*.toml"))
@@ -171,7 +172,7 @@ def test_mutated_recipes_train_or_exit_2_with_one_line(case, tmp_path_factory, c
     assert_promise(code, err, f"{name} mutated to\n{toml_text(recipe)}")
     event(f"exit {code}" + (f": {err.strip()[16:70]}" if os.environ.get("PYROSSL_FUZZ_MESSAGES") else ""))
     if code == 0:  # what trained can be read back by every command
-        assert runs.load_run(folder / "run").summary["epochs"] >= 1
+        assert load_run(folder / "run").summary["epochs"] >= 1
 
 
 def test_the_tiny_recipes_train(tmp_path, capsys):
@@ -272,4 +273,4 @@ def test_damaged_run_directories_exit_2_with_one_line_and_are_not_made_worse(
     if code == 2 or command == "eval":
         assert not changed, f"{what}: exit {code} but changed {changed}"
     elif changed:  # it rewrote the run (a resume finishing it again): then the run is whole
-        runs.load_run(run_dir)
+        load_run(run_dir)

@@ -9,7 +9,7 @@ from pyrossl.config import load_config
 from pyrossl.errors import ConfigError
 from pyrossl.models.gae import GAE, GAEOptions, class_pairs, latent_interpolation
 from pyrossl.registry import resolve
-from pyrossl.runs import load_run
+from pyrossl.run import load_run
 from pyrossl.train import train
 
 META = {"image_shape": (1, 8, 8), "num_classes": 3, "classes": ("a", "b", "c")}

@@ -11,7 +11,8 @@ from pyrossl.config import load_config
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import cluster_accuracy
 from pyrossl.models.gmm_vae import GMMVAE, GMMVAEOptions, SerketOptions, SerketVAEGMM
-from pyrossl.runs import load_run, read_metrics
+from pyrossl.run import load_run
+from pyrossl.runs import read_metrics
 from pyrossl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

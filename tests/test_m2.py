@@ -7,6 +7,7 @@ import torch
 
 from conftest import one_checked_step, tiny_config
 from pyrossl import runs
+from pyrossl.run import load_run
 from pyrossl.models.m2 import M2, M2Options
 from pyrossl.train import train
 
@@ -223,7 +224,7 @@ def test_iwae_is_refused_for_the_other_guides(guide):
 @pytest.mark.parametrize("guide", LATENT_GUIDES)
 def test_cli_trains_and_load_run_reloads_the_simplex_latent_guides(guide, tmp_path, capsys):
     from pyrossl.cli import main
-    from pyrossl.runs import load_run
+    from pyrossl.run import load_run
 
     recipe = tmp_path / "m2.toml"
     recipe.write_text(f'model = "m2"\nguide = "{guide}"\n[data]\nname = "digits"\nlabels_per_class = 3\n'
@@ -251,7 +252,7 @@ def test_the_demo_decodes_the_class_it_is_given(tmp_path):
     from pyrossl.train import train
 
     train(load_config(ROOT / "runs" / "demo.toml", ["train.epochs=4", "train.progress=false"]), tmp_path / "demo")
-    run = runs.load_run(tmp_path / "demo", which="last")
+    run = load_run(tmp_path / "demo", which="last")
     torch.manual_seed(0)
     samples = run.model.class_conditional_samples(columns=20)
     rows = torch.arange(10).repeat_interleave(20)

@@ -5,6 +5,7 @@ import torch
 
 from conftest import WritesAFile, tiny_config
 from pyrossl import runs
+from pyrossl.run import load_run
 from pyrossl.errors import CheckpointError, PyrosslError, WriteError
 from pyrossl.train import train
 
@@ -65,7 +66,7 @@ def test_garbage_and_missing_checkpoints(tmp_path):
 
 def test_load_run_restores_the_trained_model(tmp_path):
     train(tiny_config(), tmp_path / "run")
-    run = runs.load_run(tmp_path / "run", which="last")
+    run = load_run(tmp_path / "run", which="last")
     saved = runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["model"]
     for key, value in run.model.state_dict().items():
         assert torch.equal(value, saved[key]), key
@@ -76,11 +77,11 @@ def test_load_run_restores_the_trained_model(tmp_path):
     assert run.sample(5).shape == (5, 1, 8, 8)
     assert [r["epoch"] for r in run.metrics] == [1, 2, 3]
     assert run.summary["model"] == "vae"
-    best = runs.load_run(tmp_path / "run")
+    best = load_run(tmp_path / "run")
     best_saved = runs.load_checkpoint(tmp_path / "run" / runs.BEST)["model"]
     assert all(torch.equal(v, best_saved[k]) for k, v in best.model.state_dict().items())
     with pytest.raises(Exception, match="which"):
-        runs.load_run(tmp_path / "run", which="first")
+        load_run(tmp_path / "run", which="first")
 
 
 def test_load_run_round_trips_a_trained_m2(tmp_path):
@@ -91,7 +92,7 @@ def test_load_run_round_trips_a_trained_m2(tmp_path):
                                         "options": {"z_dim": 4, "hidden": [32]}})
     trainer = Trainer(config, tmp_path / "m2")
     trainer.fit()
-    run = runs.load_run(tmp_path / "m2", which="last")
+    run = load_run(tmp_path / "m2", which="last")
     x, y = run.tensors("test")
     trainer.model.eval()
     with torch.no_grad():
@@ -125,7 +126,7 @@ def test_every_model_describes_its_posterior_and_has_a_predictive(tmp_path, name
     if "options" not in overrides:
         overrides["options"] = {"z_dim": 4, "hidden": [32]}
     train(tiny_config(model=name, **overrides), tmp_path / name)
-    run = runs.load_run(tmp_path / name)
+    run = load_run(tmp_path / name)
     part = "test" if run.split.test.numel() else "train"
     x, _ = run.tensors(part)
     x = x[:5]

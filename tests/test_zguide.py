@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_config
 from pyrossl import runs
+from pyrossl.run import load_run
 from pyrossl.errors import ConfigError
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, FlowZ, LowRankNormalZ, ZGuideOptions, make_z_guide
@@ -118,12 +119,12 @@ def test_every_entry_with_a_code_trains_with_the_z_guide_and_reloads_exactly(tmp
     kl = summary["last"].get("val_kl_per_unit", summary["last"].get("train_kl_per_unit"))
     assert kl and all(math.isfinite(v) and v > -1e-6 for v in kl)
     # the last checkpoint, reloaded by load_run, gives the trained entry's numbers again
-    run = runs.load_run(tmp_path / "run", which="last")
+    run = load_run(tmp_path / "run", which="last")
     assert run.config.z_guide == z_guide
     x, y = run.tensors("test")
     pyro.set_rng_seed(3)
     first = run.model.evaluate(x, y)
-    again = runs.load_run(tmp_path / "run", which="last")
+    again = load_run(tmp_path / "run", which="last")
     pyro.set_rng_seed(3)
     assert again.model.evaluate(x, y) == first
     if z_guide == "flow":  # the report redraws every figure from the checkpoint
@@ -147,7 +148,7 @@ def test_a_run_written_before_the_z_guides_reloads_and_resumes(tmp_path):
            if not line.startswith(("z_guide", "particles", "objective", "z_rank", "flows"))]
     path.write_text("\n".join(line.replace('guide = "amortised"', 'guide = "diag-normal"') for line in old) + "\n")
     before = runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["model"]
-    run = runs.load_run(tmp_path / "run", which="last")
+    run = load_run(tmp_path / "run", which="last")
     assert run.config.guide == "diag-normal" and run.model.guide_name == "amortised" and run.model.z_guide_name == "diag-normal"
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
     Trainer(runs.read_config(tmp_path / "run"), tmp_path / "run", resume=True)  # the configs agree once resolved

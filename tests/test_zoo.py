@@ -8,6 +8,7 @@ import torch
 
 from conftest import tiny_config
 from pyrossl import runs
+from pyrossl.run import load_run
 from pyrossl.train import train
 from pyrossl.zoo import ZooModel
 
@@ -34,9 +35,9 @@ def _same(a, b):
 def test_counts_of_parts_add_up_to_the_metrics_of_the_whole_set(tmp_path, name):
     overrides = {"model": name, "train.epochs": 1, **ENTRIES[name]}
     train(tiny_config(**overrides), tmp_path / "run")
-    model = runs.load_run(tmp_path / "run").model
+    model = load_run(tmp_path / "run").model
     assert model.splits_evaluation()
-    x, y = runs.load_run(tmp_path / "run").tensors("test")
+    x, y = load_run(tmp_path / "run").tensors("test")
     batch = 8  # parts that start on a batch boundary draw the same sampling noise as the whole set
     pyro.set_rng_seed(1)
     whole = model.evaluate(x, y, batch)
@@ -252,7 +253,7 @@ def test_importing_the_zoo_changes_no_pyro_setting_and_no_param():
 def test_the_zoos_own_calls_leave_pyros_param_store_alone(tmp_path):
     pyro.param("mine", torch.zeros(2))
     train(tiny_config(**{"model": "m2", **ENTRIES["m2"], "train.epochs": 1}), tmp_path / "run")
-    run = runs.load_run(tmp_path / "run")
+    run = load_run(tmp_path / "run")
     x, y = run.tensors("test")
     run.posterior(x)
     run.predictive(2)(x)
@@ -264,7 +265,7 @@ def test_the_zoos_own_calls_leave_pyros_param_store_alone(tmp_path):
 
 def test_the_posterior_predictive_draws_images_not_the_data(tmp_path):
     train(tiny_config(**{"model": "vae", **ENTRIES["vae"], "train.epochs": 1}), tmp_path / "run")
-    run = runs.load_run(tmp_path / "run")
+    run = load_run(tmp_path / "run")
     x, _ = run.tensors("test")
     draws = run.predictive(3)(x[:5])
     assert draws["x"].shape == (3, 5, x[0].numel()) and draws["z"].shape[:2] == (3, 5)
