@@ -9,14 +9,14 @@ STAMP  := $(VENV)/.pyrossl-installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TORCH_SOURCE := $(if $(wildcard /opt/wheels),$(FIND_LINKS),--index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install demo test docs clean
+.PHONY: install demo test lint docs clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_SOURCE) "torch==2.13.0"
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt -e ".[test,docs]"
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt -e ".[test,docs,lint]"
 	touch $(STAMP)
 
 # a fresh run folder each time (outputs/demo-<date>-<time>): the demo runs again and again, always ending with its table
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# ruff's lint rules of pyproject.toml ([tool.ruff]) over the code, tests, benchmarks and tutorial sources
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # the site: Sphinx + myst-nb (tutorials executed in their quick mode), warnings are errors
 docs: $(STAMP)

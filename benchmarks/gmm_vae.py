@@ -145,7 +145,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| method | cluster accuracy (Hungarian) | greedy (Serket) | NMI | ARI | mean log-lik. | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        cell = lambda key: f"{r[key]:.3f} ± {r[key + '_sd']:.3f}" if key in r else "—"  # noqa: E731
+        cell = lambda key, r=r: f"{r[key]:.3f} ± {r[key + '_sd']:.3f}" if key in r else "—"  # noqa: E731
         ll = f"{r['mean_log_likelihood']:.3f}" if "mean_log_likelihood" in r else "—"
         lines.append(f"| {r['method']} | {cell('cluster_accuracy')} | {cell('greedy_cluster_accuracy')} | "
                      f"{cell('nmi')} | {cell('ari')} | {ll} | {r['seconds']:.1f} |")

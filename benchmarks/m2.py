@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from pyrossl import runs
-from pyrossl.run import load_run
 from pyrossl.config import load_config
 from pyrossl.evaluate import mean_sd
 from pyrossl.registry import build_model
+from pyrossl.run import load_run
 from pyrossl.train import make_optimizer, train_to_completion, tune_allocator
 
 GUIDES = "enum,gumbel,st-gumbel,logistic-normal,sample"
@@ -211,7 +211,7 @@ def main(argv=None) -> dict:
         print(f"| {r['method']} | {r['test_accuracy_mean']:.4f} ± {r['test_accuracy_sd']:.4f} | {speed} |")
     for r in rows:
         if "generative_agreement" in r:
-            mean = lambda k: statistics.mean(a[k] for a in r["generative_agreement"])  # noqa: E731
+            mean = lambda k, r=r: statistics.mean(a[k] for a in r["generative_agreement"])  # noqa: E731
             print(f"\n{r['method']}, validation: q(y|x) accuracy {mean('q_accuracy'):.3f}, generative p(y|x) accuracy "
                   f"{mean('generative_accuracy'):.3f}, the two agree on {mean('agreement'):.3f} of the images")
     ms = timing["ms_per_step"]

@@ -25,8 +25,8 @@ from torch import nn
 
 from pyrossl.guides.family import GuideFamily
 from pyrossl.guides.normal import CodeGuide
-from pyrossl.infer.params import register
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
+from pyrossl.infer.params import register
 
 
 class DiagonalClassifier(nn.Module):

@@ -37,16 +37,16 @@ from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
-from pyro import poutine
 import torch
+from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 from pyrossl.guides.family import GuideFamily
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
 from pyrossl.infer.objective import Objective, particle_settings
-from pyrossl.infer.params import register
 from pyrossl.infer.objective import make_elbo as objective_elbo
+from pyrossl.infer.params import register
 from pyrossl.infer.relaxed import ConcreteLabel, LogisticNormalLabel
 from pyrossl.nn import MLP, ConvEncoder, activation
 

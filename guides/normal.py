@@ -10,8 +10,8 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrossl.infer.params import register
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, ZGuideOptions, make_z_guide
+from pyrossl.infer.params import register
 from pyrossl.nn import ConvEncoder, GaussianHead
 
 

@@ -35,7 +35,7 @@ from pyrossl.figures import Figure
 from pyrossl.infer.params import register
 from pyrossl.mixture import GaussianMixtureClassifier, MixtureStack, check_mixture_options
 from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
-from pyrossl.nn import ConvEncoder, MLP, check_network_options
+from pyrossl.nn import MLP, ConvEncoder, check_network_options
 from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 

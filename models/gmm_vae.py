@@ -48,8 +48,14 @@ from pyro import poutine
 from torch import nn
 
 from pyrossl.errors import ConfigError
-from pyrossl.evaluate import (cluster_mapping, clustering_metrics, confusion_matrix, iwae_log_likelihood, label_table,
-                              pairs_from_table)
+from pyrossl.evaluate import (
+    cluster_mapping,
+    clustering_metrics,
+    confusion_matrix,
+    iwae_log_likelihood,
+    label_table,
+    pairs_from_table,
+)
 from pyrossl.figures import Figure
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options

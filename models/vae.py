@@ -30,7 +30,7 @@ from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.infer.objective import Objective
 from pyrossl.infer.params import register
-from pyrossl.nn import check_network_options, ConvDecoder, MLP
+from pyrossl.nn import MLP, ConvDecoder, check_network_options
 from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 

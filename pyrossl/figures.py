@@ -9,8 +9,9 @@ atomically into the run's ``figures/``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 #: kind -> the function of :mod:`pyrossl.plots` that draws it (called with ``path=`` and the figure's arguments)
 KINDS = {
@@ -38,27 +39,27 @@ class Figure:
 
     @classmethod
     def images(cls, name: str, images, nrow: int = 10, title: str | None = None,
-               row_labels: Sequence[str] | None = None) -> "Figure":
+               row_labels: Sequence[str] | None = None) -> Figure:
         return cls(name, "images", {"images": _cpu(images), "nrow": nrow, "title": title,
                                     "row_labels": None if row_labels is None else [str(r) for r in row_labels]})
 
     @classmethod
-    def reconstructions(cls, name: str, x, x_rec) -> "Figure":
+    def reconstructions(cls, name: str, x, x_rec) -> Figure:
         return cls(name, "reconstructions", {"x": _cpu(x), "x_rec": _cpu(x_rec)})
 
     @classmethod
-    def confusion(cls, name: str, cm, classes: Sequence[str] | None) -> "Figure":
+    def confusion(cls, name: str, cm, classes: Sequence[str] | None) -> Figure:
         return cls(name, "confusion", {"cm": _cpu(cm), "classes": None if classes is None else [str(c) for c in classes]})
 
     @classmethod
     def latent(cls, name: str, z, labels, classes: Sequence[str] | None = None, title: str | None = None,
-               method: str = "pca") -> "Figure":
+               method: str = "pca") -> Figure:
         return cls(name, "latent", {"z": _cpu(z), "labels": _cpu(labels), "title": title, "method": method,
                                     "classes": None if classes is None else [str(c) for c in classes]})
 
     @classmethod
     def latent_pair(cls, name: str, z_left, z_right, labels, classes: Sequence[str] | None = None,
-                    titles: tuple[str, str] = ("before", "after")) -> "Figure":
+                    titles: tuple[str, str] = ("before", "after")) -> Figure:
         return cls(name, "latent_pair", {"z_left": _cpu(z_left), "z_right": _cpu(z_right), "labels": _cpu(labels),
                                          "titles": tuple(titles),
                                          "classes": None if classes is None else [str(c) for c in classes]})

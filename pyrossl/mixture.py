@@ -305,7 +305,7 @@ class PyroGaussianMixture(nn.Module):
         for _ in range(self.n_init):
             self._m_step(z64, self._kmeans_init(z64, g))
             ll = self.log_likelihood(z64) / z64.shape[0]
-            for iteration in range(1, self.max_iter + 1):
+            for iteration in range(1, self.max_iter + 1):  # noqa: B007 (read after the loop: the iterations it took)
                 self._m_step(z64, self.responsibilities(z64))
                 new_ll = self.log_likelihood(z64) / z64.shape[0]
                 converged = abs(new_ll - ll) < self.tol

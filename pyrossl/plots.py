@@ -25,8 +25,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pyrossl.files import atomic_write_bytes
 from pyrossl.evaluate import to_numpy
+from pyrossl.files import atomic_write_bytes
 
 ArrayLike = torch.Tensor | npt.ArrayLike
 PathLike = str | os.PathLike

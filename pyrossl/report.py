@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from pyrossl import plots, runs
-from pyrossl.run import load_run
 from pyrossl.data.splits import figure_sample
 from pyrossl.figures import KINDS, Figure
+from pyrossl.run import load_run
 
 
 def figure_part(split, evaluate_on_train: bool) -> str:

@@ -17,8 +17,17 @@ from pyrossl.distributed import resolve_device
 from pyrossl.errors import PyrosslError
 from pyrossl.infer.params import module_local
 from pyrossl.registry import build_model
-from pyrossl.runs import (BEST, CHECKPOINT, RunFiles, load_dataset_for, load_parameters, read_config, read_metrics,
-                          read_summary, split_for)
+from pyrossl.runs import (
+    BEST,
+    CHECKPOINT,
+    RunFiles,
+    load_dataset_for,
+    load_parameters,
+    read_config,
+    read_metrics,
+    read_summary,
+    split_for,
+)
 
 
 @dataclass

@@ -24,15 +24,27 @@ import json
 import math
 import pickle
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:  # numpy is imported where a table is read, not by every command
+    import numpy as np
+
 from pyrossl.config import Config, dumps, load_config
 from pyrossl.errors import CheckpointError, ConfigError, PyrosslError
-from pyrossl.files import (LOCK, RunLock, atomic_save, atomic_write_bytes, atomic_write_text, prepare_output,  # noqa: F401
-                           refuse_symlink, remove_stale_temporaries, write_table)
+from pyrossl.files import (  # noqa: F401
+    LOCK,
+    RunLock,
+    atomic_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    prepare_output,
+    refuse_symlink,
+    remove_stale_temporaries,
+    write_table,
+)
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -267,7 +279,7 @@ def write_config(run_dir: Path, config: Config) -> None:
     atomic_write_text(Path(run_dir) / CONFIG, dumps(config))
 
 
-def read_table(path: Path, dtype=float, shape: tuple[int | None, ...] = (None,)) -> "np.ndarray":
+def read_table(path: Path, dtype=float, shape: tuple[int | None, ...] = (None,)) -> np.ndarray:
     """A whitespace-separated table a model keeps in its run directory (Serket's ``z_learn.txt``...).
 
     ``shape`` gives the size of each axis (None: any, at least one row); a value that is not a
@@ -311,7 +323,7 @@ class RunFiles:
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
 
-    def table(self, name: str, shape: tuple[int | None, ...] = (None,), dtype=float) -> "np.ndarray":
+    def table(self, name: str, shape: tuple[int | None, ...] = (None,), dtype=float) -> np.ndarray:
         return read_table(self.path(name), dtype=dtype, shape=shape)
 
 

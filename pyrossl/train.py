@@ -43,11 +43,19 @@ from tqdm.auto import tqdm
 from pyrossl import distributed, runs
 from pyrossl.config import Config
 from pyrossl.data import batch_indices, binarize
-from pyrossl.errors import CheckpointError, ConfigError, Interrupted, ProcessLost, PyrosslError, TrainingError, TrainingInterrupted, WriteError
+from pyrossl.distributed import resolve_device
+from pyrossl.errors import (
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    ProcessLost,
+    PyrosslError,
+    TrainingError,
+    TrainingInterrupted,
+    WriteError,
+)
 from pyrossl.infer.params import module_local
 from pyrossl.registry import build_model, model_class, resolve
-from pyrossl.distributed import resolve_device
-
 
 #: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`tune_allocator` sets
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

@@ -25,9 +25,8 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
-
 from pyro.infer import ELBO
+from torch import nn
 
 from pyrossl.config import build_dataclass
 from pyrossl.errors import ConfigError

@@ -8,9 +8,8 @@ import torch
 from pyro import poutine
 
 from conftest import tiny_config
-from pyrossl import runs
-from pyrossl.run import load_run
 from pyrossl.models.ccvae import CCVAE, CCVAE_ELBO, CCVAELabelled_ELBO, CCVAEOptions, ConditionalPrior
+from pyrossl.run import load_run
 from pyrossl.train import train
 
 META = {"image_shape": (1, 8, 8), "num_features": 64, "num_classes": 3, "classes": ("a", "b", "c"),

@@ -15,9 +15,8 @@ import torch
 
 from conftest import tiny_config
 from pyrossl import distributed, runs
-from pyrossl.run import load_run
-from pyrossl.config import config_from_dict
 from pyrossl.errors import TrainingInterrupted
+from pyrossl.run import load_run
 from pyrossl.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -74,11 +74,11 @@ def test_every_entry_has_a_page_with_its_generated_options(site):
 
 
 def test_the_guide_tables_on_the_site_are_the_families_tables(site):
-    from pyrossl.guides.label import LABEL_GUIDES
-    from pyrossl.guides.zguide import Z_GUIDES
-
     import html
     import re
+
+    from pyrossl.guides.label import LABEL_GUIDES
+    from pyrossl.guides.zguide import Z_GUIDES
 
     def text(page):  # the page's words, tags dropped, entities and smart quotes undone
         return html.unescape(re.sub(r"<[^>]+>", "", (site / "zoo" / page).read_text())).replace("\u2019", "'")

@@ -69,7 +69,7 @@ def test_enumeration_computes_the_exact_expectation_over_classes():
         unsup = unlabelled.loss(model.model, model.guide, x)
         per_class = [labelled.loss(model.model, model.guide, x, model.one_hot(torch.tensor([c]))) for c in range(3)]
         entropy = -(probs * probs.log()).sum()
-        expected = sum(p * l for p, l in zip(probs, per_class)) - entropy
+        expected = sum(p * loss for p, loss in zip(probs, per_class)) - entropy
     assert unsup == pytest.approx(expected.item(), rel=5e-3)
 
 

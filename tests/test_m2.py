@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from conftest import one_checked_step, tiny_config
-from pyrossl import runs
-from pyrossl.run import load_run
 from pyrossl.models.m2 import M2, M2Options
+from pyrossl.run import load_run
 from pyrossl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,7 +40,7 @@ def test_a_guide_from_a_file_trains_evaluates_reports_resumes_and_loads_in_fresh
     assert "test_accuracy" in json.loads(out)
     assert pyrossl("report", run)[0] == 0
     assert pyrossl("train", "--resume", run, "--quiet")[0] == 0
-    code = ("import pyrossl; run = pyrossl.load_run(r'%s'); print(type(run.model.guide).__name__)" % run)
+    code = f"import pyrossl; run = pyrossl.load_run(r'{run}'); print(type(run.model.guide).__name__)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert loaded.stdout.strip() == "QzxGuide", loaded.stderr
     plugin.rename(tmp_path / "elsewhere.py")

@@ -59,8 +59,9 @@ def test_logistic_normal_log_prob_matches_a_direct_change_of_variables():
     assert torch.allclose(d.log_prob(y), expected, atol=1e-8)
 
 
-@pytest.mark.parametrize("make", [lambda l: ConcreteLabel(0.5, l), lambda l: ConcreteLabel(0.5, l, straight_through=True),
-                                  lambda l: LogisticNormalLabel(l, 1.0, 2.0)])
+@pytest.mark.parametrize("make", [lambda logits: ConcreteLabel(0.5, logits),
+                                  lambda logits: ConcreteLabel(0.5, logits, straight_through=True),
+                                  lambda logits: LogisticNormalLabel(logits, 1.0, 2.0)])
 def test_kl_to_a_categorical_is_the_categorical_kl(make):
     logits = torch.randn(5, 4)
     prior = OneHotCategorical(logits=torch.zeros(5, 4))
@@ -89,13 +90,13 @@ def _gaussian_argmax_probs(logits, sigma):
     """P(argmax_k (logits_k + sigma eps_k) = k), eps ~ N(0, I): int phi(t) prod_j Phi(t + (l_k - l_j) / sigma) dt."""
     normal = torch.distributions.Normal(0.0, 1.0)
     t = torch.linspace(-10, 10, 20001, dtype=torch.float64)
-    l = logits.double() / sigma
+    scaled = logits.double() / sigma
     probs = []
-    for k in range(len(l)):
+    for k in range(len(scaled)):
         integrand = normal.log_prob(t).exp()
-        for j in range(len(l)):
+        for j in range(len(scaled)):
             if j != k:
-                integrand = integrand * normal.cdf(t + l[k] - l[j])
+                integrand = integrand * normal.cdf(t + scaled[k] - scaled[j])
         probs.append(torch.trapezoid(integrand, t))
     return torch.stack(probs)
 

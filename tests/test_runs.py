@@ -5,8 +5,8 @@ import torch
 
 from conftest import WritesAFile, tiny_config
 from pyrossl import runs
-from pyrossl.run import load_run
 from pyrossl.errors import CheckpointError, PyrosslError, WriteError
+from pyrossl.run import load_run
 from pyrossl.train import train
 
 
@@ -56,7 +56,7 @@ def test_garbage_and_missing_checkpoints(tmp_path):
     runs.atomic_save({"w": torch.ones(3)}, good)
     blob = good.read_bytes()
     cases = [bytes(rng.randrange(256) for _ in range(64)) for _ in range(50)] + [blob[: len(blob) // 2], b"", b"PK\x03\x04"]
-    for i, data in enumerate(cases):
+    for data in cases:
         (tmp_path / "g.pt").write_bytes(data)
         with pytest.raises(CheckpointError, match="not a"):
             runs.load_checkpoint(tmp_path / "g.pt")

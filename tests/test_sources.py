@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyrossl.data import DATASETS, dataset_names, load_dataset, write_idx
-from pyrossl.data import sources
+from pyrossl.data import DATASETS, dataset_names, load_dataset, sources, write_idx
 from pyrossl.errors import ConfigError, DataError, DatasetNotFound
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -298,7 +298,7 @@ def test_a_full_disk_at_each_write_in_turn_is_one_line_and_the_resumed_run_ends_
     for n in every:
         run, count = tmp_path / f"full-at-{n}", [0]
 
-        def full_at_n(fd, mode, n=n):
+        def full_at_n(fd, mode, n=n, count=count):
             count[0] += 1
             return DiskFull(real(fd, mode), room=-1) if count[0] == n else real(fd, mode)  # (-1: even an empty write fails)
 
@@ -561,7 +561,7 @@ def test_optimizer_is_fused_on_cpu_and_takes_the_same_steps(name):
     opt = make_optimizer(config, [fused])
     assert opt.defaults["fused"] is True
     reference = type(opt)([loop], lr=0.05, weight_decay=0.01, foreach=False)
-    for step in range(4):
+    for _ in range(4):
         grad = torch.randn(7, 5)
         for p, o in ((fused, opt), (loop, reference)):
             p.grad = grad.clone()

@@ -9,10 +9,10 @@ import torch
 
 from conftest import tiny_config
 from pyrossl import runs
-from pyrossl.run import load_run
 from pyrossl.errors import ConfigError
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, FlowZ, LowRankNormalZ, ZGuideOptions, make_z_guide
+from pyrossl.run import load_run
 from pyrossl.train import train
 
 D, H = 3, 5

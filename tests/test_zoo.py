@@ -185,9 +185,9 @@ def test_svi_loss_is_the_trainers_loss_and_the_elbos_three_methods_agree(name):
     svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 0.0}), entry.elbo)
     for args in batches:
         values = []
-        for compute in (lambda: _trainer_loss(entry, args).item(), lambda: svi.evaluate_loss(*args), lambda: svi.step(*args),
-                        lambda: entry.elbo.loss(entry.model, entry.guide, *args),
-                        lambda: entry.elbo.differentiable_loss(entry.model, entry.guide, *args).item()):
+        for compute in (lambda args=args: _trainer_loss(entry, args).item(), lambda args=args: svi.evaluate_loss(*args),
+                        lambda args=args: svi.step(*args), lambda args=args: entry.elbo.loss(entry.model, entry.guide, *args),
+                        lambda args=args: entry.elbo.differentiable_loss(entry.model, entry.guide, *args).item()):
             pyro.set_rng_seed(3)
             values.append(compute())
         assert values == pytest.approx([values[0]] * len(values), rel=1e-5, abs=1e-3), (args[1:] and "labelled", values)

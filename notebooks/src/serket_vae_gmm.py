@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 from IPython.display import Image, display
 
 import pyrossl

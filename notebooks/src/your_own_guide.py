@@ -154,7 +154,7 @@ print(f"one batch: the trainer's loss {trainer_loss:.3f}, SVI's {SVI(entry.model
 pyro.clear_param_store()
 svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 3e-3}), entry.elbo)
 losses = []
-for step in range(100 if QUICK else 1500):
+for _ in range(100 if QUICK else 1500):
     batch = torch.randint(0, 1500, (100,))
     losses.append(svi.step(dataset.x[batch]) / 100 + svi.step(dataset.x[labelled], dataset.y[labelled]) / len(labelled))
 test = torch.arange(1500, len(dataset.x))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
-from pyro.infer.util import is_identically_zero, torch_item, torch_sum, get_dependent_plate_dims
+from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch_item, torch_sum
 
 OBJECTIVES = ("elbo", "iwae")
 

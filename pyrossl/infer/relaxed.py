@@ -81,8 +81,8 @@ class ConcreteLabel(_RelaxedLabel):
         logits = self.logits.expand(torch.Size(batch_shape) + self.event_shape)
         return ConcreteLabel(self.temperature, logits, self.straight_through, validate_args=False)
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
         u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device).clamp(_TINY, 1.0 - 1e-7)
         gumbel = -(-u.log()).log()
         soft = torch.softmax((self.logits + gumbel) / self.temperature, dim=-1)
@@ -128,8 +128,8 @@ class LogisticNormalLabel(_RelaxedLabel):
         logits = self.logits.expand(torch.Size(batch_shape) + self.event_shape)
         return LogisticNormalLabel(logits, self.sigma, self.sharpness, validate_args=False)
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
         eps = torch.randn(shape, dtype=self.logits.dtype, device=self.logits.device)
         return torch.softmax(self.sharpness * (self.logits + self.sigma * eps), dim=-1)
 
