@@ -7,7 +7,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from conftest import tiny_config
+from common import tiny_config
 from pyrossl.models.ccvae import CCVAE, CCVAE_ELBO, CCVAELabelled_ELBO, CCVAEOptions, ConditionalPrior
 from pyrossl.run import load_run
 from pyrossl.train import train

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WritesAFile
+from common import WritesAFile
 from pyrossl.cli import main
 
 RECIPE = """

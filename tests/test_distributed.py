@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from common import tiny_config
 from pyrossl import distributed, runs
 from pyrossl.errors import TrainingInterrupted
 from pyrossl.run import load_run

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DiskFull
+from common import DiskFull
 from pyrossl import files
 from pyrossl.errors import CheckpointError, WriteError
 

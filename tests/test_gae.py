@@ -4,7 +4,7 @@ import pyro
 import pytest
 import torch
 
-from conftest import tiny_config
+from common import tiny_config
 from pyrossl.config import load_config
 from pyrossl.errors import ConfigError
 from pyrossl.models.gae import GAE, GAEOptions, class_pairs, latent_interpolation

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from conftest import tiny_config
+from common import tiny_config
 from pyrossl.config import load_config
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import cluster_accuracy

@@ -4,7 +4,7 @@ import pytest
 import torch
 from pyro.infer import TraceEnum_ELBO, TraceMeanField_ELBO
 
-from conftest import one_checked_step
+from common import one_checked_step
 from pyrossl.guides.label import LABEL_GUIDES, ConditionalGaussianEncoder
 from pyrossl.models.m2 import M2, M2Options
 

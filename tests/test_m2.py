@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import one_checked_step, tiny_config
+from common import one_checked_step, tiny_config
 from pyrossl.models.m2 import M2, M2Options
 from pyrossl.run import load_run
 from pyrossl.train import train

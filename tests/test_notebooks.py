@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import tiny_config
+from common import tiny_config
 from pyrossl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

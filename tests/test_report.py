@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from common import tiny_config
 from pyrossl import cli, runs
 from pyrossl.report import write_report
 from pyrossl.train import train

@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import WritesAFile, tiny_config
+from common import WritesAFile, tiny_config
 from pyrossl import runs
 from pyrossl.errors import CheckpointError, PyrosslError, WriteError
 from pyrossl.run import load_run

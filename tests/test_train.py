@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import DiskFull, tiny_config
+from common import DiskFull, tiny_config
 from pyrossl import runs
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from pyrossl.registry import resolve

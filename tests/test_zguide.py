@@ -7,7 +7,7 @@ import pyro
 import pytest
 import torch
 
-from conftest import tiny_config
+from common import tiny_config
 from pyrossl import runs
 from pyrossl.errors import ConfigError
 from pyrossl.guides.normal import CodeGuide

@@ -6,7 +6,7 @@ import pyro
 import pytest
 import torch
 
-from conftest import tiny_config
+from common import tiny_config
 from pyrossl import runs
 from pyrossl.run import load_run
 from pyrossl.train import train
