@@ -43,7 +43,9 @@ def test_every_notebook_is_the_build_of_its_source():
             continue
         built = nbformat.writes(build.notebook(source.read_text())) + "\n"  # as nbformat.write leaves it
         assert (ROOT / f"notebooks/{source.stem}.ipynb").read_text() == built, f"rebuild notebooks/{source.stem}.ipynb"
-    assert set(TUTORIALS) <= {p.stem for p in (ROOT / "notebooks/src").glob("*.py")}
+    sources = {p.stem for p in (ROOT / "notebooks/src").glob("*.py")}
+    assert set(TUTORIALS) <= sources
+    assert {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")} <= sources, "every notebook has its source in notebooks/src"
 
 
 @pytest.mark.parametrize("name", sorted(TUTORIALS))
