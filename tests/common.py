@@ -44,19 +44,14 @@ class WritesAFile:
         return (open, (self.target, "w"))
 
 
-class DiskFull:
-    """A file on a disk that fills after ``room`` bytes: ``write`` raises ENOSPC (for fault injection
-    at :data:`pyrossl.files._fdopen`)."""
+class FileWrapper:
+    """Stands in for a file the write layer opened (fault injection at :data:`pyrossl.files._fdopen`):
+    every attribute is the file's; a subclass changes ``write``."""
 
-    def __init__(self, file, room=0):
-        self.file, self.room = file, room
+    def __init__(self, file):
+        self.file = file
 
     def write(self, data):
-        import errno
-
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
         return self.file.write(data)
 
     def __getattr__(self, name):
@@ -69,4 +64,17 @@ class DiskFull:
         self.file.close()
 
 
-torch.set_num_threads(1)
+class DiskFull(FileWrapper):
+    """A file on a disk that fills after ``room`` bytes: ``write`` raises ENOSPC."""
+
+    def __init__(self, file, room=0):
+        super().__init__(file)
+        self.room = room
+
+    def write(self, data):
+        import errno
+
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)

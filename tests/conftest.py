@@ -1,5 +1,6 @@
 import pyro
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -8,3 +9,6 @@ def _validation_and_threads():
     pyro.clear_param_store()
     yield
     pyro.enable_validation(False)
+
+
+torch.set_num_threads(1)

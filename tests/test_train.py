@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,27 +417,21 @@ def test_a_second_writer_of_a_run_is_refused_in_one_line_and_a_reader_is_served(
 # the metrics, the summary, a figure.
 SIGNAL_DRIVER = """
 import os, sys
+from common import FileWrapper
 from pyrossl import files
 from pyrossl.cli import main
 
 at, signums, count = int(sys.argv[1]), [int(s) for s in sys.argv[2].split(",") if s], [0]
 real = files._fdopen
 
-class Signalling:
-    def __init__(self, file):
-        self.file, self.sent = file, False
+class Signalling(FileWrapper):
+    sent = False
     def write(self, data):
         if not self.sent:
             self.sent = True
             for signum in signums:
                 os.kill(os.getpid(), signum)
         return self.file.write(data)
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-    def __enter__(self):
-        return self
-    def __exit__(self, *exc):
-        return self.file.__exit__(*exc)
 
 def opening(fd, mode):
     count[0] += 1
@@ -466,9 +461,12 @@ def test_signals_inside_each_kind_of_write_are_one_line_and_the_resumed_run_ends
     driver = tmp_path / "driver.py"
     driver.write_text(SIGNAL_DRIVER)
 
+    tests = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))  # for common
+
     def pyrossl(at, signums, *args):
         return subprocess.run([sys.executable, str(driver), str(at), ",".join(str(int(s)) for s in signums),
-                               *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+                               *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "PYTHONPATH": tests})
 
     patterns = [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]]
     if os.environ.get("PYROSSL_FAULTS") == "long":
