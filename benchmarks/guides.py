@@ -15,7 +15,9 @@ the seeds:
   targets: ``flow`` at least 1 nat above ``diag-normal`` in IWAE log p(x), its epoch at most 1.6x;
 - ``m2-*``: test accuracy at the best validation epoch and at the last epoch, for every label guide
   with ``diag-normal`` and ``flow``, beside the supervised-only classifier on the same labels;
-- ``gmm-vae``: cluster accuracy, NMI and the ELBO of the 3,000 digits; ``ccvae``: test accuracy.
+- ``gmm-vae``: cluster accuracy, NMI and the ELBO of the 3,000 digits; ``ccvae``: test accuracy, and the
+  intervention accuracy and latent walks judged by ``benchmarks/ccvae.py``'s CNN judge (one judge, fitted
+  once on the real training images, for every run).
 A Markdown table goes to stdout, every number to JSON (``--out``), and the validation curve of each
 variant (mean ± sd over seeds) to a PNG beside it.
 """
@@ -57,8 +59,27 @@ PARTS = {
     "gmm-vae": {"variants": [(z, [f"z_guide={z}"], "runs/gmm-vae-mnist3000.toml") for z in Z_GUIDES], "extra": [],
                 "metrics": ["train_cluster_accuracy", "train_nmi", "train_elbo"], "curve": "train_cluster_accuracy"},
     "ccvae": {"variants": [(z, [f"z_guide={z}"], "runs/ccvae-shapes.toml") for z in Z_GUIDES], "extra": [],
-              "metrics": ["test_accuracy", "last_test_accuracy"], "curve": "val_accuracy"},
+              "metrics": ["test_accuracy", "last_test_accuracy", "intervention_accuracy", "walk_own_change",
+                          "walk_other_change"], "curve": "val_accuracy", "judged": True},
 }
+
+
+def judged(out: Path, judges: dict, judge_limit: int = 20000, test_limit: int = 2000) -> dict:
+    """Intervention accuracy and latent walks of a finished CCVAE run, as ``benchmarks/ccvae.py`` scores
+    them: z_c set to each attribute's prior means, decoded, and read by one judge shared by every run."""
+    from ccvae import fit_dataset_judge  # benchmarks/ccvae.py, beside this script
+
+    from pyrossl.run import load_run
+
+    run = load_run(out)
+    if "judge" not in judges:
+        judges["judge"], judges["info"] = fit_dataset_judge(run, judge_limit)
+    x_test = run.tensors("test")[0][:test_limit]
+    scores = run.model.intervention_accuracy(x_test, judges["judge"])
+    if run.model.multilabel:
+        scores.update(run.model.walk_effects(x_test, judges["judge"]))
+    return scores
+
 
 
 def as_many_labelled_steps(config):
@@ -114,7 +135,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
     start = time.time()
-    results, curves = {}, {}
+    results, curves, judges = {}, {}, {}
     for label, overrides, recipe in part["variants"]:
         if wanted and label not in wanted:
             continue
@@ -123,6 +144,8 @@ def main(argv=None) -> int:
         for seed in seeds:
             out = Path(args.runs) / args.part / f"{slug}-seed{seed}"
             row, records = run_one(recipe, [*part["extra"], *overrides, *args.overrides, f"seed={seed}"], out)
+            if part.get("judged"):
+                row.update(judged(out, judges))
             rows.append(row)
             curves.setdefault(label, []).append(records)
             print(f"{label} seed {seed}: " + ", ".join(f"{k}={rows[-1][k]:.4f}" for k in part["metrics"] if k in rows[-1]),
@@ -149,7 +172,8 @@ def main(argv=None) -> int:
     figure = plots.plot_bands(shown, part["curve"], out.with_suffix(".png"),
                               title=f"{args.part}: {part['curve']} after epoch {cut}, mean ± sd over seeds {args.seeds}")
     out.write_text(json.dumps({"part": args.part, "seeds": seeds, "overrides": part["extra"] + args.overrides,
-                               "seconds": round(time.time() - start, 1), "results": results, "table": table}, indent=2) + "\n")
+                               "seconds": round(time.time() - start, 1), "results": results, "table": table,
+                               **({"judge": judges["info"]} if "info" in judges else {})}, indent=2) + "\n")
     print(f"\nwrote {out} and {figure}")
     return 0
 
