@@ -48,7 +48,7 @@ from pyrossl.infer.objective import Objective, particle_settings
 from pyrossl.infer.objective import make_elbo as objective_elbo
 from pyrossl.infer.params import register
 from pyrossl.infer.relaxed import ConcreteLabel, LogisticNormalLabel
-from pyrossl.nn import MLP, ConvEncoder, activation
+from pyrossl.nn import MLP, activation, make_encoder, make_features
 
 
 def as_one_hot(y: torch.Tensor | None, num_classes: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -57,21 +57,6 @@ def as_one_hot(y: torch.Tensor | None, num_classes: int, dtype: torch.dtype) -> 
     if y is None or y.is_floating_point():
         return y
     return nn.functional.one_hot(y.long(), num_classes).to(dtype)
-
-
-def make_classifier(image_shape: Sequence[int], num_classes: int, hidden: Sequence[int], act: str, net: str) -> nn.Module:
-    """The network of q(y|x): x -> class logits (MLP on flat pixels, or the conv encoder)."""
-    if net == "conv":
-        return ConvEncoder(image_shape, num_classes, hidden=hidden[0], act=act)
-    num_features = math.prod(image_shape)
-    return nn.Sequential(nn.Flatten(), MLP([num_features, *hidden, num_classes], act))
-
-
-def make_features(image_shape: Sequence[int], hidden: Sequence[int], act: str, net: str) -> tuple[nn.Module, int]:
-    """The input stage of an encoder: flat pixels (MLP) or conv features; returns it and its width."""
-    if net == "conv":
-        return ConvEncoder(image_shape, hidden[0], hidden=hidden[0], act=act), hidden[0]
-    return nn.Flatten(), math.prod(image_shape)
 
 
 class ConditionalGaussianEncoder(nn.Module):
@@ -185,7 +170,7 @@ class LabelGuide(nn.Module):
             self.classifier = nn.Sequential(trunk, nn.Linear(hidden[0], num_classes))
             self.z_encoder = ConditionalGaussianEncoder(trunk, hidden[0], num_classes, z_dim, hidden, act, z_guide, z_options)
         else:
-            self.classifier = make_classifier(image_shape, num_classes, hidden, act, classifier_net or net)
+            self.classifier = make_encoder(image_shape, num_classes, hidden, act, classifier_net or net)
             self.z_encoder = ConditionalGaussianEncoder(*make_features(image_shape, hidden, act, net), num_classes, z_dim, hidden, act,
                                                         z_guide, z_options)
 

@@ -32,8 +32,7 @@ from pyrossl.guides.ccvae import CCVAE_GUIDES, label_values
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.objective import DifferentiableLossELBO, DispatchingELBO
 from pyrossl.infer.params import register
-from pyrossl.models.vae import BernoulliDecoder
-from pyrossl.nn import check_network_options
+from pyrossl.nn import BernoulliDecoder, check_network_options
 from pyrossl.zoo import ZooModel
 
 LIKELIHOODS = ("bernoulli", "laplace")

@@ -2,7 +2,7 @@
 
 As a Pyro model it is y ~ Cat(softmax(f(x))) observed, with an empty guide: the ELBO is the
 log-likelihood sum_n log p(y_n | x_n), i.e. minus the cross-entropy. Every semi-supervised number of
-the zoo is read against it: same network (:func:`pyrossl.guides.label.make_classifier`), same labels.
+the zoo is read against it: same network (:func:`pyrossl.nn.make_encoder`), same labels.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrossl.guides.label import make_classifier
 from pyrossl.infer.params import register
-from pyrossl.nn import check_network_options
+from pyrossl.nn import check_network_options, make_encoder
 from pyrossl.zoo import ELBOModuleEntry, LabelClassifier, ZooModel
 
 
@@ -64,7 +63,7 @@ class Classifier(ELBOModuleEntry, LabelClassifier, ZooModel):
 
     def __init__(self, meta: dict, options: ClassifierOptions, guide: str = "none", **settings):
         super().__init__(meta, options, guide, **settings)
-        network = make_classifier(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.classifier_net or options.net)
+        network = make_encoder(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.classifier_net or options.net)
         self.loss = self.make_elbo(analytic_kl=False)(ClassifierModel(network), NoLatentGuide())
 
     @property

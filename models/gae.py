@@ -30,12 +30,19 @@ from pyro.distributions import constraints
 from torch import nn
 
 from pyrossl.errors import ConfigError
-from pyrossl.evaluate import classification_metrics, clustering_metrics, confusion_matrix, label_table, pairs_from_table
+from pyrossl.evaluate import (
+    classification_metrics,
+    clustering_metrics,
+    confusion_matrix,
+    label_table,
+    pairs_from_table,
+    per_image,
+    reconstruction_bce_sum,
+)
 from pyrossl.figures import Figure
 from pyrossl.infer.params import register
 from pyrossl.mixture import GaussianMixtureClassifier, MixtureStack, check_mixture_options
-from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
-from pyrossl.nn import MLP, ConvEncoder, check_network_options
+from pyrossl.nn import BernoulliDecoder, check_network_options, make_encoder, pixel_likelihood
 from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 
@@ -65,14 +72,12 @@ class GAEOptions:
 
 
 class Encoder(nn.Module):
-    """x -> code f(x): an MLP on flat pixels or the convolutional encoder."""
+    """x -> code f(x): the zoo's shared encoder network (:func:`pyrossl.nn.make_encoder`), held as ``net``
+    so that checkpoints keep their parameter names."""
 
     def __init__(self, image_shape, z_dim: int, hidden=(512, 256), act: str = "relu", net: str = "mlp"):
         super().__init__()
-        if net == "conv":
-            self.net = ConvEncoder(image_shape, z_dim, hidden=hidden[0], act=act)
-        else:
-            self.net = nn.Sequential(nn.Flatten(), MLP([math.prod(image_shape), *hidden, z_dim], act))
+        self.net = make_encoder(image_shape, z_dim, hidden, act, net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

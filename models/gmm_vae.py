@@ -55,6 +55,8 @@ from pyrossl.evaluate import (
     iwae_log_likelihood,
     label_table,
     pairs_from_table,
+    per_image,
+    reconstruction_bce_sum,
 )
 from pyrossl.figures import Figure
 from pyrossl.guides.normal import CodeGuide
@@ -62,8 +64,7 @@ from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.objective import DispatchingELBO, Objective
 from pyrossl.infer.params import register
 from pyrossl.mixture import PyroGaussianMixture
-from pyrossl.models.vae import BernoulliDecoder, per_image, pixel_likelihood, reconstruction_bce_sum
-from pyrossl.nn import check_network_options
+from pyrossl.nn import BernoulliDecoder, check_network_options, pixel_likelihood
 from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 

@@ -48,8 +48,7 @@ from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.infer.objective import LabelledMeanField_ELBO, SemiSupervisedELBO, make_elbo, particle_settings
 from pyrossl.infer.params import register
-from pyrossl.models.vae import pixel_likelihood
-from pyrossl.nn import MLP, ConvDecoder, activation, check_network_options
+from pyrossl.nn import MLP, ConvDecoder, activation, check_network_options, pixel_likelihood
 from pyrossl.zoo import LabelClassifier, ZooModel
 
 

@@ -14,7 +14,6 @@ others. Grey-level pixels in [0, 1] are scored with the Bernoulli log-likelihood
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import pyro
@@ -23,14 +22,14 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyrossl.evaluate import iwae_log_likelihood
+from pyrossl.evaluate import iwae_log_likelihood, per_image, reconstruction_bce_sum
 from pyrossl.figures import Figure
 from pyrossl.guides.normal import CodeGuide
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.infer.objective import Objective
 from pyrossl.infer.params import register
-from pyrossl.nn import MLP, ConvDecoder, check_network_options
+from pyrossl.nn import BernoulliDecoder, check_network_options, pixel_likelihood
 from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 
@@ -45,41 +44,6 @@ class VAEOptions(ZGuideOptions):
     def __post_init__(self):
         check_network_options(self)
         check_z_guide_options(self)
-
-
-class BernoulliDecoder(nn.Module):
-    """z -> pixel logits with the image's shape; leading batch dimensions of z are kept."""
-
-    def __init__(self, image_shape, z_dim: int, hidden=(256,), act: str = "relu", net: str = "mlp"):
-        super().__init__()
-        self.image_shape = tuple(image_shape)
-        if net == "conv":
-            self.net = ConvDecoder(z_dim, image_shape, hidden=hidden[0], act=act)
-        else:
-            self.net = MLP([z_dim, *reversed(hidden), math.prod(image_shape)], act)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.net(z)
-        return out.reshape(*z.shape[:-1], -1)  # flat logits [..., D]
-
-
-def reconstruction_bce_sum(decode, z: torch.Tensor, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """The Bernoulli cross-entropy of the images ``x`` under ``decode(z)`` (pixel probabilities), in nats
-    summed over the images (a float64 scalar, for :meth:`pyrossl.zoo.ZooModel.evaluation_counts`)."""
-    total = sum(nn.functional.binary_cross_entropy(decode(zb), xb, reduction="sum").item()
-                for zb, xb in zip(torch.split(z, batch_size), torch.split(x, batch_size)))
-    return torch.tensor(total, dtype=torch.float64)
-
-
-def per_image(counts: dict[str, torch.Tensor], *keys: str) -> dict[str, float]:
-    """Sums of ``counts`` divided by its number of images ``counts["count"]``."""
-    n = float(counts["count"])
-    return {k: float(counts[k]) / n for k in keys}
-
-
-def pixel_likelihood(logits: torch.Tensor) -> dist.Distribution:
-    """Independent Bernoulli pixels; grey levels in [0, 1] are allowed (a cross-entropy), hence no validation."""
-    return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
 
 
 class VAEModel(nn.Module):

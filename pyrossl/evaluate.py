@@ -42,6 +42,8 @@ __all__ = [
     "nmi",
     "pairs_from_table",
     "per_class_accuracy",
+    "per_image",
+    "reconstruction_bce_sum",
     "to_numpy",
 ]
 
@@ -315,3 +317,17 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         raise ValueError("mean_sd needs at least one value")
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def reconstruction_bce_sum(decode, z: torch.Tensor, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The Bernoulli cross-entropy of the images ``x`` under ``decode(z)`` (pixel probabilities), in nats
+    summed over the images (a float64 scalar, for :meth:`pyrossl.zoo.ZooModel.evaluation_counts`)."""
+    total = sum(torch.nn.functional.binary_cross_entropy(decode(zb), xb, reduction="sum").item()
+                for zb, xb in zip(torch.split(z, batch_size), torch.split(x, batch_size)))
+    return torch.tensor(total, dtype=torch.float64)
+
+
+def per_image(counts: dict[str, torch.Tensor], *keys: str) -> dict[str, float]:
+    """Sums of ``counts`` divided by its number of images ``counts["count"]``."""
+    n = float(counts["count"])
+    return {k: float(counts[k]) / n for k in keys}

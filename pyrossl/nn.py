@@ -1,10 +1,12 @@
-"""Network building blocks shared by the zoo: MLPs and image encoders/decoders. No model logic here."""
+"""Network building blocks shared by the zoo: MLPs, image encoders and decoders, and the pixel likelihood
+the decoders' logits parameterise. No model logic here."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+import pyro.distributions as dist
 import torch
 from torch import nn
 
@@ -79,6 +81,21 @@ class ConvEncoder(nn.Module):
         return self.net(x)
 
 
+def make_encoder(image_shape: Sequence[int], out_features: int, hidden: Sequence[int], act: str, net: str) -> nn.Module:
+    """x -> a vector of ``out_features``: an MLP on flat pixels, or :class:`ConvEncoder`. The network of
+    q(y|x) (class logits), of the supervised-only classifier and of the GAE's code f(x) alike."""
+    if net == "conv":
+        return ConvEncoder(image_shape, out_features, hidden=hidden[0], act=act)
+    return nn.Sequential(nn.Flatten(), MLP([math.prod(image_shape), *hidden, out_features], act))
+
+
+def make_features(image_shape: Sequence[int], hidden: Sequence[int], act: str, net: str) -> tuple[nn.Module, int]:
+    """The input stage of an encoder: flat pixels (MLP) or conv features; returns it and its width."""
+    if net == "conv":
+        return ConvEncoder(image_shape, hidden[0], hidden=hidden[0], act=act), hidden[0]
+    return nn.Flatten(), math.prod(image_shape)
+
+
 class ConvDecoder(nn.Module):
     """The mirror of :class:`ConvEncoder`: [..., in] -> [..., C, H, W] logits (leading dims kept)."""
 
@@ -101,6 +118,27 @@ class ConvDecoder(nn.Module):
         h = self.dense(z.reshape(-1, z.shape[-1])).reshape(-1, *self.shape)
         out = self.deconv(h)
         return out.reshape(*lead, *out.shape[1:])
+
+
+class BernoulliDecoder(nn.Module):
+    """z -> pixel logits with the image's shape; leading batch dimensions of z are kept."""
+
+    def __init__(self, image_shape, z_dim: int, hidden=(256,), act: str = "relu", net: str = "mlp"):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        if net == "conv":
+            self.net = ConvDecoder(z_dim, image_shape, hidden=hidden[0], act=act)
+        else:
+            self.net = MLP([z_dim, *reversed(hidden), math.prod(image_shape)], act)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.net(z)
+        return out.reshape(*z.shape[:-1], -1)  # flat logits [..., D]
+
+
+def pixel_likelihood(logits: torch.Tensor) -> dist.Distribution:
+    """Independent Bernoulli pixels; grey levels in [0, 1] are allowed (a cross-entropy), hence no validation."""
+    return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
 
 
 NETS = ("mlp", "conv")

@@ -308,3 +308,17 @@ def test_label_tables_of_parts_add_up_and_give_the_metrics_of_the_labels():
 def test_label_table_rejects_labels_out_of_range(pred, target, message):
     with pytest.raises(ValueError, match=message):
         ev.label_table(pred, target, 3, 3)
+
+
+def test_reconstruction_cross_entropy_is_summed_over_images_in_batches():
+    x = torch.rand(5, 1, 2, 2)
+    z = torch.randn(5, 3)
+    weight = torch.randn(3, 4)
+
+    def decode(zb):
+        return torch.sigmoid(zb @ weight).reshape(-1, 1, 2, 2)
+
+    whole = torch.nn.functional.binary_cross_entropy(decode(z), x, reduction="sum").double()
+    total = ev.reconstruction_bce_sum(decode, z, x, batch_size=2)
+    assert total.dtype == torch.float64 and torch.allclose(total, whole)
+    assert ev.per_image({"count": torch.tensor(5), "bce": total}, "bce") == pytest.approx({"bce": float(whole) / 5})

@@ -320,7 +320,7 @@ def test_infer_discrete_decodes_the_label_site_as_the_exact_map_class():
     from pyro.infer import config_enumerate, infer_discrete
 
     from pyrossl.infer.params import module_local
-    from pyrossl.models.vae import pixel_likelihood
+    from pyrossl.nn import pixel_likelihood
 
     torch.manual_seed(0)
     model = M2(META, M2Options(z_dim=2, hidden=[16]), "enum")

@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from pyrossl.errors import ConfigError
-from pyrossl.nn import MLP, ConvDecoder, ConvEncoder, GaussianHead, check_conv_shape
+from pyrossl.nn import (
+    MLP,
+    BernoulliDecoder,
+    ConvDecoder,
+    ConvEncoder,
+    GaussianHead,
+    check_conv_shape,
+    make_encoder,
+    pixel_likelihood,
+)
 
 
 def test_mlp_layers():
@@ -32,3 +41,19 @@ def test_conv_refuses_sizes_it_cannot_take(shape):
 def test_unknown_activation():
     with pytest.raises(ConfigError, match="unknown activation 'relu6'"):
         MLP([2, 2, 2], "relu6")
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+def test_the_shared_encoder_maps_images_to_vectors(net):
+    encoder = make_encoder((1, 8, 8), 5, [16], "relu", net)
+    assert encoder(torch.rand(3, 1, 8, 8)).shape == (3, 5)
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+def test_the_bernoulli_decoder_keeps_leading_dimensions_and_scores_grey_pixels(net):
+    decoder = BernoulliDecoder((1, 8, 8), 4, [16], "relu", net)
+    logits = decoder(torch.randn(2, 3, 4))
+    assert logits.shape == (2, 3, 64)
+    x = torch.rand(3, 64)  # grey levels: the cross-entropy -sum x log p + (1 - x) log (1 - p)
+    expected = -torch.nn.functional.binary_cross_entropy_with_logits(logits[0], x, reduction="none").sum(-1)
+    assert torch.allclose(pixel_likelihood(logits[0]).log_prob(x), expected)
