@@ -63,7 +63,7 @@ def serket_plain(x: np.ndarray, seed: int, config, image_shape) -> tuple[np.ndar
     """
     from pyrossl.data import batch_indices
     from pyrossl.mixture import PyroGaussianMixture
-    from pyrossl.models.gmm_vae import SerketVAEGMM
+    from pyrossl.models.serket_vae_gmm import SerketVAEGMM
 
     torch.manual_seed(seed)
     o, t = SerketVAEGMM.make_options(config.options), config.train

@@ -11,8 +11,9 @@ from pyrossl.infer.objective import Objective
 from pyrossl.models.ccvae import CCVAE
 from pyrossl.models.classifier import Classifier
 from pyrossl.models.gae import GAE
-from pyrossl.models.gmm_vae import GMMVAE, SerketVAEGMM
+from pyrossl.models.gmm_vae import GMMVAE
 from pyrossl.models.m2 import M2
+from pyrossl.models.serket_vae_gmm import SerketVAEGMM
 from pyrossl.models.vae import VAE
 from pyrossl.plugins import load_plugins, normalise
 from pyrossl.zoo import ZooModel

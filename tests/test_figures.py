@@ -40,7 +40,7 @@ def test_models_and_guides_import_nothing_above_them(path):
 
 
 def test_importing_every_entry_loads_no_plotting_run_folder_or_trainer():
-    code = ("import sys, pyrossl.models.vae, pyrossl.models.m2, pyrossl.models.gmm_vae, pyrossl.models.gae, "
+    code = ("import sys, pyrossl.models.vae, pyrossl.models.m2, pyrossl.models.gmm_vae, pyrossl.models.serket_vae_gmm, pyrossl.models.gae, "
             "pyrossl.models.ccvae, pyrossl.models.classifier\n"
             f"print(' '.join(sorted(m for m in sys.modules if m.startswith({ABOVE!r}))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
