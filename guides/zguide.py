@@ -26,6 +26,7 @@ import torch
 from pyro.distributions.transforms import conditional_affine_autoregressive
 from torch import nn
 
+from pyrossl.config import setting
 from pyrossl.errors import ConfigError
 from pyrossl.guides.family import GuideFamily
 
@@ -48,9 +49,9 @@ DEFAULT_Z_GUIDE = "diag-normal"
 class ZGuideOptions:
     """The z-guides' settings, a base of every Options dataclass whose entry has a Gaussian code."""
 
-    z_rank: int = 2  # lowrank-normal: columns of U(x)
-    flows: int = 2  # flow: number of IAF maps
-    flow_hidden: list[int] | None = None  # flow: hidden widths of each map's autoregressive network (None: 10 d)
+    z_rank: int = setting(2, "lowrank-normal: columns of U(x)")
+    flows: int = setting(2, "flow: number of IAF maps")
+    flow_hidden: list[int] | None = setting(None, "flow: hidden widths of each map's autoregressive network (None: 10 d)")
 
 
 def check_z_guide_options(options) -> None:

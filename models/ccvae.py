@@ -17,7 +17,7 @@ ELBO of p(x) with y drawn from q(y|z_c) (enumerated exactly for a categorical la
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -26,6 +26,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from torch import nn
 
+from pyrossl.config import setting
 from pyrossl.errors import ConfigError
 from pyrossl.figures import Figure
 from pyrossl.guides.ccvae import CCVAE_GUIDES, label_values
@@ -40,14 +41,14 @@ LIKELIHOODS = ("bernoulli", "laplace")
 
 @dataclass
 class CCVAEOptions(ZGuideOptions):
-    z_style: int = 20  # dimensions of z_s; z_c has one per label (per class for a categorical label)
-    hidden: list[int] = field(default_factory=lambda: [500])
-    act: str = "relu"
-    net: str = "mlp"  # mlp | conv (images with sides divisible by 4: 28x28, 32x32, 64x64)
-    likelihood: str = "bernoulli"  # bernoulli | laplace (location = sigmoid(decoder), scale below)
-    laplace_scale: float = 0.1
-    k: int = 100  # samples of z_c in the Monte Carlo estimate of q(y|x)
-    prior_separation: float = 2.0  # initial |location| of the conditional prior (+ for y = 1, - for y = 0)
+    z_style: int = setting(20, "dimensions of z_s; z_c has one per label (per class for a categorical label)")
+    hidden: list[int] = setting([500], "widths of the hidden layers (the encoder's; the decoder mirrors them)")
+    act: str = setting("relu", "activation between layers: relu | softplus | elu | tanh | gelu")
+    net: str = setting("mlp", "mlp | conv (images with sides divisible by 4: 28x28, 32x32, 64x64)")
+    likelihood: str = setting("bernoulli", "bernoulli | laplace (location = sigmoid(decoder), scale below)")
+    laplace_scale: float = setting(0.1, "laplace likelihood: the scale of each pixel's Laplace around its decoded mean")
+    k: int = setting(100, "samples of z_c in the Monte Carlo estimate of q(y|x)")
+    prior_separation: float = setting(2.0, "initial |location| of the conditional prior (+ for y = 1, - for y = 0)")
 
     def __post_init__(self):
         check_network_options(self)

@@ -7,13 +7,14 @@ the zoo is read against it: same network (:func:`pyrossl.nn.make_encoder`), same
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrossl.config import setting
 from pyrossl.infer.params import register
 from pyrossl.nn import check_network_options, make_encoder
 from pyrossl.zoo import ELBOModuleEntry, LabelClassifier, ZooModel
@@ -21,10 +22,10 @@ from pyrossl.zoo import ELBOModuleEntry, LabelClassifier, ZooModel
 
 @dataclass
 class ClassifierOptions:
-    hidden: list[int] = field(default_factory=lambda: [500])
-    act: str = "softplus"
-    net: str = "mlp"
-    classifier_net: str | None = None  # as M2's option: overrides net
+    hidden: list[int] = setting([500], "widths of the hidden layers of the network of q(y|x)")
+    act: str = setting("softplus", "activation between layers: relu | softplus | elu | tanh | gelu")
+    net: str = setting("mlp", "mlp | conv (images of at least 8x8, sides divisible by 4)")
+    classifier_net: str | None = setting(None, "as M2's option: overrides net")
 
     def __post_init__(self):
         check_network_options(self)

@@ -9,11 +9,12 @@ the same figures; their options share one base, :class:`ClusteringVAEOptions`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pyrossl.config import setting
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import cluster_mapping, clustering_metrics, confusion_matrix, pairs_from_table, per_image
 from pyrossl.figures import Figure
@@ -27,15 +28,15 @@ from pyrossl.zoo import ELBOModuleEntry, ZooModel
 class ClusteringVAEOptions(ZGuideOptions):
     """The settings both GMM-prior VAEs share (each entry sets its own defaults), checked alike."""
 
-    z_dim: int = 10
-    hidden: list[int] = field(default_factory=lambda: [500, 500])
-    act: str = "relu"
-    net: str = "mlp"
-    init_std: float | None = None  # Serket's truncated-normal weights of this sd; None: PyTorch's default initialisation
-    clusters: int = 10  # mixture components
-    covariance: str = "full"  # of each mixture component: full | diag
-    reg_covar: float = 1e-3  # added to the variances of a mixture fitted by EM
-    n_init: int = 10  # EM restarts per mixture fit; the most likely wins
+    z_dim: int = setting(10, "width of the continuous code z")
+    hidden: list[int] = setting([500, 500], "widths of the hidden layers (the encoder's; the decoder mirrors them)")
+    act: str = setting("relu", "activation between layers: relu | softplus | elu | tanh | gelu")
+    net: str = setting("mlp", "mlp | conv (images of at least 8x8, sides divisible by 4)")
+    init_std: float | None = setting(None, "Serket's truncated-normal weights of this sd; None: PyTorch's default initialisation")
+    clusters: int = setting(10, "mixture components")
+    covariance: str = setting("full", "of each mixture component: full | diag")
+    reg_covar: float = setting(1e-3, "added to the variances of a mixture fitted by EM")
+    n_init: int = setting(10, "EM restarts per mixture fit; the most likely wins")
 
     def __post_init__(self):
         check_network_options(self)

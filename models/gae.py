@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -29,6 +29,7 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
+from pyrossl.config import setting
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import (
     classification_metrics,
@@ -48,17 +49,17 @@ from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 @dataclass
 class GAEOptions:
-    z_dim: int = 32
-    hidden: list[int] = field(default_factory=lambda: [512, 256])
-    act: str = "relu"
-    net: str = "mlp"  # mlp | conv
-    components: int = 6  # mixture components per class
-    covariance: str = "full"  # full | diag | tied | spherical
-    reg_covar: float = 1e-2  # added to the covariances' diagonal (codes are standardised)
-    n_init: int = 1  # EM restarts per mixture
-    novelty_quantile: float = 0.01  # threshold: the log p(z) this fraction of training codes falls below
-    single_mixture: bool = True  # also fit one mixture of num_classes components to all codes (no labels)
-    single_mixture_points: int = 10000  # ... on at most this many codes (a seeded subset), to bound its cost
+    z_dim: int = setting(32, "width of the continuous code z")
+    hidden: list[int] = setting([512, 256], "widths of the hidden layers (the encoder's; the decoder mirrors them)")
+    act: str = setting("relu", "activation between layers: relu | softplus | elu | tanh | gelu")
+    net: str = setting("mlp", "mlp | conv")
+    components: int = setting(6, "mixture components per class")
+    covariance: str = setting("full", "full | diag | tied | spherical")
+    reg_covar: float = setting(1e-2, "added to the covariances' diagonal (codes are standardised)")
+    n_init: int = setting(1, "EM restarts per mixture")
+    novelty_quantile: float = setting(0.01, "threshold: the log p(z) this fraction of training codes falls below")
+    single_mixture: bool = setting(True, "also fit one mixture of num_classes components to all codes (no labels)")
+    single_mixture_points: int = setting(10000, "... on at most this many codes (a seeded subset), to bound its cost")
 
     def __post_init__(self):
         check_network_options(self)

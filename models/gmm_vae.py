@@ -27,6 +27,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyrossl.config import setting
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import iwae_log_likelihood, label_table, reconstruction_bce_sum
 from pyrossl.infer.objective import DispatchingELBO
@@ -38,12 +39,12 @@ from pyrossl.nn import BernoulliDecoder, pixel_likelihood
 
 @dataclass
 class GMMVAEOptions(ClusteringVAEOptions):
-    covariance: str = "full"  # of each prior component: full | diag (VaDE's)
-    reg_covar: float = 1e-3  # added to the warm-up mixture's variances
-    n_init: int = 10  # EM restarts of the warm-up mixture
-    warmup_epochs: int = 10  # plain-VAE epochs before the mixture prior is fitted and switched on
-    min_scale: float = 1e-3  # floor of the prior's component scales
-    kl_weight: float = 1.0  # beta on log q(z|x) - log p(z) once the mixture is on (the warm-up keeps 1)
+    covariance: str = setting("full", "of each prior component: full | diag (VaDE's)")
+    reg_covar: float = setting(1e-3, "added to the warm-up mixture's variances")
+    n_init: int = setting(10, "EM restarts of the warm-up mixture")
+    warmup_epochs: int = setting(10, "plain-VAE epochs before the mixture prior is fitted and switched on")
+    min_scale: float = setting(1e-3, "floor of the prior's component scales")
+    kl_weight: float = setting(1.0, "beta on log q(z|x) - log p(z) once the mixture is on (the warm-up keeps 1)")
 
     def __post_init__(self):
         super().__post_init__()

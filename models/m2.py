@@ -32,7 +32,7 @@ with a class still means p(x | alpha = e_y, z).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -40,6 +40,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyrossl.config import setting
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import confusion_matrix, iwae_log_likelihood
 from pyrossl.figures import Figure
@@ -54,20 +55,20 @@ from pyrossl.zoo import LabelClassifier, ZooModel
 
 @dataclass
 class M2Options(ZGuideOptions):
-    z_dim: int = 50
-    hidden: list[int] = field(default_factory=lambda: [500])
-    act: str = "softplus"
-    net: str = "mlp"  # mlp | conv (28x28 images and the like)
-    classifier_net: str | None = None  # the network of q(y|x) alone: mlp | conv; None: as net
-    shared_trunk: bool = False  # q(y|x) and q(z|x, y) share their first layer h(x)
-    z_kl_weight: float = 1.0  # beta > 1 squeezes z, so the decoder has to take the class from y
-    aux_weight: float = 50.0  # alpha of the auxiliary loss -alpha * log q(y|x) on labelled data; 0 turns it off
-    temperature_start: float = 1.0  # gumbel, st-gumbel: t_e = max(end, start * exp(-anneal * (e - 1)))
-    temperature_end: float = 0.5
-    temperature_anneal: float = 0.05
-    sigma: float = 1.0  # logistic-normal noise scale; logistic-normal-latent: the initial scale of q(logits|x)
-    sharpness: float = 1.0  # logistic-normal, logistic-normal-latent: alpha = softmax(sharpness * logits)
-    dirichlet_concentration: float = 1.0  # dirichlet: c of the prior p(alpha) = Dirichlet(c 1)
+    z_dim: int = setting(50, "width of the continuous code z")
+    hidden: list[int] = setting([500], "widths of the hidden layers (the encoder's; the decoder mirrors them)")
+    act: str = setting("softplus", "activation between layers: relu | softplus | elu | tanh | gelu")
+    net: str = setting("mlp", "mlp | conv (28x28 images and the like)")
+    classifier_net: str | None = setting(None, "the network of q(y|x) alone: mlp | conv; None: as net")
+    shared_trunk: bool = setting(False, "q(y|x) and q(z|x, y) share their first layer h(x)")
+    z_kl_weight: float = setting(1.0, "beta > 1 squeezes z, so the decoder has to take the class from y")
+    aux_weight: float = setting(50.0, "alpha of the auxiliary loss -alpha * log q(y|x) on labelled data; 0 turns it off")
+    temperature_start: float = setting(1.0, "gumbel, st-gumbel: t_e = max(end, start * exp(-anneal * (e - 1)))")
+    temperature_end: float = setting(0.5, "gumbel, st-gumbel: the floor of the annealed temperature")
+    temperature_anneal: float = setting(0.05, "gumbel, st-gumbel: the rate of the temperature's exponential decay per epoch")
+    sigma: float = setting(1.0, "logistic-normal noise scale; logistic-normal-latent: the initial scale of q(logits|x)")
+    sharpness: float = setting(1.0, "logistic-normal, logistic-normal-latent: alpha = softmax(sharpness * logits)")
+    dirichlet_concentration: float = setting(1.0, "dirichlet: c of the prior p(alpha) = Dirichlet(c 1)")
 
     def __post_init__(self):
         check_network_options(self)

@@ -25,6 +25,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyrossl.config import setting
 from pyrossl.errors import ConfigError
 from pyrossl.evaluate import clustering_metrics, label_table, reconstruction_bce_sum
 from pyrossl.figures import Figure
@@ -39,11 +40,11 @@ from pyrossl.nn import BernoulliDecoder, pixel_likelihood
 class SerketOptions(ClusteringVAEOptions):
     z_dim: int = 18
     hidden: list[int] = field(default_factory=lambda: [100])
-    init_std: float | None = 0.1  # Serket's truncated-normal weights of this sd; None: PyTorch's default initialisation
-    reg_covar: float = 1e-6  # added to the variances of each GMM update
-    alpha: float = 1.0  # weight of KL(q(z|x) || N(mu_k, I))
-    epochs_per_round: int = 200  # VAE epochs between GMM updates (Serket's itr)
-    message: str = "sample"  # what the VAE sends the GMM: a sample of q(z|x), as Serket does, or its "mean"
+    init_std: float | None = 0.1
+    reg_covar: float = setting(1e-6, "added to the variances of each GMM update")
+    alpha: float = setting(1.0, "weight of KL(q(z|x) || N(mu_k, I))")
+    epochs_per_round: int = setting(200, "VAE epochs between GMM updates (Serket's itr)")
+    message: str = setting("sample", 'what the VAE sends the GMM: a sample of q(z|x), as Serket does, or its "mean"')
 
     def __post_init__(self):
         super().__post_init__()

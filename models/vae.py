@@ -14,7 +14,7 @@ others. Grey-level pixels in [0, 1] are scored with the Bernoulli log-likelihood
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -22,6 +22,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyrossl.config import setting
 from pyrossl.evaluate import iwae_log_likelihood, per_image, reconstruction_bce_sum
 from pyrossl.figures import Figure
 from pyrossl.guides.normal import CodeGuide
@@ -35,11 +36,11 @@ from pyrossl.zoo import ELBOModuleEntry, ZooModel
 
 @dataclass
 class VAEOptions(ZGuideOptions):
-    z_dim: int = 16
-    hidden: list[int] = field(default_factory=lambda: [256])
-    act: str = "relu"
-    net: str = "mlp"  # mlp | conv (images of at least 8x8, sides divisible by 4)
-    beta: float = 1.0  # weight of the KL term (1: the ELBO)
+    z_dim: int = setting(16, "width of the continuous code z")
+    hidden: list[int] = setting([256], "widths of the hidden layers (the encoder's; the decoder mirrors them)")
+    act: str = setting("relu", "activation between layers: relu | softplus | elu | tanh | gelu")
+    net: str = setting("mlp", "mlp | conv (images of at least 8x8, sides divisible by 4)")
+    beta: float = setting(1.0, "weight of the KL term (1: the ELBO)")
 
     def __post_init__(self):
         check_network_options(self)

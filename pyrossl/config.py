@@ -24,6 +24,7 @@ closest valid key, and values are coerced to the declared type or rejected.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -37,60 +38,83 @@ from typing import Any
 from pyrossl.errors import ConfigError
 
 
+def setting(default: Any, doc: str) -> Any:
+    """A dataclass field with its documentation, ``field(default=..., metadata={"doc": doc})``: what the
+    option tables of the documentation and ``pyrossl models`` show (:func:`option_rows`). A list or dict
+    default is copied for each instance, as ``default_factory`` would."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def option_rows(options_class) -> list[dict[str, str]]:
+    """Every field of a settings dataclass: ``name``, ``type``, ``default`` and ``doc``, base classes'
+    fields first. The doc is the field's ``metadata["doc"]`` (:func:`setting`), or that of the nearest base
+    class declaring the field with one, so a subclass that only changes a default keeps its doc."""
+    rows = []
+    for f in dataclasses.fields(options_class):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        declared = (getattr(k, "__dataclass_fields__", {}).get(f.name) for k in options_class.__mro__)
+        doc = next((d.metadata["doc"] for d in declared if d is not None and d.metadata.get("doc")), "")
+        rows.append({"name": f.name, "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+                     "default": repr(default), "doc": doc})
+    return rows
+
+
 @dataclass
 class DataConfig:
     """Which dataset, and how it is split (see :func:`pyrossl.data.make_split`)."""
 
-    name: str = "digits"
-    data_dir: str | None = None  # folder holding the dataset's files (mnist, fashion-mnist)
-    path: str | None = None  # the .npz file of the ``npz`` dataset
-    attributes: list[str] | None = None  # celeba, shapes: which attributes (celeba default: the 18 of Joy et al. 2021)
-    image_size: int | None = None  # celeba, shapes: side of the square images (default 64, 32)
-    num_examples: int | None = None  # shapes: how many images to generate (default 24,000; a sixth is the test part)
-    max_per_part: int | None = None  # celeba: at most this many images of each official partition
-    labels_per_class: int | None = None  # None: every training example labelled; 0: none
-    label_fraction: float | None = None
-    validation: float = 0.1  # a fraction (< 1) or a count (>= 1) held out for model selection
-    test: float = 0.2  # used only when the dataset has no official test set
-    limit_per_class: int | None = None
-    split_seed: int | None = None  # the seed of the split alone; None: the run's seed
-    binarize: bool = False  # dynamic binarisation: x ~ Bernoulli(pixel) afresh for every batch
+    name: str = setting("digits", "digits | mnist5k | mnist | fashion-mnist | celeba | shapes | npz (pyrossl datasets lists them)")
+    data_dir: str | None = setting(None, "folder holding the dataset's files (mnist, fashion-mnist)")
+    path: str | None = setting(None, "the .npz file of the ``npz`` dataset")
+    attributes: list[str] | None = setting(None, "celeba, shapes: which attributes (celeba default: the 18 of Joy et al. 2021)")
+    image_size: int | None = setting(None, "celeba, shapes: side of the square images (default 64, 32)")
+    num_examples: int | None = setting(None, "shapes: how many images to generate (default 24,000; a sixth is the test part)")
+    max_per_part: int | None = setting(None, "celeba: at most this many images of each official partition")
+    labels_per_class: int | None = setting(None, "None: every training example labelled; 0: none")
+    label_fraction: float | None = setting(None, "the labelled fraction of the training examples (instead of labels_per_class)")
+    validation: float = setting(0.1, "a fraction (< 1) or a count (>= 1) held out for model selection")
+    test: float = setting(0.2, "used only when the dataset has no official test set")
+    limit_per_class: int | None = setting(None, "at most this many examples of each class (a smaller dataset for quick runs)")
+    split_seed: int | None = setting(None, "the seed of the split alone; None: the run's seed")
+    binarize: bool = setting(False, "dynamic binarisation: x ~ Bernoulli(pixel) afresh for every batch")
 
 
 @dataclass
 class TrainConfig:
     """The one training loop's settings (see :mod:`pyrossl.train`)."""
 
-    epochs: int = 10
-    batch_size: int = 128  # examples per step (unlabelled batch when the model uses labels)
-    labelled_batch_size: int | None = None  # None: same as batch_size
-    labelled_every: int = 1  # a labelled batch joins every n-th step (1: every step; Pyro's SS-VAE example: once per epoch)
-    lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw | sgd
-    weight_decay: float = 0.0
-    clip_norm: float | None = None
-    eval_batch_size: int = 1000
-    eval_every: int = 1  # evaluate (and select the best epoch) every n epochs, and after the last
-    checkpoint_every: int = 1  # write checkpoint.pt every n epochs, after every evaluation, and after the last
-    particles: int = 1  # samples of the latents per example and step in the ELBO (or the IWAE bound)
-    objective: str = "elbo"  # elbo | iwae (importance-weighted bound with `particles` samples; no enumerated sites)
-    iwae_samples: int = 0  # k of the IWAE log-likelihood estimate at the end; 0 turns it off
-    progress: bool = True
-    on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    epochs: int = setting(10, "passes over the (unlabelled) training examples")
+    batch_size: int = setting(128, "examples per step (unlabelled batch when the model uses labels)")
+    labelled_batch_size: int | None = setting(None, "None: same as batch_size")
+    labelled_every: int = setting(1, "a labelled batch joins every n-th step (1: every step; Pyro's SS-VAE example: once per epoch)")
+    lr: float = setting(1e-3, "learning rate of the optimizer")
+    optimizer: str = setting("adam", "adam | adamw | sgd")
+    weight_decay: float = setting(0.0, "the optimizer's weight decay (adamw: decoupled)")
+    clip_norm: float | None = setting(None, "clip the gradients' global norm to this; None: no clipping")
+    eval_batch_size: int = setting(1000, "examples per batch when evaluating")
+    eval_every: int = setting(1, "evaluate (and select the best epoch) every n epochs, and after the last")
+    checkpoint_every: int = setting(1, "write checkpoint.pt every n epochs, after every evaluation, and after the last")
+    particles: int = setting(1, "samples of the latents per example and step in the ELBO (or the IWAE bound)")
+    objective: str = setting("elbo", "elbo | iwae (importance-weighted bound with `particles` samples; no enumerated sites)")
+    iwae_samples: int = setting(0, "k of the IWAE log-likelihood estimate at the end; 0 turns it off")
+    progress: bool = setting(True, "show a progress bar per epoch")
+    on_nonfinite: str = setting("stop", "stop | skip: what a non-finite loss or gradient does")
 
 
 @dataclass
 class Config:
-    model: str = "vae"
-    guide: str | None = None
-    z_guide: str | None = None  # the guide of the continuous code (diag-normal, lowrank-normal, flow); None: diag-normal
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int | None = None
+    model: str = setting("vae", "the zoo entry to train (pyrossl models lists them)")
+    guide: str | None = setting(None, "the entry's guide (pyrossl models lists them); None: the entry's default")
+    z_guide: str | None = setting(None, "the guide of the continuous code (diag-normal, lowrank-normal, flow); None: diag-normal")
+    seed: int = setting(0, "seeds the parameters' initialisation, the batches and the split (unless data.split_seed)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    threads: int | None = setting(None, "CPU threads of torch; None: torch's default")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     options: dict[str, Any] = field(default_factory=dict)
-    plugins: list[str] = field(default_factory=list)  # modules or .py files registering entries and guides, imported first
+    plugins: list[str] = setting([], "modules or .py files registering entries and guides, imported first")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

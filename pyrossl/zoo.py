@@ -28,7 +28,7 @@ import torch
 from pyro.infer import ELBO
 from torch import nn
 
-from pyrossl.config import build_dataclass
+from pyrossl.config import build_dataclass, option_rows
 from pyrossl.errors import ConfigError
 from pyrossl.guides.zguide import DEFAULT_Z_GUIDE, Z_GUIDES
 from pyrossl.infer.objective import OBJECTIVES, Objective, make_elbo
@@ -136,9 +136,9 @@ class ZooModel(nn.Module):
 
     @classmethod
     def option_rows(cls) -> list[dict[str, str]]:
-        """Every setting of ``cls.Options``: ``name``, ``type``, ``default`` and ``doc`` (the comment
-        beside the field in the source), base classes' fields first. What the documentation's
-        option tables are made of, so they cannot drift from the code."""
+        """Every setting of ``cls.Options``: ``name``, ``type``, ``default`` and ``doc`` (each field's
+        ``metadata["doc"]``, see :func:`pyrossl.config.setting`), base classes' fields first. What the
+        documentation's option tables are made of, so they cannot drift from the code."""
         return option_rows(cls.Options)
 
     @classmethod
@@ -380,30 +380,3 @@ class LabelClassifier:
         from pyrossl.evaluate import classification_metrics, pairs_from_table
 
         return classification_metrics(*pairs_from_table(counts["labels"]), self.meta["num_classes"])
-
-
-
-def option_rows(options_class) -> list[dict[str, str]]:
-    """The fields of a dataclass with their types, defaults and source comments (see :meth:`ZooModel.option_rows`)."""
-    import inspect
-    import io
-    import re
-    import tokenize
-
-    comments: dict[str, str] = {}
-    for klass in reversed(options_class.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        source = inspect.getsource(klass)
-        notes = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-                 if tok.type == tokenize.COMMENT}
-        for number, line in enumerate(source.splitlines(), 1):
-            match = re.match(r"\s+(\w+)\s*:", line)
-            if match and number in notes:
-                comments[match.group(1)] = notes[number]
-    rows = []
-    for f in dataclasses.fields(options_class):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        rows.append({"name": f.name, "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
-                     "default": repr(default), "doc": comments.get(f.name, "")})
-    return rows

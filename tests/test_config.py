@@ -62,3 +62,24 @@ def test_override_parsing():
 def test_defaults():
     config = Config()
     assert config.model == "vae" and config.train.epochs >= 1
+
+
+def test_a_setting_is_a_field_with_its_doc_and_a_fresh_copy_of_a_list_default():
+    import dataclasses
+
+    from pyrossl.config import option_rows, setting
+
+    @dataclasses.dataclass
+    class Base:
+        widths: list[int] = setting([4, 2], "layer widths")
+        rate: float = setting(0.5, "a rate")
+
+    @dataclasses.dataclass
+    class Child(Base):
+        rate: float = 0.25  # a new default only
+
+    a, b = Base(), Base()
+    a.widths.append(1)
+    assert b.widths == [4, 2] and Child().widths == [4, 2]
+    rows = [{k: r[k] for k in ("name", "default", "doc")} for r in option_rows(Child)]
+    assert rows == [{"name": "widths", "default": "[4, 2]", "doc": "layer widths"}, {"name": "rate", "default": "0.25", "doc": "a rate"}]

@@ -90,11 +90,18 @@ def test_the_guide_tables_on_the_site_are_the_families_tables(site):
                 assert cell in page, (family.what, cell)
 
 
-def test_option_rows_come_from_the_dataclass_and_its_comments():
+def test_option_rows_come_from_the_fields_and_document_every_setting():
+    from pyrossl import config
     from pyrossl.registry import MODELS
 
     rows = {r["name"]: r for r in MODELS["m2"].option_rows()}
     assert rows["aux_weight"]["default"] == "50.0" and rows["aux_weight"]["type"] == "float"
     assert "auxiliary loss" in rows["aux_weight"]["doc"]
-    assert rows["z_rank"]["doc"].startswith("lowrank-normal")  # a base class's field and comment
+    assert rows["z_rank"]["doc"].startswith("lowrank-normal")  # a base class's field and doc
+    serket = {r["name"]: r for r in MODELS["serket-vae-gmm"].option_rows()}
+    assert serket["z_dim"]["default"] == "18" and serket["z_dim"]["doc"] == "width of the continuous code z"  # new default, inherited doc
+    sections = [cls.Options for cls in MODELS.values()] + [config.DataConfig, config.TrainConfig]
+    top = [r for r in config.option_rows(config.Config) if r["name"] not in ("data", "train", "options")]
+    undocumented = [(s.__name__, r["name"]) for s in sections for r in config.option_rows(s) if not r["doc"]]
+    assert undocumented + [r["name"] for r in top if not r["doc"]] == []
     assert list(rows) == [f.name for f in __import__("dataclasses").fields(MODELS["m2"].Options)]

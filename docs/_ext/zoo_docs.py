@@ -1,7 +1,7 @@
 """Sphinx directives that write what the code already knows, so the site cannot drift from it.
 
 - ``{zoo-options} NAME``: the entry's Options dataclass as a table (setting, type, default, the
-  comment beside the field in the source): :meth:`pyrossl.zoo.ZooModel.option_rows`;
+  doc of each field, its ``metadata["doc"]``): :meth:`pyrossl.zoo.ZooModel.option_rows`;
 - ``{zoo-guides} NAME``: the guides that fit the entry, its z-guides and the objectives it trains
   with, from the class attributes the registry checks recipes against, each guide family's table
   made from its classes (``{zoo-guide-family} label|z|ccvae``: one family's table alone;
@@ -152,7 +152,7 @@ class ZooConfig(Directive):
 
     def run(self):
         from pyrossl import config
-        from pyrossl.zoo import option_rows
+        from pyrossl.config import option_rows
 
         section = self.arguments[0]
         classes = {"data": config.DataConfig, "train": config.TrainConfig, "top": config.Config}

@@ -24,7 +24,7 @@ from torch import nn
 
 import pyrossl
 from pyrossl import plots
-from pyrossl.config import load_config
+from pyrossl.config import load_config, setting
 from pyrossl.infer.params import register as register_params
 from pyrossl.registry import register
 from pyrossl.train import train_to_completion
@@ -40,13 +40,15 @@ OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials"))
 # so `entry.state_dict()` is the checkpoint. `register(self)` at the top of each `forward` is
 # `pyro.module` when Pyro keeps its parameters in the global param store (its default, where a plain
 # `pyro.infer.SVI` finds them) and nothing inside the zoo's own calls, which keep them module-local.
-# The base class's training loss is the ELBO's per-example mean on each batch.
+# The base class's training loss is the ELBO's per-example mean on each batch. Each option is a
+# `setting(default, doc)`: a dataclass field whose doc goes into the entry's option table
+# (`LaplaceVAE.option_rows()`, the site's tables).
 
 # %%
 @dataclass
 class LaplaceVAEOptions:
-    z_dim: int = 8  # units of the code
-    hidden: int = 256  # width of the encoder's and decoder's hidden layer
+    z_dim: int = setting(8, "units of the code")
+    hidden: int = setting(256, "width of the encoder's and decoder's hidden layer")
 
 
 class LaplaceVAEModel(nn.Module):
