@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from pyrossl import distributed
-from pyrossl.errors import Interrupted, ProcessLost, PyrosslError, TrainingInterrupted
+from pyrossl.errors import Interrupted, ProcessLost, PyrosslError, TrainingInterrupted, interrupted_by, signal_of
 from pyrossl.infer.params import module_local
 from pyrossl.plugins import load_plugins
 
@@ -120,14 +120,10 @@ def cmd_train(args) -> int:
     try:
         summary = train(config, out, resume=bool(args.resume))
     except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the training loop
-        signum = getattr(exc, "signum", signal.SIGINT)
         if not runs.is_run(out) or distributed.environment().active:  # nothing to resume yet; a job: its launcher says it
             raise
-        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
         kept = f"the last checkpoint {out / runs.CHECKPOINT} is intact" if (out / runs.CHECKPOINT).exists() else "no checkpoint was written yet"
-        interrupted = TrainingInterrupted(f"interrupted{by}; {kept}: resume with: pyrossl train --resume {out}")
-        interrupted.exit_code = 128 + int(signum)
-        raise interrupted from None
+        raise TrainingInterrupted.by(signal_of(exc), f"; {kept}: resume with: pyrossl train --resume {out}") from None
     if distributed.environment().rank == 0:  # one summary per job, not one per process
         print(format_summary(summary))
         print(f"run directory: {out}")
@@ -339,10 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pyrossl: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
         if distributed.environment().rank == 0:  # Ctrl-C reaches every process of a job: one of them says so
-            print("pyrossl: interrupted" + ("" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"), file=sys.stderr)
-        return 128 + int(signum)
+            print(f"pyrossl: {interrupted_by(signal_of(exc))}", file=sys.stderr)
+        return 128 + signal_of(exc)
     except OSError as exc:
         if exc.filename is None:  # not about a file the user named or can fix: a bug, with its traceback
             raise

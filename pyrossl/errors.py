@@ -4,6 +4,8 @@ Every error here is a mistake in what the user gave (a recipe, a file, a flag), 
 the CLI prints its message on one line and exits with code 2; the Python API raises it.
 """
 
+import signal
+
 
 class PyrosslError(Exception):
     """Bad input the user can fix. The message is one line that says what to do."""
@@ -34,6 +36,14 @@ class TrainingInterrupted(PyrosslError):
 
     exit_code = 130
 
+    @classmethod
+    def by(cls, signum: int, rest: str) -> "TrainingInterrupted":
+        """``interrupted[ by SIGNAME]<rest>``, exiting with 128 + the signal's number (the shell's convention:
+        130 for SIGINT, 143 for SIGTERM)."""
+        exc = cls(interrupted_by(signum) + rest)
+        exc.exit_code = 128 + int(signum)
+        return exc
+
 
 class Interrupted(KeyboardInterrupt):
     """A signal stopped a command at once: Ctrl-C (SIGINT) as Python's own ``KeyboardInterrupt``, or
@@ -44,6 +54,17 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__()
         self.signum = int(signum)
+
+
+def signal_of(exc: KeyboardInterrupt) -> int:
+    """The signal that raised ``exc``: its ``signum`` (:class:`Interrupted`), SIGINT for Python's own."""
+    return int(getattr(exc, "signum", signal.SIGINT))
+
+
+def interrupted_by(signum: int) -> str:
+    """The words every interruption message starts with: "interrupted", and " by SIGNAME" unless the
+    signal is Ctrl-C's SIGINT."""
+    return "interrupted" + ("" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}")
 
 
 class WriteError(CheckpointError):

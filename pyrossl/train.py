@@ -20,7 +20,6 @@ SS-VAE example does) and of the last epoch.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import json
@@ -28,11 +27,8 @@ import math
 import os
 import platform
 import random
-import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,20 +38,20 @@ from tqdm.auto import tqdm
 
 from pyrossl import distributed, runs
 from pyrossl.config import Config
-from pyrossl.data import batch_indices, binarize
+from pyrossl.data.training import BatchSchedule, TrainingData
 from pyrossl.distributed import resolve_device
 from pyrossl.errors import (
     CheckpointError,
     ConfigError,
-    Interrupted,
     ProcessLost,
     PyrosslError,
     TrainingError,
-    TrainingInterrupted,
     WriteError,
 )
 from pyrossl.infer.params import module_local
+from pyrossl.interrupt import StopRequest
 from pyrossl.registry import build_model, model_class, resolve
+from pyrossl.scoring import Scorer
 
 #: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`tune_allocator` sets
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -91,22 +87,6 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)  # torch, numpy and random
 
 
-@contextlib.contextmanager
-def separate_randomness(words: list[int], device: torch.device):
-    """Run the block on a random stream of its own, seeded from ``words``, and give the caller's
-    streams (torch's, the CUDA device's, numpy's and Python's: every one Pyro draws from) back as
-    they were. Evaluation runs inside it, so how often and how much is evaluated never changes what
-    is trained, and an evaluation's noise depends on what it evaluates, not on what ran before."""
-    saved = {"random": random.getstate(), "numpy": np.random.get_state()}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        pyro.set_rng_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
-        try:
-            yield
-        finally:
-            random.setstate(saved["random"])
-            np.random.set_state(saved["numpy"])
-
-
 def rng_state(generator: torch.Generator) -> dict:
     """Every RNG state training draws from, as plain tensors and containers (``weights_only`` loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -130,20 +110,6 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass
-class TrainingData:
-    """The dataset on the training device, and the split's index tensors."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    split: object
-    binarize: bool
-
-    def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        index = getattr(self.split, name).to(self.x.device)
-        return self.x[index], self.y[index]
 
 
 def check_progress(state: dict, epochs: int, path: Path) -> None:
@@ -343,17 +309,15 @@ class Trainer:
         self.split = runs.split_for(c, self.dataset)
         if self.split.unlabelled.numel() + self.split.labelled.numel() == 0:
             raise ConfigError("the split leaves no training examples")
-        x = self.dataset.x
-        if c.data.binarize:
-            # held-out images are binarised once, from the seed, so every epoch scores the same images
-            held_out = torch.cat([self.split.validation, self.split.test])
-            x = x.clone()
-            x[held_out] = binarize(x[held_out], torch.Generator().manual_seed(c.seed))
-        self.data = TrainingData(x.to(self.device), self.dataset.y.to(self.device), self.split, c.data.binarize)
+        self.data = TrainingData.on_device(self.dataset, self.split, c.data.binarize, c.seed, self.device)
         self.model = build_model(c, self.dataset.meta()).to(self.device)
+        t = c.train
+        self.schedule = BatchSchedule(self.split, t.batch_size, t.labelled_batch_size, t.labelled_every,
+                                      self.model.uses_labels, self.model.uses_unlabelled, c.model)
+        self.scorer = Scorer(self.model, self.data, self.dist, self.device, c.seed, t.eval_batch_size, t.iwae_samples)
         self._check_split()
         self._check_evaluation_memory()
-        self.model.prepare(self._training_tensors)
+        self.model.prepare(self.data.training_tensors)
         self.optimizer = make_optimizer(c, self.model.parameters())
         self.generator = torch.Generator().manual_seed(c.seed)
         self.epoch = 0
@@ -366,7 +330,7 @@ class Trainer:
         self.records_kept = None  # on a resume: the metrics records up to the checkpoint's epoch
         self._rank_states = None  # on a resume: every process's random state at the checkpoint
         self.partial = None  # where a mid-epoch checkpoint stopped: {"epoch", "batch", "losses", "data_rng", ...}
-        self.stop_requested = 0  # the signal that asked training to stop (0: none)
+        self.stop = StopRequest()  # a signal asking training to stop after the current step
         if self.resume and self.writer:
             runs.remove_stale_temporaries(self.out)
         if self.resume and (self.out / runs.CHECKPOINT).exists():
@@ -471,41 +435,11 @@ class Trainer:
         return CheckpointError(f"{exc}; {kept}: {fix}, then resume with pyrossl train --resume {self.out}")
 
     # ------------------------------------------------------------------------------------
-    def _batches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """(unlabelled, labelled) index pairs of one epoch, drawn from the data generator."""
-        t, split, g = self.config.train, self.split, self.generator
-        if not self.model.uses_labels:
-            train = torch.cat([split.unlabelled, split.labelled]).sort().values
-            return [(b, None) for b in batch_indices(train, t.batch_size, g)]
-        unlabelled = batch_indices(split.unlabelled, t.batch_size, g) if self.model.uses_unlabelled else []
-        lab_bs = t.labelled_batch_size or t.batch_size
-        labelled = batch_indices(split.labelled, lab_bs, g)
-        if not unlabelled:
-            if not labelled:
-                raise ConfigError(f"model '{self.config.model}' needs labelled examples: set data.labels_per_class or data.label_fraction")
-            return [(None, b) for b in labelled]
-        if not labelled:
-            return [(b, None) for b in unlabelled]
-        every = t.labelled_every  # a labelled batch joins steps 0, every, 2 * every, ...
-        wanted = math.ceil(len(unlabelled) / every)
-        while len(labelled) < wanted:  # cycle the (small) labelled set, reshuffled each pass
-            labelled += batch_indices(split.labelled, lab_bs, g)
-        return [(b, labelled[i // every] if i % every == 0 else None) for i, b in enumerate(unlabelled)]
-
-    def _inputs(self, index: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if index is None:
-            return None, None
-        index = index.to(self.device)
-        x = self.data.x[index]
-        if self.data.binarize:
-            x = binarize(x)
-        return x, self.data.y[index]
-
     def _loss(self, module: torch.nn.Module, unlab: torch.Tensor | None, lab: torch.Tensor | None) -> torch.Tensor:
         """The loss of ``module`` (the entry, or its DDP wrapper) on one step's index batches; an entry
         that ``wants_index`` also gets the unlabelled images' dataset indices."""
-        x, _ = self._inputs(unlab)
-        x_lab, y_lab = self._inputs(lab)
+        x, _ = self.data.inputs(unlab)
+        x_lab, y_lab = self.data.inputs(lab)
         if self.model.wants_index and unlab is not None:
             return module(x, x_lab, y_lab, index=unlab.to(self.device))
         return module(x, x_lab, y_lab)
@@ -517,24 +451,11 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         unused = False
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for step in self._first_steps():
+            for step in self.schedule.first_steps(self.generator):
                 loss = self._loss(self.model, *(b[:2] if b is not None else None for b in step))
                 unused |= any(g is None for g in torch.autograd.grad(loss, params, allow_unused=True))
         self.model.load_state_dict(saved)
         return unused
-
-    def _first_steps(self) -> list:
-        """The first (unlabelled, labelled) index pair of each kind of step, with and without a labelled
-        batch (``train.labelled_every``), without moving the data generator."""
-        state = self.generator.get_state()
-        try:
-            batches = self._batches()
-        finally:
-            self.generator.set_state(state)
-        kinds = {}
-        for unlab, lab in batches:
-            kinds.setdefault(lab is None, (unlab, lab))
-        return list(kinds.values())
 
     def _shard(self, unlab, lab):
         """This process's share of a global step, and the weight of its loss (see :func:`distributed.loss_scale`)."""
@@ -580,42 +501,6 @@ class Trainer:
             f"lower train.lr, set train.clip_norm, or set train.on_nonfinite=skip"
         )
 
-    def _evaluate(self, parts=("validation", "test"), stream: int = 0) -> dict:
-        """Metrics of the held-out parts (and of the training set for entries that score it), on every process.
-
-        With several processes each one evaluates its share of a part and the entry's counts are
-        summed (:meth:`pyrossl.zoo.ZooModel.evaluation_counts`): the metrics of a single process.
-        An entry without counts is evaluated by rank 0 alone.
-        """
-        with separate_randomness([self.config.seed, stream, self.dist.rank, 0x5EA1], self.device):
-            if self.dist.active and not self.model.splits_evaluation():
-                return distributed.broadcast_object(self._evaluate_parts(parts, split=False) if self.writer else None)
-            return self._evaluate_parts(parts, split=self.dist.active)
-
-    def _evaluate_parts(self, parts, split: bool) -> dict:
-        self.model.eval()
-        metrics = {}
-        prefix = {"train": "train_", "validation": "val_", "test": "test_"}
-        size = self.config.train.eval_batch_size
-        if self.model.evaluate_on_train:
-            parts = ("train", *parts)
-        for part in parts:
-            x, y = self._training_set() if part == "train" else self.data.part(part)
-            if not x.shape[0]:
-                continue
-            if split:
-                x, y = distributed.shard(x), distributed.shard(y)
-                counts = distributed.sum_counts(self.model.evaluation_counts(x, y, size) if x.shape[0] else None)
-                values = self.model.metrics_from_counts(counts)
-            else:
-                values = self.model.evaluate(x, y, size)
-            if part == parts[0] and self.model.z_guides:
-                # the code's use per unit, on the first part (validation, or the scored training set)
-                code = self.model.code_counts(x, size) if x.shape[0] else None
-                values.update(self.model.code_metrics(distributed.sum_counts(code) if split else code))
-            metrics.update({prefix[part] + k: v for k, v in values.items()})
-        return metrics
-
     # ------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train for the remaining epochs, then write the summary and figures; returns the summary.
@@ -634,7 +519,7 @@ class Trainer:
         try:
             with tqdm(range(self.epoch + 1, c.train.epochs + 1), desc=f"{c.model}/{self.model.guide_name}",
                       disable=not (c.train.progress and self.writer), initial=self.epoch, total=c.train.epochs, unit="epoch") as bar:
-                with self._graceful_interrupt():
+                with self.stop.catching(enabled=not self.dist.active):
                     self._epochs(bar, select)
             summary = self.finish()
             completed = True
@@ -649,41 +534,6 @@ class Trainer:
             self.loss_module = self.model  # no DDP wrapper once the process group is gone
             distributed.teardown(completed)  # see distributed.end_process for how a job's process ends
 
-    def _interrupted(self, where: str) -> TrainingInterrupted:
-        by = f" by {signal.Signals(self.stop_requested).name}" if self.stop_requested not in (0, signal.SIGINT) else ""
-        exc = TrainingInterrupted(
-            f"interrupted {where}{by}; checkpoint written to {self.out / runs.CHECKPOINT}; "
-            f"resume with: pyrossl train --resume {self.out}"
-        )
-        exc.exit_code = 128 + int(self.stop_requested or signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM: the shell's convention
-        return exc
-
-    @contextlib.contextmanager
-    def _graceful_interrupt(self):
-        """While training, the first Ctrl-C (SIGINT) or SIGTERM (what ``kill``, a scheduler's time limit
-        and a system shutdown send) asks the loop to stop after the current step and checkpoint; a
-        second one interrupts at once (the last checkpoint stays intact). Only the main thread can
-        take signals: elsewhere both keep their default behaviour."""
-        if threading.current_thread() is not threading.main_thread() or self.dist.active:
-            # several processes: Ctrl-C reaches all of them and torchrun stops the job; the last checkpoint stays
-            yield
-            return
-
-        def handler(signum, frame):
-            if self.stop_requested:
-                raise Interrupted(signum)
-            self.stop_requested = signum
-            again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
-            print(f"\npyrossl: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "
-                  f"({again} again to stop at once)", file=sys.stderr, flush=True)
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
     def _epochs(self, bar, select: str) -> None:
         c = self.config
         for epoch in bar:
@@ -694,7 +544,7 @@ class Trainer:
             if partial is not None:  # resuming inside this epoch: redraw its batch order, skip what was done
                 self.generator.set_state(partial["data_rng"])
             data_rng = self.generator.get_state()
-            batches = self._batches()
+            batches = self.schedule.epoch(self.generator)
             first = int(partial["batch"]) if partial else 0
             if partial and not first < len(batches):
                 raise CheckpointError(f"{self.out / runs.CHECKPOINT}: its partial epoch stopped after batch {first}, but the epoch "
@@ -705,12 +555,12 @@ class Trainer:
                 loss = self._step(*batches[i])
                 if loss is not None:
                     losses.append(loss)
-                if self.stop_requested and i + 1 < len(batches):
+                if self.stop and i + 1 < len(batches):
                     spent = time.perf_counter() - start
                     self.seconds += spent
                     self._checkpoint({"epoch": epoch, "batch": i + 1, "losses": losses, "data_rng": data_rng,
                                       "train_seconds": earlier + spent})
-                    raise self._interrupted(f"at epoch {epoch}, step {i + 1} of {len(batches)}")
+                    raise self.stop.error(f"at epoch {epoch}, step {i + 1} of {len(batches)}", self.out / runs.CHECKPOINT, self.out)
             self.epoch = epoch
             evaluate = epoch % c.train.eval_every == 0 or epoch == c.train.epochs
             logs.update(self._end_epoch(epoch, evaluate))
@@ -718,7 +568,7 @@ class Trainer:
                 total, count = distributed.sum_over_processes([sum(losses), len(losses)])
                 losses = [total / count] if count else []
             train_seconds = earlier + time.perf_counter() - start
-            metrics = self._evaluate(stream=epoch) if evaluate else {}
+            metrics = self.scorer.parts(stream=epoch) if evaluate else {}
             if self.writer:  # an entry's files of the epoch (Serket's round tables), whether evaluated or not
                 runs.write_tables(self.out, self.model.epoch_outputs(epoch, lambda index: self.data.y[index.to(self.device)]))
             self.seconds += time.perf_counter() - start
@@ -738,35 +588,20 @@ class Trainer:
                 self.records_kept = None
             elif self.writer:
                 runs.append_metrics(self.out, record)
-            if evaluate or epoch % c.train.checkpoint_every == 0 or self.stop_requested:
+            if evaluate or epoch % c.train.checkpoint_every == 0 or self.stop:
                 start = time.perf_counter()
                 self._checkpoint()
                 self.seconds += time.perf_counter() - start  # counted from the next checkpoint and in the summary
-            if self.stop_requested and epoch < c.train.epochs:
-                raise self._interrupted(f"after epoch {epoch}")
+            if self.stop and epoch < c.train.epochs:
+                raise self.stop.error(f"after epoch {epoch}", self.out / runs.CHECKPOINT, self.out)
             bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
 
     def _end_epoch(self, epoch: int, evaluate: bool) -> dict:
         """The entry's non-gradient stage: with several processes it runs once, on rank 0, on every
         training image, and its result (the entry's whole state) and logs reach every process."""
-        logs = self.model.end_epoch(epoch, lambda: self._training_tensors(), evaluating=evaluate) if self.writer else None
+        logs = self.model.end_epoch(epoch, self.data.training_tensors, evaluating=evaluate) if self.writer else None
         distributed.broadcast_state(self.model)  # no-ops with one process
         return distributed.broadcast_object(logs)
-
-    def _training_index(self) -> torch.Tensor:
-        return torch.cat([self.split.unlabelled, self.split.labelled]).to(self.device)
-
-    def _training_tensors(self) -> dict:
-        """Every training image (``x``, rows ``index``), and the labelled ones with their labels: unlabelled labels never leave here."""
-        labelled = self.split.labelled.to(self.device)
-        train = self._training_index()
-        return {"x": self.data.x[train], "index": train,
-                "x_labelled": self.data.x[labelled], "y_labelled": self.data.y[labelled]}
-
-    def _training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every training image with its true label: for scoring a model that evaluates on its training points."""
-        train = self._training_index()
-        return self.data.x[train], self.data.y[train]
 
     def finish(self) -> dict:
         """Evaluate the best and the last epoch on the test set (every process takes its share); write
@@ -775,12 +610,12 @@ class Trainer:
             runs.write_metrics(self.out, self.records_kept)
             self.records_kept = None
         last_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        result = {"last": self._final_metrics(stream=self.epoch + 1)}
+        result = {"last": self.scorer.final(stream=self.epoch + 1)}
         if distributed.broadcast_object((self.out / runs.BEST).exists() if self.writer else None):
             if self.writer:
                 runs.load_parameters(self.model, self.out / runs.BEST, map_location=self.device)
             distributed.broadcast_state(self.model)
-            result["best"] = self._final_metrics(stream=self.epoch + 2)
+            result["best"] = self.scorer.final(stream=self.epoch + 2)
         else:  # no epoch had a finite validation score
             result["best"] = result["last"]
         summary = self._write_summary(result) if self.writer else None
@@ -806,33 +641,12 @@ class Trainer:
         self.figures(records)
         return summary
 
-    def _final_metrics(self, stream: int) -> dict:
-        metrics = self._evaluate(stream=stream)
-        k = self.config.train.iwae_samples
-        if k:
-            x = distributed.shard(self.data.part("test")[0])  # this process's share of the test set
-            try:
-                with separate_randomness([self.config.seed, stream, self.dist.rank, 0x1EAE], self.device):
-                    ll = self.model.log_likelihood(x, k) if x.shape[0] else torch.zeros(0)
-                    elbo = self.model.elbo_estimate(x) if x.shape[0] else torch.zeros(0)
-            except NotImplementedError:
-                ll = elbo = None
-            if distributed.all_true(ll is not None):
-                total, total_elbo, count = distributed.sum_over_processes([ll.double().sum().item(), elbo.double().sum().item(), ll.numel()])
-                metrics["test_log_likelihood"] = total / count if count else math.nan
-                # the guide's own ELBO and how far the IWAE bound lies above it: an estimate (from below)
-                # of the guide's mean KL to the posterior, the quantity a guide ablation compares
-                metrics["test_guide_elbo"] = total_elbo / count if count else math.nan
-                metrics["test_iwae_gap"] = metrics["test_log_likelihood"] - metrics["test_guide_elbo"]
-                metrics["iwae_samples"] = k
-        return metrics
-
     def figures(self, records: list[dict]) -> list[Path]:
         """Learning curves, the latent space, the model's own figures and ``figures/index.html``."""
         from pyrossl import report
 
         part = report.figure_part(self.split, self.model.evaluate_on_train)
-        x, y = self._training_set() if part == "train" else self.data.part(part)
+        x, y = self.data.training_set() if part == "train" else self.data.part(part)
         outputs = type(self.model).read_outputs(runs.RunFiles(self.out), self.model.options)
         paths = report.draw_figures(self.model, self.dataset, records, x, y, self.out / runs.FIGURES, seed=self.config.seed,
                                     outputs=outputs)

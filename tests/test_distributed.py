@@ -157,7 +157,7 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path):
 
     class StopsAfterEpochTwo(Trainer):
         def _end_epoch(self, epoch, evaluate):
-            self.stop_requested = epoch == 2
+            self.stop.signum = signal.SIGINT if epoch == 2 else 0
             return super()._end_epoch(epoch, evaluate)
 
     with pytest.raises(TrainingInterrupted, match="after epoch 2"):

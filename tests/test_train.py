@@ -209,7 +209,7 @@ def _stop_at_step(monkeypatch, stop_step):
     def stepping(self, unlab, lab):
         loss = step(self, unlab, lab)
         if self.step == stop_step:
-            self.stop_requested = signal.SIGINT
+            self.stop.signum = signal.SIGINT
         return loss
 
     monkeypatch.setattr(Trainer, "_step", stepping)
@@ -575,7 +575,7 @@ def test_a_labelled_batch_joins_every_nth_step(tmp_path):
     every_step.setup()
     third = Trainer(tiny_config(**settings, **{"train.labelled_every": 3}), tmp_path / "b")
     third.setup()
-    plain, sparse = every_step._batches(), third._batches()
+    plain, sparse = every_step.schedule.epoch(every_step.generator), third.schedule.epoch(third.generator)
     assert all(lab is not None for _, lab in plain)
     assert [u.tolist() for u, _ in sparse] == [u.tolist() for u, _ in plain]  # the same unlabelled order
     assert [i for i, (_, lab) in enumerate(sparse) if lab is not None] == list(range(0, len(sparse), 3))
@@ -594,7 +594,7 @@ def test_unused_parameters_are_probed_on_each_kind_of_step(tmp_path):
     trainer = Trainer(tiny_config(**settings, **{"train.labelled_every": 3}), tmp_path / "run")
     trainer.setup()
     state = trainer.generator.get_state()
-    steps = trainer._first_steps()
+    steps = trainer.schedule.first_steps(trainer.generator)
     assert torch.equal(trainer.generator.get_state(), state)  # peeking does not move the batch order
     assert [lab is None for _, lab in steps] == [False, True]
     assert trainer._has_unused_parameters() is False  # M2's unlabelled term alone reaches every parameter
