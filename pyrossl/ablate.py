@@ -98,7 +98,6 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
     """Train every variant (guides × z-guides × varied values) × seed (finishing only what is missing)
     and write the summaries; ``iwae`` is k of the held-out IWAE bound (``train.iwae_samples``; 0: off)."""
     from pyrossl.registry import resolve
-    from pyrossl.train import check_train_config
 
     parsed = [parse_vary(v) for v in vary]
     keys = [k for k, _ in parsed]
@@ -117,7 +116,7 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
     if len(set(slugs)) != len(slugs):
         raise ConfigError(f"two variants would share a run folder ({', '.join(sorted({s for s in slugs if slugs.count(s) > 1}))}): make the values differ in letters or digits")
     for config in configs.values():  # every run's settings, checked before the first one trains
-        check_train_config(resolve(config))
+        resolve(config)
     runs.prepare_output(out)  # before any data is loaded
     # one ablation at a time in OUT (its tables are its own); each run folder is locked by its trainer too
     with runs.RunLock(out, "pyrossl ablate"):

@@ -61,6 +61,30 @@ def option_rows(options_class) -> list[dict[str, str]]:
     return rows
 
 
+#: what ``train.optimizer`` may name (:func:`pyrossl.train.make_optimizer` builds it)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+def check_seed(key: str, seed: int | None) -> None:
+    """A seed every generator takes (torch, numpy and random all take 0 .. 2**32 - 1), or None."""
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ConfigError(f"{key} must be in 0 .. 2**32 - 1, not {seed}")
+
+
+def split_amount(key: str, value: float) -> int | float:
+    """A hold-out size as the split takes it: a fraction in [0, 1), or a whole count of examples.
+
+    The two share one recipe field, so ``1.5`` is neither: it is refused rather than rounded.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{key} must be a fraction in [0, 1) or a whole count of examples, not {value!r}")
+    if value < 1:
+        return float(value)
+    if not float(value).is_integer():
+        raise ConfigError(f"{key} = {value!r}: a count of examples must be whole (a fraction must be below 1)")
+    return int(value)
+
+
 @dataclass
 class DataConfig:
     """Which dataset, and how it is split (see :func:`pyrossl.data.make_split`)."""
@@ -79,6 +103,21 @@ class DataConfig:
     limit_per_class: int | None = setting(None, "at most this many examples of each class (a smaller dataset for quick runs)")
     split_seed: int | None = setting(None, "the seed of the split alone; None: the run's seed")
     binarize: bool = setting(False, "dynamic binarisation: x ~ Bernoulli(pixel) afresh for every batch")
+
+    def __post_init__(self):
+        """The numbers, checked before any data is loaded: hold-outs are fractions in [0, 1) or whole
+        counts, counts are non-negative (limits and generated sizes at least 1)."""
+        split_amount("data.validation", self.validation)
+        split_amount("data.test", self.test)
+        if self.labels_per_class is not None and self.labels_per_class < 0:
+            raise ConfigError(f"data.labels_per_class must be 0 (no labels) or more, not {self.labels_per_class}")
+        if self.label_fraction is not None and not 0 <= self.label_fraction <= 1:
+            raise ConfigError(f"data.label_fraction must be a fraction in [0, 1], not {self.label_fraction}")
+        for key in ("limit_per_class", "num_examples", "max_per_part", "image_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key} must be at least 1 (or left out), not {value}")
+        check_seed("data.split_seed", self.split_seed)
 
 
 @dataclass
@@ -102,6 +141,28 @@ class TrainConfig:
     progress: bool = setting(True, "show a progress bar per epoch")
     on_nonfinite: str = setting("stop", "stop | skip: what a non-finite loss or gradient does")
 
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be at least 1, not {self.epochs}")
+        for key in ("batch_size", "eval_batch_size", "eval_every", "checkpoint_every", "labelled_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be at least 1, not {getattr(self, key)}")
+        if self.labelled_batch_size is not None and self.labelled_batch_size < 1:
+            raise ConfigError(f"train.labelled_batch_size must be at least 1, not {self.labelled_batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, not {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer '{self.optimizer}' (valid: {', '.join(OPTIMIZERS)})")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be 0 or positive, not {self.weight_decay}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"train.clip_norm must be positive (or left out), not {self.clip_norm}")
+        if self.iwae_samples < 0:
+            raise ConfigError(f"train.iwae_samples must be 0 (off) or positive, not {self.iwae_samples}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', not '{self.on_nonfinite}'")
+        # train.objective and train.particles are the entry's to check (ZooModel.check_objective)
+
 
 @dataclass
 class Config:
@@ -115,6 +176,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     options: dict[str, Any] = field(default_factory=dict)
     plugins: list[str] = setting([], "modules or .py files registering entries and guides, imported first")
+
+    def __post_init__(self):
+        check_seed("seed", self.seed)
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, not {self.threads}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -113,9 +113,16 @@ def write_report(run_dir: str | Path, which: str = "best", device: str = "cpu") 
     with runs.RunLock(run_dir, "pyrossl report"):  # never beside a training that writes the same figures
         runs.prepare_output(run_dir / runs.FIGURES)  # a run that cannot take its figures is said before anything loads
         run = load_run(run_dir, which=which, device=device)
-        outputs = run.outputs()  # the entry's own files, checked before anything is redrawn
-        part = figure_part(run.split, run.model.evaluate_on_train)
-        x, y = run.tensors(part)
-        figures = draw_figures(run.model, run.dataset, run.metrics, x, y, run_dir / runs.FIGURES, seed=run.config.seed,
-                               outputs=outputs)
-        return write_index(run_dir, figures), figures
+        return draw_run(run_dir, run.model, run.dataset, run.split, run.tensors, run.config.seed)
+
+
+def draw_run(run_dir: str | Path, model, dataset, split, tensors, seed: int) -> tuple[Path, list[Path]]:
+    """Every figure of the run ``run_dir`` and ``figures/index.html``, for its entry ``model`` as it is in
+    memory: what the trainer draws at the end of a run and :func:`write_report` redraws. ``tensors(part)``
+    gives a part's (x, y) (:meth:`pyrossl.run.Run.tensors`); the metrics and the entry's own tables are
+    read from the run, the tables checked before anything is drawn."""
+    run_dir = Path(run_dir)
+    outputs = runs.read_outputs(run_dir, model)
+    x, y = tensors(figure_part(split, model.evaluate_on_train))
+    figures = draw_figures(model, dataset, runs.read_metrics(run_dir), x, y, run_dir / runs.FIGURES, seed=seed, outputs=outputs)
+    return write_index(run_dir, figures), figures

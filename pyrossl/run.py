@@ -20,11 +20,11 @@ from pyrossl.registry import build_model
 from pyrossl.runs import (
     BEST,
     CHECKPOINT,
-    RunFiles,
     load_dataset_for,
     load_parameters,
     read_config,
     read_metrics,
+    read_outputs,
     read_summary,
     split_for,
 )
@@ -48,7 +48,7 @@ class Run:
     def outputs(self) -> dict:
         """The tables the entry kept in the run and reads again (Serket's codes before and after its
         rounds...), read and checked: ``type(model).read_outputs`` on this run's files."""
-        return type(self.model).read_outputs(RunFiles(self.path), self.model.options)
+        return read_outputs(self.path, self.model)
 
     def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of one part of the split: labelled, unlabelled, validation, test, or train (labelled and unlabelled)."""

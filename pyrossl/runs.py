@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import io
 import json
-import math
 import pickle
 import warnings
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 if TYPE_CHECKING:  # numpy is imported where a table is read, not by every command
     import numpy as np
 
-from pyrossl.config import Config, dumps, load_config
+from pyrossl.config import Config, dumps, load_config, split_amount
 from pyrossl.errors import CheckpointError, ConfigError, PyrosslError
 from pyrossl.files import (  # noqa: F401
     LOCK,
@@ -327,6 +326,12 @@ class RunFiles:
         return read_table(self.path(name), dtype=dtype, shape=shape)
 
 
+def read_outputs(run_dir: str | Path, model) -> dict:
+    """The tables the entry ``model`` kept in the run (Serket's codes before and after its rounds...),
+    read and checked by its class: ``type(model).read_outputs`` on the run's :class:`RunFiles`."""
+    return type(model).read_outputs(RunFiles(run_dir), model.options)
+
+
 def write_tables(run_dir: Path, tables: dict) -> list[Path]:
     """Write an entry's tables (:meth:`~pyrossl.zoo.Entry.epoch_outputs`: ``{name: (array, format)}``,
     names relative to ``run_dir``), each atomically; returns the paths."""
@@ -411,17 +416,3 @@ def split_for(config: Config, dataset):
         seed=config.seed if d.split_seed is None else d.split_seed,
         limit_per_class=d.limit_per_class,
     )
-
-
-def split_amount(key: str, value: float) -> int | float:
-    """A hold-out size as the split takes it: a fraction in [0, 1), or a whole count of examples.
-
-    The two share one recipe field, so ``1.5`` is neither: it is refused rather than rounded.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{key} must be a fraction in [0, 1) or a whole count of examples, not {value!r}")
-    if value < 1:
-        return float(value)
-    if not float(value).is_integer():
-        raise ConfigError(f"{key} = {value!r}: a count of examples must be whole (a fraction must be below 1)")
-    return int(value)

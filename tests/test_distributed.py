@@ -200,7 +200,7 @@ NONFINITE = textwrap.dedent("""
             forward = self.model.forward
             def nan_sometimes(*args, **kwargs):
                 loss = forward(*args, **kwargs)
-                return loss * float("nan") if distributed.context().rank == 1 and self.step in (2, 4) else loss
+                return loss * float("nan") if distributed.context().rank == 1 and self.progress.step in (2, 4) else loss
             self.model.forward = nan_sometimes
     trainer = NanOnRankOne(config_from_dict(json.loads(open(sys.argv[1]).read())), sys.argv[2])
     trainer.fit()

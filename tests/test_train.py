@@ -208,7 +208,7 @@ def _stop_at_step(monkeypatch, stop_step):
 
     def stepping(self, unlab, lab):
         loss = step(self, unlab, lab)
-        if self.step == stop_step:
+        if self.progress.step == stop_step:
             self.stop.signum = signal.SIGINT
         return loss
 

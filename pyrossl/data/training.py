@@ -49,6 +49,10 @@ class TrainingData:
         index = getattr(self.split, name).to(self.x.device)
         return self.x[index], self.y[index]
 
+    def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`part`, or for ``train`` :meth:`training_set` (as :meth:`pyrossl.run.Run.tensors`)."""
+        return self.training_set() if part == "train" else self.part(part)
+
     def inputs(self, index: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The images (binarised afresh when asked) and labels of a batch of dataset rows."""
         if index is None:
