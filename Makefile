@@ -29,6 +29,7 @@ test: $(STAMP)
 # ruff's lint rules of pyproject.toml ([tool.ruff]) over the code, tests, benchmarks and tutorial sources
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # the site: Sphinx + myst-nb (tutorials executed in their quick mode), warnings are errors
 docs: $(STAMP)

@@ -57,8 +57,12 @@ def fit_dataset_judge(run, limit: int, seed: int = 0) -> tuple[object, dict]:
     start = time.perf_counter()
     judge = fit_judge(x[index].cpu(), y[index].cpu(), kind, seed=seed)
     x_test, y_test = run.tensors("test")
-    info = {"kind": kind, "trained_on": int(index.numel()), "seconds": round(time.perf_counter() - start, 1),
-            "test_accuracy": judge_accuracy(judge, x_test.cpu(), y_test.cpu())}
+    info = {
+        "kind": kind,
+        "trained_on": int(index.numel()),
+        "seconds": round(time.perf_counter() - start, 1),
+        "test_accuracy": judge_accuracy(judge, x_test.cpu(), y_test.cpu()),
+    }
     return judge, info
 
 
@@ -76,8 +80,16 @@ def epoch_timing(out: Path, images_per_epoch: int) -> dict:
     return {"epoch_seconds": median, "images_per_second": images_per_epoch / median}
 
 
-def benchmark_seed(recipe: str, seed: int, overrides: list[str], runs_dir: Path, judge_limit: int,
-                   baseline_limit: int, test_limit: int, judges: dict) -> dict:
+def benchmark_seed(
+    recipe: str,
+    seed: int,
+    overrides: list[str],
+    runs_dir: Path,
+    judge_limit: int,
+    baseline_limit: int,
+    test_limit: int,
+    judges: dict,
+) -> dict:
     out = runs_dir / f"{Path(recipe).stem}-seed{seed}"
     summary = train_to_completion(load_config(recipe, [*overrides, f"seed={seed}", "train.progress=false"]), out)
     run = load_run(out)
@@ -88,9 +100,14 @@ def benchmark_seed(recipe: str, seed: int, overrides: list[str], runs_dir: Path,
     best = summary["best"]
     sizes = summary["split"]
     record = {
-        "seed": seed, "test_accuracy": best["test_accuracy"], "best_epoch": summary["best_epoch"],
-        "labelled": sizes["labelled"], "unlabelled": sizes["unlabelled"], "baseline_accuracy": baseline_accuracy(run, baseline_limit),
-        "seconds": summary["seconds"], **epoch_timing(out, sizes["labelled"] + sizes["unlabelled"]),
+        "seed": seed,
+        "test_accuracy": best["test_accuracy"],
+        "best_epoch": summary["best_epoch"],
+        "labelled": sizes["labelled"],
+        "unlabelled": sizes["unlabelled"],
+        "baseline_accuracy": baseline_accuracy(run, baseline_limit),
+        "seconds": summary["seconds"],
+        **epoch_timing(out, sizes["labelled"] + sizes["unlabelled"]),
     }
     if "test_per_attribute_accuracy" in best:
         record["per_attribute_accuracy"] = best["test_per_attribute_accuracy"]
@@ -101,15 +118,39 @@ def benchmark_seed(recipe: str, seed: int, overrides: list[str], runs_dir: Path,
     return record
 
 
-def benchmark_recipe(recipe: str, seeds: list[int], overrides: list[str], runs_dir: Path, judge_limit: int,
-                     baseline_limit: int, test_limit: int, judges: dict) -> dict:
-    per_seed = [benchmark_seed(recipe, s, overrides, runs_dir, judge_limit, baseline_limit, test_limit, judges) for s in seeds]
+def benchmark_recipe(
+    recipe: str,
+    seeds: list[int],
+    overrides: list[str],
+    runs_dir: Path,
+    judge_limit: int,
+    baseline_limit: int,
+    test_limit: int,
+    judges: dict,
+) -> dict:
+    per_seed = [
+        benchmark_seed(recipe, s, overrides, runs_dir, judge_limit, baseline_limit, test_limit, judges) for s in seeds
+    ]
     config = load_config(recipe, overrides)
     supervision = "partial" if per_seed[0]["unlabelled"] else "full"
-    row = {"recipe": Path(recipe).name, "dataset": config.data.name, "supervision": supervision,
-           "labelled": per_seed[0]["labelled"], "seeds": seeds, "per_seed": per_seed}
-    for key in ("test_accuracy", "baseline_accuracy", "intervention_accuracy", "walk_own_change", "walk_other_change",
-                "epoch_seconds", "images_per_second", "seconds"):
+    row = {
+        "recipe": Path(recipe).name,
+        "dataset": config.data.name,
+        "supervision": supervision,
+        "labelled": per_seed[0]["labelled"],
+        "seeds": seeds,
+        "per_seed": per_seed,
+    }
+    for key in (
+        "test_accuracy",
+        "baseline_accuracy",
+        "intervention_accuracy",
+        "walk_own_change",
+        "walk_other_change",
+        "epoch_seconds",
+        "images_per_second",
+        "seconds",
+    ):
         values = [r[key] for r in per_seed if key in r]
         if values:
             row[key], row[key + "_sd"] = mean_sd(values)
@@ -122,19 +163,24 @@ def table(rows: list[dict], judges: dict) -> str:
     def fmt(row, key, digits=4):
         return f"{row[key]:.{digits}f} ± {row[key + '_sd']:.{digits}f}" if key in row else "—"
 
-    lines = ["| data (labels) | test accuracy | logistic regression, same labels | intervention accuracy | "
-             "walk: own attribute changed | walk: other attributes changed | one epoch (s) | images/s | targets met |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data (labels) | test accuracy | logistic regression, same labels | intervention accuracy | "
+        "walk: own attribute changed | walk: other attributes changed | one epoch (s) | images/s | targets met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['dataset']} ({r['labelled']} labelled, {len(r['seeds'])} seeds) | {fmt(r, 'test_accuracy')} | "
             f"{fmt(r, 'baseline_accuracy')} | {fmt(r, 'intervention_accuracy')} | {fmt(r, 'walk_own_change', 3)} | "
             f"{fmt(r, 'walk_other_change', 3)} | {r['epoch_seconds']:.1f} | {r['images_per_second']:.0f} | "
-            f"{'yes' if r['meets_targets'] else 'no'} |")
+            f"{'yes' if r['meets_targets'] else 'no'} |"
+        )
     lines.append("")
     for name, (_, info) in judges.items():
-        lines.append(f"judge for {name}: {info['kind']} trained on {info['trained_on']} real training images, "
-                     f"test accuracy {info['test_accuracy']:.4f}")
+        lines.append(
+            f"judge for {name}: {info['kind']} trained on {info['trained_on']} real training images, "
+            f"test accuracy {info['test_accuracy']:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -146,15 +192,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs", type=Path, default=Path("outputs/bench-ccvae"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/ccvae.json")
     parser.add_argument("--judge-limit", type=int, default=20000, help="real training images the judge learns from")
-    parser.add_argument("--baseline-limit", type=int, default=20000, help="labelled images the logistic baseline learns from")
+    parser.add_argument(
+        "--baseline-limit", type=int, default=20000, help="labelled images the logistic baseline learns from"
+    )
     parser.add_argument("--test-limit", type=int, default=2000, help="test images encoded for interventions and walks")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     judges: dict = {}
-    rows = [benchmark_recipe(recipe, seeds, args.set, args.runs, args.judge_limit, args.baseline_limit, args.test_limit, judges)
-            for recipe in args.recipes.split(",")]
-    result = {"rows": rows, "judges": {name: info for name, (_, info) in judges.items()},
-              "threads": torch.get_num_threads()}
+    rows = [
+        benchmark_recipe(
+            recipe, seeds, args.set, args.runs, args.judge_limit, args.baseline_limit, args.test_limit, judges
+        )
+        for recipe in args.recipes.split(",")
+    ]
+    result = {
+        "rows": rows,
+        "judges": {name: info for name, (_, info) in judges.items()},
+        "threads": torch.get_num_threads(),
+    }
     print(table(rows, judges))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -57,9 +57,11 @@ def benchmark_recipe(recipe: str, seeds: list[int], overrides: list[str], runs_d
         run = load_run(out)
         best = summary["best"]
         record = {
-            "seed": seed, "test_accuracy": best["test_accuracy"],
+            "seed": seed,
+            "test_accuracy": best["test_accuracy"],
             "single_mixture_cluster_accuracy": best.get("test_single_mixture_cluster_accuracy"),
-            "novelty_rate_test": best["test_novelty_rate"], "seconds": summary["seconds"],
+            "novelty_rate_test": best["test_novelty_rate"],
+            "seconds": summary["seconds"],
         }
         other = other_images(OTHER.get(run.config.data.name, ""), run.dataset.x.shape[1:])
         if other is not None:
@@ -67,9 +69,20 @@ def benchmark_recipe(recipe: str, seeds: list[int], overrides: list[str], runs_d
         per_seed.append(record)
         dirs.append(out)
     config = load_config(recipe, overrides)
-    row = {"recipe": Path(recipe).name, "dataset": config.data.name, "seeds": seeds, "per_seed": per_seed,
-           "published_accuracy": PUBLISHED.get(config.data.name)}
-    for key in ("test_accuracy", "single_mixture_cluster_accuracy", "novelty_rate_test", "novelty_rate_other", "seconds"):
+    row = {
+        "recipe": Path(recipe).name,
+        "dataset": config.data.name,
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "published_accuracy": PUBLISHED.get(config.data.name),
+    }
+    for key in (
+        "test_accuracy",
+        "single_mixture_cluster_accuracy",
+        "novelty_rate_test",
+        "novelty_rate_other",
+        "seconds",
+    ):
         values = [r[key] for r in per_seed if r.get(key) is not None]
         if values:
             row[key], row[key + "_sd"] = mean_sd(values)
@@ -81,9 +94,16 @@ def train_contrast_vae(gae_run, epochs: int, out: Path):
     c = gae_run.config
     o = c.options
     raw = {
-        "model": "vae", "seed": c.seed,
+        "model": "vae",
+        "seed": c.seed,
         "data": {k: v for k, v in vars(c.data).items() if v is not None},
-        "train": {"epochs": epochs, "batch_size": c.train.batch_size, "lr": c.train.lr, "progress": False, "iwae_samples": 0},
+        "train": {
+            "epochs": epochs,
+            "batch_size": c.train.batch_size,
+            "lr": c.train.lr,
+            "progress": False,
+            "iwae_samples": 0,
+        },
         "options": {"z_dim": o["z_dim"], "hidden": o["hidden"], "act": o["act"], "net": o["net"]},
     }
     train_to_completion(config_from_dict(raw), out)
@@ -99,21 +119,31 @@ def interpolation_figure(gae_run, vae_run, path: Path) -> Path:
         for name, run in (("AE", gae_run), ("VAE", vae_run)):
             rows.append(latent_interpolation(run.model, x[i : i + 1], x[j : j + 1]))
             labels.append(f"{name} {classes[int(y[i])]}→{classes[int(y[j])]}")
-    return plots.save_image_grid(torch.cat(rows).cpu(), path, nrow=10, row_labels=labels,
-                                 title="straight line between two test images' codes: autoencoder vs VAE")
+    return plots.save_image_grid(
+        torch.cat(rows).cpu(),
+        path,
+        nrow=10,
+        row_labels=labels,
+        title="straight line between two test images' codes: autoencoder vs VAE",
+    )
 
 
 def table(rows: list[dict]) -> str:
     def fmt(row, key):
         return f"{row[key]:.4f} ± {row[key + '_sd']:.4f}" if key in row else "—"
 
-    lines = ["| data | test accuracy | published | single mixture, no labels (cluster acc.) | rejected: own test | rejected: other data | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data | test accuracy | published | single mixture, no labels (cluster acc.) | rejected: own test | "
+        "rejected: other data | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         published = f"{r['published_accuracy']:.4f}" if r.get("published_accuracy") else "—"
-        lines.append(f"| {r['dataset']} ({len(r['seeds'])} seeds) | {fmt(r, 'test_accuracy')} | {published} | "
-                     f"{fmt(r, 'single_mixture_cluster_accuracy')} | {fmt(r, 'novelty_rate_test')} | "
-                     f"{fmt(r, 'novelty_rate_other')} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['dataset']} ({len(r['seeds'])} seeds) | {fmt(r, 'test_accuracy')} | {published} | "
+            f"{fmt(r, 'single_mixture_cluster_accuracy')} | {fmt(r, 'novelty_rate_test')} | "
+            f"{fmt(r, 'novelty_rate_other')} | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -82,8 +82,9 @@ def serket_plain(x: np.ndarray, seed: int, config, image_shape) -> tuple[np.ndar
                 loc, scale = encoder.encode(xb)
                 z = loc + scale * torch.randn_like(loc)
                 rec = torch.nn.functional.binary_cross_entropy_with_logits(decoder(z), xb, reduction="sum")
-                kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale),
-                                                       torch.distributions.Normal(prior[b], 1.0)).sum()
+                kl = torch.distributions.kl_divergence(
+                    torch.distributions.Normal(loc, scale), torch.distributions.Normal(prior[b], 1.0)
+                ).sum()
                 loss = (rec + o.alpha * kl) / len(b)
                 optimizer.zero_grad()
                 loss.backward()
@@ -91,8 +92,9 @@ def serket_plain(x: np.ndarray, seed: int, config, image_shape) -> tuple[np.ndar
         with torch.no_grad():
             loc, scale = encoder.encode(images)
             codes = loc + scale * torch.randn_like(loc) if o.message == "sample" else loc
-            gmm = PyroGaussianMixture(o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init, seed=r,
-                                      covariance_type=o.covariance).fit(codes)
+            gmm = PyroGaussianMixture(
+                o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init, seed=r, covariance_type=o.covariance
+            ).fit(codes)
             clusters = gmm.predict(codes)
             prior = gmm.means[clusters]
     return clusters.numpy(), {}
@@ -113,8 +115,15 @@ def zoo_run(method: str, seed: int, runs_dir: Path, overrides: list[str]) -> tup
     return run.model.cluster(x[order]).cpu().numpy(), {"seconds": summary["seconds"]}
 
 
-def run_method(method: str, x: np.ndarray, k: int, seed: int, runs_dir: Path | None = None,
-               overrides: list[str] = (), image_shape=(1, 28, 28)) -> tuple[np.ndarray, dict]:
+def run_method(
+    method: str,
+    x: np.ndarray,
+    k: int,
+    seed: int,
+    runs_dir: Path | None = None,
+    overrides: list[str] = (),
+    image_shape=(1, 28, 28),
+) -> tuple[np.ndarray, dict]:
     """Cluster labels of every row of ``x``, and extra numbers to report."""
     if method == "serket-plain":
         from pyrossl.config import load_config
@@ -142,13 +151,17 @@ def run_method(method: str, x: np.ndarray, k: int, seed: int, runs_dir: Path | N
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | cluster accuracy (Hungarian) | greedy (Serket) | NMI | ARI | mean log-lik. | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | cluster accuracy (Hungarian) | greedy (Serket) | NMI | ARI | mean log-lik. | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cell = lambda key, r=r: f"{r[key]:.3f} ± {r[key + '_sd']:.3f}" if key in r else "—"  # noqa: E731
         ll = f"{r['mean_log_likelihood']:.3f}" if "mean_log_likelihood" in r else "—"
-        lines.append(f"| {r['method']} | {cell('cluster_accuracy')} | {cell('greedy_cluster_accuracy')} | "
-                     f"{cell('nmi')} | {cell('ari')} | {ll} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {cell('cluster_accuracy')} | {cell('greedy_cluster_accuracy')} | "
+            f"{cell('nmi')} | {cell('ari')} | {ll} | {r['seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -159,9 +172,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--dataset", default="mnist5k", help="where the digits come from (digits: for tests)")
     parser.add_argument("--per-class", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gmm-vae.json")
-    parser.add_argument("--runs", type=Path, default=ROOT / "outputs/bench-gmm-vae", help="run directories of the zoo's methods")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides for the VAE methods")
-    parser.add_argument("--set-serket", action="append", default=[], metavar="KEY=VALUE", help="for serket and serket-plain only")
+    parser.add_argument(
+        "--runs", type=Path, default=ROOT / "outputs/bench-gmm-vae", help="run directories of the zoo's methods"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides for the VAE methods"
+    )
+    parser.add_argument(
+        "--set-serket", action="append", default=[], metavar="KEY=VALUE", help="for serket and serket-plain only"
+    )
     parser.add_argument("--set-gmm-vae", action="append", default=[], metavar="KEY=VALUE", help="for gmm-vae only")
     args = parser.parse_args(argv)
     x, y = digits_3000(args.dataset, args.per_class)
@@ -187,8 +206,10 @@ def main(argv=None) -> dict:
     seconds = {r["method"]: r["seconds"] for r in rows}
     if "serket" in seconds and "serket-plain" in seconds:
         result["serket_over_plain"] = seconds["serket"] / seconds["serket-plain"]
-        print(f"\nSerket schedule: zoo {seconds['serket']:.1f} s, plain PyTorch {seconds['serket-plain']:.1f} s "
-              f"(ratio {result['serket_over_plain']:.2f})")
+        print(
+            f"\nSerket schedule: zoo {seconds['serket']:.1f} s, plain PyTorch {seconds['serket-plain']:.1f} s "
+            f"(ratio {result['serket_over_plain']:.2f})"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -42,25 +42,49 @@ LABEL_GUIDES = ["enum", "gumbel", "st-gumbel", "logistic-normal", "sample", "dir
 
 
 def _m2_part(recipe: str, extra: list[str]) -> dict:
-    variants = [(f"{g} / {z}", [f"guide={g}", f"z_guide={z}"], recipe) for g in LABEL_GUIDES for z in ("diag-normal", "flow")]
+    variants = [
+        (f"{g} / {z}", [f"guide={g}", f"z_guide={z}"], recipe) for g in LABEL_GUIDES for z in ("diag-normal", "flow")
+    ]
     # the baseline: the network of q(y|x) on the labels alone, as many labelled steps as M2 (run_one)
     variants.append(("labels alone (classifier)", ["model=classifier", "guide=none", "options={}"], recipe))
-    return {"variants": variants, "extra": extra, "metrics": ["test_accuracy", "last_test_accuracy"], "curve": "val_accuracy"}
+    return {
+        "variants": variants,
+        "extra": extra,
+        "metrics": ["test_accuracy", "last_test_accuracy"],
+        "curve": "val_accuracy",
+    }
 
 
 PARTS = {
-    "vae": {"variants": [(z, [f"z_guide={z}"], "runs/vae-mnist5k.toml") for z in Z_GUIDES],
-            # 300 epochs (the recipe's 40 leave every z-guide far from converged: validation ELBO still
-            # rising by 1 nat per 5 epochs); the best validation epoch is tested
-            "extra": ["data.binarize=true", "train.iwae_samples=1000", "train.epochs=300"],
-            "metrics": ["test_elbo", "test_log_likelihood"], "curve": "val_elbo"},
+    "vae": {
+        "variants": [(z, [f"z_guide={z}"], "runs/vae-mnist5k.toml") for z in Z_GUIDES],
+        # 300 epochs (the recipe's 40 leave every z-guide far from converged: validation ELBO still
+        # rising by 1 nat per 5 epochs); the best validation epoch is tested
+        "extra": ["data.binarize=true", "train.iwae_samples=1000", "train.epochs=300"],
+        "metrics": ["test_elbo", "test_log_likelihood"],
+        "curve": "val_elbo",
+    },
     "m2-mnist5k": _m2_part("runs/m2-mnist5k-100.toml", []),
     "m2-fmnist": _m2_part("runs/m2-fmnist-100.toml", []),
-    "gmm-vae": {"variants": [(z, [f"z_guide={z}"], "runs/gmm-vae-mnist3000.toml") for z in Z_GUIDES], "extra": [],
-                "metrics": ["train_cluster_accuracy", "train_nmi", "train_elbo"], "curve": "train_cluster_accuracy"},
-    "ccvae": {"variants": [(z, [f"z_guide={z}"], "runs/ccvae-shapes.toml") for z in Z_GUIDES], "extra": [],
-              "metrics": ["test_accuracy", "last_test_accuracy", "intervention_accuracy", "walk_own_change",
-                          "walk_other_change"], "curve": "val_accuracy", "judged": True},
+    "gmm-vae": {
+        "variants": [(z, [f"z_guide={z}"], "runs/gmm-vae-mnist3000.toml") for z in Z_GUIDES],
+        "extra": [],
+        "metrics": ["train_cluster_accuracy", "train_nmi", "train_elbo"],
+        "curve": "train_cluster_accuracy",
+    },
+    "ccvae": {
+        "variants": [(z, [f"z_guide={z}"], "runs/ccvae-shapes.toml") for z in Z_GUIDES],
+        "extra": [],
+        "metrics": [
+            "test_accuracy",
+            "last_test_accuracy",
+            "intervention_accuracy",
+            "walk_own_change",
+            "walk_other_change",
+        ],
+        "curve": "val_accuracy",
+        "judged": True,
+    },
 }
 
 
@@ -79,7 +103,6 @@ def judged(out: Path, judges: dict, judge_limit: int = 20000, test_limit: int = 
     if run.model.multilabel:
         scores.update(run.model.walk_effects(x_test, judges["judge"]))
     return scores
-
 
 
 def as_many_labelled_steps(config):
@@ -148,8 +171,11 @@ def main(argv=None) -> int:
                 row.update(judged(out, judges))
             rows.append(row)
             curves.setdefault(label, []).append(records)
-            print(f"{label} seed {seed}: " + ", ".join(f"{k}={rows[-1][k]:.4f}" for k in part["metrics"] if k in rows[-1]),
-                  flush=True)
+            print(
+                f"{label} seed {seed}: "
+                + ", ".join(f"{k}={rows[-1][k]:.4f}" for k in part["metrics"] if k in rows[-1]),
+                flush=True,
+            )
         keys = [*part["metrics"], "seconds_per_epoch", "active_units"]
         results[label] = {"runs": rows, **{k: mean_sd([r[k] for r in rows]) for k in keys if all(k in r for r in rows)}}
     columns = [*part["metrics"], "seconds_per_epoch", "active_units"]
@@ -162,18 +188,37 @@ def main(argv=None) -> int:
     if args.part == "vae" and {"diag-normal", "flow"} <= results.keys():
         gain = results["flow"]["test_log_likelihood"][0] - results["diag-normal"]["test_log_likelihood"][0]
         ratio = results["flow"]["seconds_per_epoch"][0] / results["diag-normal"]["seconds_per_epoch"][0]
-        print(f"\nflow - diag-normal IWAE log p(x): {gain:+.3f} nats (target >= 1); epoch ratio {ratio:.2f} (target <= 1.6)")
+        print(
+            f"\nflow - diag-normal IWAE log p(x): {gain:+.3f} nats (target >= 1); epoch ratio {ratio:.2f} (target <= "
+            "1.6)"
+        )
         results["targets"] = {"log_likelihood_gain": gain, "epoch_ratio": ratio}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"guides-{args.part}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     # the first tenth of the epochs left out: their steep rise would flatten the differences
     cut = int(max((r.get("epoch", 0) for rs in curves.values() for recs in rs for r in recs), default=0)) // 10
     shown = {label: [[r for r in recs if r.get("epoch", 0) > cut] for recs in rs] for label, rs in curves.items()}
-    figure = plots.plot_bands(shown, part["curve"], out.with_suffix(".png"),
-                              title=f"{args.part}: {part['curve']} after epoch {cut}, mean ± sd over seeds {args.seeds}")
-    out.write_text(json.dumps({"part": args.part, "seeds": seeds, "overrides": part["extra"] + args.overrides,
-                               "seconds": round(time.time() - start, 1), "results": results, "table": table,
-                               **({"judge": judges["info"]} if "info" in judges else {})}, indent=2) + "\n")
+    figure = plots.plot_bands(
+        shown,
+        part["curve"],
+        out.with_suffix(".png"),
+        title=f"{args.part}: {part['curve']} after epoch {cut}, mean ± sd over seeds {args.seeds}",
+    )
+    out.write_text(
+        json.dumps(
+            {
+                "part": args.part,
+                "seeds": seeds,
+                "overrides": part["extra"] + args.overrides,
+                "seconds": round(time.time() - start, 1),
+                "results": results,
+                "table": table,
+                **({"judge": judges["info"]} if "info" in judges else {}),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {out} and {figure}")
     return 0
 

@@ -65,8 +65,12 @@ def generative_agreement(out: Path, images: int, num_samples: int = 16) -> dict:
     q = run.predict(x)
     pyro.set_rng_seed(0)  # the importance samples: the same numbers on every invocation
     p = run.model.generative_posterior(x, num_samples).argmax(-1)
-    return {"images": len(y), "q_accuracy": (q == y).double().mean().item(),
-            "generative_accuracy": (p == y).double().mean().item(), "agreement": (p == q).double().mean().item()}
+    return {
+        "images": len(y),
+        "q_accuracy": (q == y).double().mean().item(),
+        "generative_accuracy": (p == y).double().mean().item(),
+        "agreement": (p == q).double().mean().item(),
+    }
 
 
 def plain_enumerated_loss(entry, x, x_lab, y_lab):
@@ -172,16 +176,27 @@ def main(argv=None) -> dict:
             stats.append(epoch_stats(out, summary))
             if guide in diagnosed:
                 agreement.append(generative_agreement(out, args.diagnose_images))
-                print(f"{guide} seed {seed}: q(y|x) and the generative p(y|x) on validation: {agreement[-1]}", flush=True)
-            print(f"{guide} seed {seed}: test accuracy {summary['test_accuracy']:.4f} (best epoch {summary['best_epoch']})", flush=True)
+                print(
+                    f"{guide} seed {seed}: q(y|x) and the generative p(y|x) on validation: {agreement[-1]}", flush=True
+                )
+            print(
+                f"{guide} seed {seed}: test accuracy {summary['test_accuracy']:.4f} (best epoch "
+                f"{summary['best_epoch']})",
+                flush=True,
+            )
         m, sd = mean_sd(accs)
-        rows.append({
-            "method": f"m2 / {guide}", "test_accuracy_mean": m, "test_accuracy_sd": sd, "test_accuracy": accs,
-            "best_epochs": best_epochs,
-            "seconds_per_epoch": statistics.mean(s["seconds_per_epoch"] for s in stats),
-            "examples_per_second": statistics.mean(s["examples_per_second"] for s in stats),
-            **({"generative_agreement": agreement} if agreement else {}),
-        })
+        rows.append(
+            {
+                "method": f"m2 / {guide}",
+                "test_accuracy_mean": m,
+                "test_accuracy_sd": sd,
+                "test_accuracy": accs,
+                "best_epochs": best_epochs,
+                "seconds_per_epoch": statistics.mean(s["seconds_per_epoch"] for s in stats),
+                "examples_per_second": statistics.mean(s["examples_per_second"] for s in stats),
+                **({"generative_agreement": agreement} if agreement else {}),
+            }
+        )
     if not (args.no_baseline or args.timing_only):
         accs = []
         reference = load_config(args.recipe, args.overrides)
@@ -191,33 +206,55 @@ def main(argv=None) -> dict:
             shared = {k: v for k, v in reference.options.items() if k in ("hidden", "act", "net", "classifier_net")}
             overrides = args.overrides + [
                 # one labelled batch per epoch; the best of 40 evaluations by validation
-                "model=classifier", "guide=none", f"seed={seed}", f"train.epochs={args.baseline_steps}",
+                "model=classifier",
+                "guide=none",
+                f"seed={seed}",
+                f"train.epochs={args.baseline_steps}",
                 f"train.eval_every={max(1, args.baseline_steps // 40)}",
                 "options={" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in shared.items()) + "}",
             ]
             summary = run_one(args.recipe, overrides, out)
             accs.append(summary["test_accuracy"])
         m, sd = mean_sd(accs)
-        rows.append({"method": "supervised only (q(y|x) network, labels alone)", "test_accuracy_mean": m,
-                     "test_accuracy_sd": sd, "test_accuracy": accs})
+        rows.append(
+            {
+                "method": "supervised only (q(y|x) network, labels alone)",
+                "test_accuracy_mean": m,
+                "test_accuracy_sd": sd,
+                "test_accuracy": accs,
+            }
+        )
     timing = time_steps(args.recipe, args.overrides, args.timing_steps)
-    result = {"recipe": args.recipe, "overrides": args.overrides, "seeds": seeds, "rows": rows, "timing": timing,
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result = {
+        "recipe": args.recipe,
+        "overrides": args.overrides,
+        "seeds": seeds,
+        "rows": rows,
+        "timing": timing,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     print()
     print("| method | test accuracy at best validation (mean ± sd) | s / epoch | examples / s |")
     print("|---|---|---|---|")
     for r in rows:
-        speed = (f"{r['seconds_per_epoch']:.1f} | {r['examples_per_second']:.0f}" if "seconds_per_epoch" in r else "– | –")
+        speed = (
+            f"{r['seconds_per_epoch']:.1f} | {r['examples_per_second']:.0f}" if "seconds_per_epoch" in r else "– | –"
+        )
         print(f"| {r['method']} | {r['test_accuracy_mean']:.4f} ± {r['test_accuracy_sd']:.4f} | {speed} |")
     for r in rows:
         if "generative_agreement" in r:
             mean = lambda k, r=r: statistics.mean(a[k] for a in r["generative_agreement"])  # noqa: E731
-            print(f"\n{r['method']}, validation: q(y|x) accuracy {mean('q_accuracy'):.3f}, generative p(y|x) accuracy "
-                  f"{mean('generative_accuracy'):.3f}, the two agree on {mean('agreement'):.3f} of the images")
+            print(
+                f"\n{r['method']}, validation: q(y|x) accuracy {mean('q_accuracy'):.3f}, generative p(y|x) accuracy "
+                f"{mean('generative_accuracy'):.3f}, the two agree on {mean('agreement'):.3f} of the images"
+            )
     ms = timing["ms_per_step"]
-    print(f"\none step ({timing['batch']}): SVI enum {ms['enum']:.1f} ms, plain PyTorch enum {ms['plain']:.1f} ms, "
-          f"SVI gumbel {ms['gumbel']:.1f} ms; enum / plain = {timing['enum_over_plain']:.2f} (target <= 1.3), "
-          f"gumbel / enum = {timing['gumbel_over_enum']:.2f} (target <= 0.33)")
+    print(
+        f"\none step ({timing['batch']}): SVI enum {ms['enum']:.1f} ms, plain PyTorch enum {ms['plain']:.1f} ms, "
+        f"SVI gumbel {ms['gumbel']:.1f} ms; enum / plain = {timing['enum_over_plain']:.2f} (target <= 1.3), "
+        f"gumbel / enum = {timing['gumbel_over_enum']:.2f} (target <= 0.33)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result

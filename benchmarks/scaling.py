@@ -41,14 +41,33 @@ ROOT = Path(__file__).resolve().parents[1]
 def _one_epoch_command(recipe: str, out: Path, device: str, threads: int, overrides: list[str]) -> list[str]:
     """``pyrossl train`` for one epoch of ``recipe`` into a fresh ``out``."""
     shutil.rmtree(out, ignore_errors=True)
-    return [sys.executable, "-m", "pyrossl", "train", recipe, "--out", str(out), "--quiet", "--device", device,
-            "--set", "train.epochs=1", "--threads", str(threads), *[a for o in overrides for a in ("--set", o)]]
+    return [
+        sys.executable,
+        "-m",
+        "pyrossl",
+        "train",
+        recipe,
+        "--out",
+        str(out),
+        "--quiet",
+        "--device",
+        device,
+        "--set",
+        "train.epochs=1",
+        "--threads",
+        str(threads),
+        *[a for o in overrides for a in ("--set", o)],
+    ]
 
 
 def _epoch_of(out: Path) -> tuple[int, float, dict]:
     """Training images, seconds of the epoch's steps, and the summary of a finished one-epoch run."""
     summary = runs.read_summary(out)
-    return summary["split"]["unlabelled"] or summary["split"]["labelled"], runs.read_metrics(out)[0]["train_seconds"], summary
+    return (
+        summary["split"]["unlabelled"] or summary["split"]["labelled"],
+        runs.read_metrics(out)[0]["train_seconds"],
+        summary,
+    )
 
 
 def one_epoch(recipe: str, nproc: int, device: str, threads: int, overrides: list[str], out: Path) -> dict:
@@ -60,9 +79,16 @@ def one_epoch(recipe: str, nproc: int, device: str, threads: int, overrides: lis
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     images, seconds, summary = _epoch_of(out)
-    return {"processes": nproc, "device": device, "threads_per_process": threads, "epoch_seconds": seconds,
-            "images": images, "images_per_second": images / seconds, "steps": summary["steps"],
-            "test_accuracy": summary.get("test_accuracy")}
+    return {
+        "processes": nproc,
+        "device": device,
+        "threads_per_process": threads,
+        "epoch_seconds": seconds,
+        "images": images,
+        "images_per_second": images / seconds,
+        "steps": summary["steps"],
+        "test_accuracy": summary.get("test_accuracy"),
+    }
 
 
 def independent_epochs(recipe: str, nproc: int, device: str, threads: int, overrides: list[str], out: Path) -> dict:
@@ -78,8 +104,17 @@ def independent_epochs(recipe: str, nproc: int, device: str, threads: int, overr
     for i in range(nproc):
         folder = out / f"alone-{i}"
         command = _one_epoch_command(recipe, folder, device, threads, [*overrides, *share])
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), **({"CUDA_VISIBLE_DEVICES": str(i)} if device == "cuda" else {})}
-        jobs.append((folder, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)))
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            **({"CUDA_VISIBLE_DEVICES": str(i)} if device == "cuda" else {}),
+        }
+        jobs.append(
+            (
+                folder,
+                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT),
+            )
+        )
     throughput = 0.0
     for folder, job in jobs:
         _, err = job.communicate()
@@ -91,12 +126,17 @@ def independent_epochs(recipe: str, nproc: int, device: str, threads: int, overr
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| processes | device | threads each | epoch (s) | images/s | scaling efficiency | ceiling (independent runs) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| processes | device | threads each | epoch (s) | images/s | scaling efficiency | ceiling (independent runs) "
+        "|",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ceiling = f"{r['ceiling_efficiency']:.2f}" if "ceiling_efficiency" in r else "—"
-        lines.append(f"| {r['processes']} | {r['device']} | {r['threads_per_process']} | {r['epoch_seconds']:.1f} | "
-                     f"{r['images_per_second']:.0f} | {r['efficiency']:.2f} | {ceiling} |")
+        lines.append(
+            f"| {r['processes']} | {r['device']} | {r['threads_per_process']} | {r['epoch_seconds']:.1f} | "
+            f"{r['images_per_second']:.0f} | {r['efficiency']:.2f} | {ceiling} |"
+        )
     return "\n".join(lines)
 
 
@@ -107,8 +147,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per process)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--no-ceiling", dest="ceiling", action="store_false",
-                        help="skip the independent runs that measure what the hardware allows")
+    parser.add_argument(
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        help="skip the independent runs that measure what the hardware allows",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="epochs per configuration; the median counts")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "bench-scaling")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scaling.json")
@@ -123,15 +167,27 @@ def main(argv=None) -> dict:
     alone = {n: [] for n in nprocs if n > 1 and ceiling}
     for _ in range(args.repeats):  # alternating rounds, so that a slow spell of the machine hits every configuration
         for n in nprocs:
-            trials[n].append(one_epoch(args.recipe, n, args.device, args.threads, args.set, args.runs / f"{args.device}-{n}"))
+            trials[n].append(
+                one_epoch(args.recipe, n, args.device, args.threads, args.set, args.runs / f"{args.device}-{n}")
+            )
             if n in alone:
-                alone[n].append(independent_epochs(args.recipe, n, args.device, args.threads, args.set,
-                                                   args.runs / f"{args.device}-{n}-independent")["images_per_second"])
+                alone[n].append(
+                    independent_epochs(
+                        args.recipe,
+                        n,
+                        args.device,
+                        args.threads,
+                        args.set,
+                        args.runs / f"{args.device}-{n}-independent",
+                    )["images_per_second"]
+                )
     rows = []
     for n in nprocs:
         each = [t["epoch_seconds"] for t in trials[n]]
         median = statistics.median(each)
-        row = dict(min(trials[n], key=lambda t: abs(t["epoch_seconds"] - median)))  # the other fields: the median trial's
+        row = dict(
+            min(trials[n], key=lambda t: abs(t["epoch_seconds"] - median))
+        )  # the other fields: the median trial's
         row.update(epoch_seconds=median, images_per_second=row["images"] / median, epoch_seconds_each=each)
         rows.append(row)
     base = next((r for r in rows if r["processes"] == 1), rows[0])
@@ -140,8 +196,13 @@ def main(argv=None) -> dict:
         if r["processes"] in alone:
             r["independent_images_per_second"] = statistics.median(alone[r["processes"]])
             r["ceiling_efficiency"] = r["independent_images_per_second"] / (r["processes"] * base["images_per_second"])
-    result = {"recipe": Path(args.recipe).name, "repeats": args.repeats, "rows": rows, "cpu_count": os.cpu_count(),
-              "torch": torch.__version__}
+    result = {
+        "recipe": Path(args.recipe).name,
+        "repeats": args.repeats,
+        "rows": rows,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+    }
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -51,13 +51,17 @@ def label_distribution(logits: torch.Tensor, multilabel: bool) -> dist.Distribut
 #: CCVAE's guides, by name; as a mapping, name -> description (what ``CCVAE.guides`` is). CCVAE
 #: constructs a member as ``cls(image_shape, num_labels, z_style, multilabel, hidden, act, net, k,
 #: z_guide=..., z_options=...)``; :class:`CCVAEGuide` is the paper's.
-CCVAE_GUIDES = GuideFamily("guides of ccvae", requires={
-    "forward": "forward(x, y=None): sites z_c, z_s and y ~ q(y|z_c); with y given, the auxiliary sites y, y_weight, y_x of eq. 4",
-    "blocks": "blocks(x) -> (q(z_c|x), q(z_s|x)), batch shape [n] each",
-    "label_logits": "label_logits(z_c) -> the logits of q(y|z_c)",
-    "moments": "moments(x) -> the mean and variance of each unit of q(z|x), z = [z_c, z_s]",
-    "point": "point(x) -> a representative code z = [z_c, z_s] per image",
-})
+CCVAE_GUIDES = GuideFamily(
+    "guides of ccvae",
+    requires={
+        "forward": "forward(x, y=None): sites z_c, z_s and y ~ q(y|z_c); with y given, the auxiliary sites y, "
+        "y_weight, y_x of eq. 4",
+        "blocks": "blocks(x) -> (q(z_c|x), q(z_s|x)), batch shape [n] each",
+        "label_logits": "label_logits(z_c) -> the logits of q(y|z_c)",
+        "moments": "moments(x) -> the mean and variance of each unit of q(z|x), z = [z_c, z_s]",
+        "point": "point(x) -> a representative code z = [z_c, z_s] per image",
+    },
+)
 
 
 def label_values(y: torch.Tensor | None, multilabel: bool, dtype: torch.dtype) -> torch.Tensor | None:
@@ -69,9 +73,19 @@ def label_values(y: torch.Tensor | None, multilabel: bool, dtype: torch.dtype) -
 
 @CCVAE_GUIDES.register("ccvae")
 class CCVAEGuide(nn.Module):
-    def __init__(self, image_shape, num_labels: int, z_style: int, multilabel: bool, hidden=(500,),
-                 act: str = "relu", net: str = "mlp", k: int = 100, z_guide: str = DEFAULT_Z_GUIDE,
-                 z_options: ZGuideOptions | None = None):
+    def __init__(
+        self,
+        image_shape,
+        num_labels: int,
+        z_style: int,
+        multilabel: bool,
+        hidden=(500,),
+        act: str = "relu",
+        net: str = "mlp",
+        k: int = 100,
+        z_guide: str = DEFAULT_Z_GUIDE,
+        z_options: ZGuideOptions | None = None,
+    ):
         super().__init__()
         self.num_labels, self.z_style, self.multilabel, self.k = num_labels, z_style, multilabel, k
         # the encoder's own z-guide stays diagonal: its (mu, sigma) are split into the two blocks below
@@ -92,8 +106,10 @@ class CCVAEGuide(nn.Module):
         """``method`` of the z_c and the z_s guide, each on its slice of the encoder's (mu, sigma) and on h."""
         c = self.num_labels
         loc, scale, h = encoded
-        return (getattr(self.z_c_guide, method)(loc[:, :c], scale[:, :c], h),
-                getattr(self.z_s_guide, method)(loc[:, c:], scale[:, c:], h))
+        return (
+            getattr(self.z_c_guide, method)(loc[:, :c], scale[:, :c], h),
+            getattr(self.z_s_guide, method)(loc[:, c:], scale[:, c:], h),
+        )
 
     def blocks(self, x: torch.Tensor, encoded=None) -> tuple[dist.Distribution, dist.Distribution]:
         """q(z_c|x) and q(z_s|x), each of batch shape [B] (``encoded``: the encoder's output for x, if at hand)."""
@@ -140,6 +156,8 @@ class CCVAEGuide(nn.Module):
                 return
             auxiliary = {"is_auxiliary": True}  # terms of eq. 4, not latents
             pyro.sample("y", q_y, obs=y, infer=auxiliary)
-            pyro.sample("y_weight", label_distribution(self.classifier(z_c.detach()), self.multilabel), obs=y, infer=auxiliary)
+            pyro.sample(
+                "y_weight", label_distribution(self.classifier(z_c.detach()), self.multilabel), obs=y, infer=auxiliary
+            )
             # a fresh distribution: q_c's transforms cache the site's own sample, which these draws must not evict
             pyro.sample("y_x", self.q_y_x(self.blocks(x, encoded)[0]), obs=y, infer=auxiliary)

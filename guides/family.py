@@ -34,7 +34,10 @@ class GuideFamily(Mapping):
 
     def rows(self) -> list[list[str]]:
         """One row per member, in the order of registration: name, description, then the columns."""
-        return [[name, cls.description, *(str(read(cls)) for read in self.columns.values())] for name, cls in self.classes.items()]
+        return [
+            [name, cls.description, *(str(read(cls)) for read in self.columns.values())]
+            for name, cls in self.classes.items()
+        ]
 
     def table(self) -> str:
         """The guide table as plain text (for a terminal or a notebook): one member per line."""
@@ -66,10 +69,15 @@ class GuideFamily(Mapping):
                 raise ConfigError(f"{self.what}: register takes a class, not {cls!r}")
             gaps = self.missing(cls)
             if gaps:
-                raise ConfigError(f"guide '{name}' ({cls.__name__}) is not one of the {self.what}: it lacks {'; '.join(gaps)}")
+                raise ConfigError(
+                    f"guide '{name}' ({cls.__name__}) is not one of the {self.what}: it lacks {'; '.join(gaps)}"
+                )
             taken = self.classes.get(name)
             if taken is not None and taken is not cls and not replace:
-                raise ConfigError(f"guide name '{name}' is taken by {taken.__name__} among the {self.what} (pass replace=True to replace it)")
+                raise ConfigError(
+                    f"guide name '{name}' is taken by {taken.__name__} among the {self.what} (pass replace=True to "
+                    "replace it)"
+                )
             self.classes[name] = cls
             return cls
 

@@ -4,7 +4,8 @@ The first five differ only in how the label site ``y`` is drawn when it is not o
 names (``y``, ``z``) and the networks are the same. ``y`` holds class indices (a Categorical site,
 which Pyro's enumeration and ``infer_discrete`` work on) for ``enum`` and ``sample``; the relaxed
 guides put points of the simplex there and say so (``relaxed = True``), and the model then holds y
-as a one-hot vector (OneHotCategorical), the one change a swap makes to it. The last two go with a model of their own (vae_ssl's):
+as a one-hot vector (OneHotCategorical), the one change a swap makes to it. The last two go with a
+model of their own (vae_ssl's):
 the label's relaxed proxy alpha, a point of the simplex, is a latent of the *generative model*,
 
     alpha ~ p(alpha),  z ~ N(0, I),  x ~ p(x | alpha, z),  y ~ Cat(alpha) (observed for labelled x only),
@@ -68,8 +69,17 @@ class ConditionalGaussianEncoder(nn.Module):
     once and broadcast, not K times.
     """
 
-    def __init__(self, features: nn.Module, num_features: int, num_classes: int, z_dim: int, hidden: Sequence[int], act: str,
-                 z_guide: str = DEFAULT_Z_GUIDE, z_options: ZGuideOptions | None = None):
+    def __init__(
+        self,
+        features: nn.Module,
+        num_features: int,
+        num_classes: int,
+        z_dim: int,
+        hidden: Sequence[int],
+        act: str,
+        z_guide: str = DEFAULT_Z_GUIDE,
+        z_options: ZGuideOptions | None = None,
+    ):
         super().__init__()
         self.features = features
         self.from_x = nn.Linear(num_features, hidden[0])
@@ -122,19 +132,24 @@ def _elbo_name(cls) -> str:
     return f"{name} (or iwae)" if getattr(cls, "iwae", False) else name
 
 
-LABEL_GUIDES = GuideFamily("label guides of m2", columns={
-    "site drawn": _label_site,
-    "Pyro ELBO": _elbo_name,
-    "unlabelled loss": lambda cls: getattr(cls, "unlabelled_loss", "-"),
-}, requires={
-    "forward": "forward(x, y=None): the guide, sampling the label's site unless y is given, then z",
-    "classify": "classify(x) -> the class logits of q(y|x) (the classifier M2 predicts with)",
-    "z_moments": "z_moments(x, y) -> the mean and variance of each unit of q(z|x, y), y one-hot",
-    "z_point": "z_point(x, y) -> a representative code of q(z|x, y) (its mean for a Gaussian)",
-    "make_elbo": "make_elbo(objective) (a classmethod) -> the Pyro ELBO of the unlabelled term",
-    "label_latent": "None, or the simplex-latent model variant it needs: 'dirichlet' or 'logistic-normal'",
-    "relaxed": "False if the label site y holds class indices (Categorical), True if it holds one-hot or relaxed vectors",
-})
+LABEL_GUIDES = GuideFamily(
+    "label guides of m2",
+    columns={
+        "site drawn": _label_site,
+        "Pyro ELBO": _elbo_name,
+        "unlabelled loss": lambda cls: getattr(cls, "unlabelled_loss", "-"),
+    },
+    requires={
+        "forward": "forward(x, y=None): the guide, sampling the label's site unless y is given, then z",
+        "classify": "classify(x) -> the class logits of q(y|x) (the classifier M2 predicts with)",
+        "z_moments": "z_moments(x, y) -> the mean and variance of each unit of q(z|x, y), y one-hot",
+        "z_point": "z_point(x, y) -> a representative code of q(z|x, y) (its mean for a Gaussian)",
+        "make_elbo": "make_elbo(objective) (a classmethod) -> the Pyro ELBO of the unlabelled term",
+        "label_latent": "None, or the simplex-latent model variant it needs: 'dirichlet' or 'logistic-normal'",
+        "relaxed": "False if the label site y holds class indices (Categorical), True if it holds one-hot or relaxed "
+        "vectors",
+    },
+)
 
 
 class LabelGuide(nn.Module):
@@ -155,9 +170,19 @@ class LabelGuide(nn.Module):
     #: constructor keyword -> M2 option it takes (a temperature, a noise scale)
     option_arguments: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp",
-                 classifier_net: str | None = None, shared_trunk: bool = False, z_guide: str = DEFAULT_Z_GUIDE,
-                 z_options: ZGuideOptions | None = None):
+    def __init__(
+        self,
+        image_shape,
+        num_classes: int,
+        z_dim: int,
+        hidden=(500,),
+        act: str = "softplus",
+        net: str = "mlp",
+        classifier_net: str | None = None,
+        shared_trunk: bool = False,
+        z_guide: str = DEFAULT_Z_GUIDE,
+        z_options: ZGuideOptions | None = None,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.z_kl_weight = 1.0  # beta of the z term; the model's z site must carry the same weight
@@ -168,11 +193,14 @@ class LabelGuide(nn.Module):
             features, width = make_features(image_shape, hidden, act, classifier_net or net)
             trunk = nn.Sequential(features, nn.Linear(width, hidden[0]), activation(act))
             self.classifier = nn.Sequential(trunk, nn.Linear(hidden[0], num_classes))
-            self.z_encoder = ConditionalGaussianEncoder(trunk, hidden[0], num_classes, z_dim, hidden, act, z_guide, z_options)
+            self.z_encoder = ConditionalGaussianEncoder(
+                trunk, hidden[0], num_classes, z_dim, hidden, act, z_guide, z_options
+            )
         else:
             self.classifier = make_encoder(image_shape, num_classes, hidden, act, classifier_net or net)
-            self.z_encoder = ConditionalGaussianEncoder(*make_features(image_shape, hidden, act, net), num_classes, z_dim, hidden, act,
-                                                        z_guide, z_options)
+            self.z_encoder = ConditionalGaussianEncoder(
+                *make_features(image_shape, hidden, act, net), num_classes, z_dim, hidden, act, z_guide, z_options
+            )
 
     @classmethod
     def make_elbo(cls, objective: Objective | None = None) -> ELBO:
@@ -215,7 +243,9 @@ class LabelGuide(nn.Module):
                 pyro.sample("z", self.z_encoder.distribution(x, label))
             if y is not None and self.aux_weight:
                 with poutine.scale(scale=self.aux_weight):
-                    pyro.sample("y_x", dist.OneHotCategorical(logits=self.classify(x)), obs=y, infer={"is_auxiliary": True})
+                    pyro.sample(
+                        "y_x", dist.OneHotCategorical(logits=self.classify(x)), obs=y, infer={"is_auxiliary": True}
+                    )
 
 
 @LABEL_GUIDES.register("enum")
@@ -236,8 +266,10 @@ class EnumeratedLabelGuide(LabelGuide):
 class GumbelSoftmaxGuide(LabelGuide):
     """y ~ Gumbel-softmax(logits, temperature) (Jang et al. 2017); the temperature is annealed by the model."""
 
-    description = ("Gumbel-softmax sample of y, temperature annealed (temperature_start/end/anneal); "
-                   "KL of the categoricals (Jang et al. 2017)")
+    description = (
+        "Gumbel-softmax sample of y, temperature annealed (temperature_start/end/anneal); "
+        "KL of the categoricals (Jang et al. 2017)"
+    )
     option_arguments = {"temperature": "temperature_start"}
     relaxed = True
     unlabelled_loss = "a surrogate"
@@ -335,8 +367,10 @@ class DirichletLabelGuide(SimplexLatentGuide):
     Gamma gradient blows up (its largest value over 1000 draws: ~1e5 at beta = 1e-3, ~2e3 at 1e-2, ~24 at 0.1).
     """
 
-    description = ("the model's label latent alpha ~ Dirichlet(dirichlet_concentration) decoded in place of y, "
-                   "y ~ Cat(alpha) observed where labelled; q(alpha|x) = Dirichlet(softplus(logits) + 0.01), exact KL")
+    description = (
+        "the model's label latent alpha ~ Dirichlet(dirichlet_concentration) decoded in place of y, "
+        "y ~ Cat(alpha) observed where labelled; q(alpha|x) = Dirichlet(softplus(logits) + 0.01), exact KL"
+    )
     label_latent = "dirichlet"
     latent_site = "alpha"
     floor = 1e-2
@@ -359,8 +393,10 @@ class LogisticNormalLatentGuide(SimplexLatentGuide):
     class of q: argmax softmax(sharpness * m) = argmax m.
     """
 
-    description = ("the model's label latent l ~ N(0, I), alpha = softmax(sharpness * l); q(l|x) = N(logits, s(x)^2) "
-                   "with a learned scale starting at sigma, exact KL")
+    description = (
+        "the model's label latent l ~ N(0, I), alpha = softmax(sharpness * l); q(l|x) = N(logits, s(x)^2) "
+        "with a learned scale starting at sigma, exact KL"
+    )
     label_latent = "logistic-normal"
     latent_site = "logits"
     option_arguments = {"sigma": "sigma", "sharpness": "sharpness"}

@@ -24,8 +24,16 @@ class CodeGuide(nn.Module):
     guide site's scale, so both sides must carry it.
     """
 
-    def __init__(self, image_shape, z_dim: int, hidden=(256,), act: str = "relu", net: str = "mlp",
-                 z_guide: str = DEFAULT_Z_GUIDE, z_options: ZGuideOptions | None = None):
+    def __init__(
+        self,
+        image_shape,
+        z_dim: int,
+        hidden=(256,),
+        act: str = "relu",
+        net: str = "mlp",
+        z_guide: str = DEFAULT_Z_GUIDE,
+        z_options: ZGuideOptions | None = None,
+    ):
         super().__init__()
         num_features = math.prod(image_shape)
         if net == "conv":

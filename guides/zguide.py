@@ -33,15 +33,19 @@ from pyrossl.guides.family import GuideFamily
 #: the z-guides, by name; as a mapping, name -> description (what an entry's ``z_guides`` is). A member
 #: is constructed as ``cls(z_dim, context_dim, options)`` (``options``: the entry's Options, a
 #: :class:`ZGuideOptions`) and maps an encoder's base (loc, scale) and features h to q(z|h).
-Z_GUIDES = GuideFamily("z-guides", requires={
-    "distribution": "distribution(loc, scale, h) -> q(z|h), batch shape loc.shape[:-1], event (d,)",
-    "point": "point(loc, scale, h) -> a representative code per row (a Gaussian's mean)",
-    "moments": "moments(loc, scale, h) -> the mean and variance of each unit of z",
-    "analytic_kl": "whether KL(q || a Gaussian prior) has a closed form (class attribute)",
-}, columns={
-    "KL to the prior": lambda cls: "closed form" if cls.analytic_kl else "Monte Carlo",
-    "options": lambda cls: ", ".join(getattr(cls, "options", ())) or "-",
-})
+Z_GUIDES = GuideFamily(
+    "z-guides",
+    requires={
+        "distribution": "distribution(loc, scale, h) -> q(z|h), batch shape loc.shape[:-1], event (d,)",
+        "point": "point(loc, scale, h) -> a representative code per row (a Gaussian's mean)",
+        "moments": "moments(loc, scale, h) -> the mean and variance of each unit of z",
+        "analytic_kl": "whether KL(q || a Gaussian prior) has a closed form (class attribute)",
+    },
+    columns={
+        "KL to the prior": lambda cls: "closed form" if cls.analytic_kl else "Monte Carlo",
+        "options": lambda cls: ", ".join(getattr(cls, "options", ())) or "-",
+    },
+)
 DEFAULT_Z_GUIDE = "diag-normal"
 
 
@@ -51,7 +55,9 @@ class ZGuideOptions:
 
     z_rank: int = setting(2, "lowrank-normal: columns of U(x)")
     flows: int = setting(2, "flow: number of IAF maps")
-    flow_hidden: list[int] | None = setting(None, "flow: hidden widths of each map's autoregressive network (None: 10 d)")
+    flow_hidden: list[int] | None = setting(
+        None, "flow: hidden widths of each map's autoregressive network (None: 10 d)"
+    )
 
 
 def check_z_guide_options(options) -> None:
@@ -61,7 +67,9 @@ def check_z_guide_options(options) -> None:
     if options.flows < 1:
         raise ConfigError(f"options.flows must be at least 1, not {options.flows}")
     if options.flow_hidden is not None and (not options.flow_hidden or min(options.flow_hidden) < 1):
-        raise ConfigError(f"options.flow_hidden must list at least one width, each at least 1, not {list(options.flow_hidden)}")
+        raise ConfigError(
+            f"options.flow_hidden must list at least one width, each at least 1, not {list(options.flow_hidden)}"
+        )
 
 
 class ZGuide(nn.Module):
@@ -83,7 +91,9 @@ class ZGuide(nn.Module):
         """A deterministic representative code: the mean of a Gaussian q; the flow's image of its base mean."""
         return loc
 
-    def moments(self, loc: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, num_samples: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    def moments(
+        self, loc: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, num_samples: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean and the variance of each coordinate of z under q(z|h) (exact for a Gaussian)."""
         return loc, scale**2
 
@@ -138,15 +148,18 @@ class FlowZ(ZGuide):
 
     analytic_kl = False
     options = ("flows", "flow_hidden")
-    description = "diagonal Gaussian pushed through options.flows IAF maps conditioned on the encoder (Kingma et al. 2016)"
+    description = (
+        "diagonal Gaussian pushed through options.flows IAF maps conditioned on the encoder (Kingma et al. 2016)"
+    )
 
     def __init__(self, z_dim, context_dim, options=None):
         super().__init__(z_dim, context_dim, options)
         o = options or ZGuideOptions()
         hidden = list(o.flow_hidden) if o.flow_hidden is not None else None
         # each map's autoregressive order is a random permutation (a buffer: checkpoints keep it)
-        self.maps = nn.ModuleList(conditional_affine_autoregressive(z_dim, context_dim, hidden, stable=True)
-                                  for _ in range(o.flows))
+        self.maps = nn.ModuleList(
+            conditional_affine_autoregressive(z_dim, context_dim, hidden, stable=True) for _ in range(o.flows)
+        )
 
     def _conditioned(self, h):
         return [m.condition(h) for m in self.maps]
@@ -165,8 +178,12 @@ class FlowZ(ZGuide):
         where q(z_u|x) does not depend on x the estimated means agree across images, so their spread
         (the active-unit statistic) is not the estimator's own noise, and nothing of the global RNG is used."""
         generator = torch.Generator(device=loc.device).manual_seed(0)
-        eps = torch.randn((num_samples, *(1,) * (loc.dim() - 1), loc.shape[-1]), generator=generator,
-                          device=loc.device, dtype=loc.dtype)
+        eps = torch.randn(
+            (num_samples, *(1,) * (loc.dim() - 1), loc.shape[-1]),
+            generator=generator,
+            device=loc.device,
+            dtype=loc.dtype,
+        )
         z = loc + scale * eps
         for t in self._conditioned(h):
             z = t(z)
@@ -180,4 +197,3 @@ def make_z_guide(name: str, z_dim: int, context_dim: int, options: ZGuideOptions
     except KeyError:
         raise ConfigError(f"unknown z_guide '{name}' (valid: {', '.join(Z_GUIDES)})") from None
     return cls(z_dim, context_dim, options)
-

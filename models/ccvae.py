@@ -166,7 +166,10 @@ class CCVAELabelled_ELBO(DifferentiableLossELBO):
         raise NotImplementedError("CCVAELabelled_ELBO traces in differentiable_loss")
 
     def differentiable_loss(self, model, guide, x, y):
-        return -sum(self.labelled_terms(model, guide, x, y)["objective"].sum() for _ in range(self.num_particles)) / self.num_particles
+        return (
+            -sum(self.labelled_terms(model, guide, x, y)["objective"].sum() for _ in range(self.num_particles))
+            / self.num_particles
+        )
 
     @staticmethod
     def labelled_terms(model, guide, x, y) -> dict[str, torch.Tensor]:
@@ -181,16 +184,26 @@ class CCVAELabelled_ELBO(DifferentiableLossELBO):
         weight = torch.exp(log_q["y_weight"] - log_qy_x)
         inner = log_p["x"] + log_p["z_c"] + log_p["z_s"] - log_qy_zc - log_q["z_c"] - log_q["z_s"]
         objective = weight * inner + log_qy_x + log_p["y"]
-        return {"objective": objective, "weight": weight, "inner": inner, "log_qy_x": log_qy_x,
-                "log_py": log_p["y"], "log_qy_zc": log_qy_zc}
+        return {
+            "objective": objective,
+            "weight": weight,
+            "inner": inner,
+            "log_qy_x": log_qy_x,
+            "log_py": log_p["y"],
+            "log_qy_zc": log_qy_zc,
+        }
 
 
 class CCVAE(ZooModel):
     name = "ccvae"
-    description = "characteristic-capturing VAE (Joy et al. 2021): conditional prior p(z_c|y), diagonal classifier q(y|z_c)"
+    description = (
+        "characteristic-capturing VAE (Joy et al. 2021): conditional prior p(z_c|y), diagonal classifier q(y|z_c)"
+    )
     Options = CCVAEOptions
     guides = CCVAE_GUIDES
-    objective_limits = {"iwae": "its labelled bound is eq. 4 of Joy et al., not an ELBO to weight, and its label y is enumerated"}
+    objective_limits = {
+        "iwae": "its labelled bound is eq. 4 of Joy et al., not an ELBO to weight, and its label y is enumerated"
+    }
     default_guide = "ccvae"
     z_guides = Z_GUIDES
     uses_labels = True
@@ -202,8 +215,9 @@ class CCVAE(ZooModel):
         shape, labels, multilabel = meta["image_shape"], meta["num_classes"], bool(meta.get("multilabel"))
         self.multilabel = multilabel
         self.model = CCVAEModel(shape, labels, o.z_style, multilabel, o)
-        self.guide = CCVAE_GUIDES.cls(guide)(shape, labels, o.z_style, multilabel, o.hidden, o.act, o.net, o.k,
-                                             z_guide=self.z_guide_name, z_options=o)
+        self.guide = CCVAE_GUIDES.cls(guide)(
+            shape, labels, o.z_style, multilabel, o.hidden, o.act, o.net, o.k, z_guide=self.z_guide_name, z_options=o
+        )
         self.elbo = CCVAE_ELBO(enumerate_labels=not multilabel, num_particles=self.objective.particles)
 
     @property
@@ -390,8 +404,12 @@ class CCVAE(ZooModel):
             own.append(((start[:, i] == 0) & (end[:, i] == 1)).float().mean().item())
             others = [j for j in range(count) if j != i]
             other.append((start[:, others] != end[:, others]).float().mean().item() if others else 0.0)
-        return {"walk_own_change": sum(own) / count, "walk_other_change": sum(other) / count,
-                "per_attribute_own": own, "per_attribute_other": other}
+        return {
+            "walk_own_change": sum(own) / count,
+            "walk_other_change": sum(other) / count,
+            "per_attribute_own": own,
+            "per_attribute_other": other,
+        }
 
     @torch.no_grad()
     def walk_matrix(self, x: torch.Tensor, judge, batch_size: int = 1000) -> torch.Tensor:
@@ -415,12 +433,24 @@ class CCVAE(ZooModel):
             swapped = [self.swap(x, torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)) for c in range(k)]
             rows = torch.stack([x.reshape(swapped[0].shape), *swapped])  # the originals above their swaps
             names = [str(n) for n in (self.label_names or range(k))]
-            figures.append(Figure.images("swaps", rows.reshape(-1, *rows.shape[2:]), nrow=x.shape[0],
-                                         title="swaps: row k sets z_c to class k's prior mean, z_s kept",
-                                         row_labels=["original", *names]))
+            figures.append(
+                Figure.images(
+                    "swaps",
+                    rows.reshape(-1, *rows.shape[2:]),
+                    nrow=x.shape[0],
+                    title="swaps: row k sets z_c to class k's prior mean, z_s kept",
+                    row_labels=["original", *names],
+                )
+            )
         else:
             frames = torch.stack([self.walk(x[:1], i)[:, 0] for i in range(self.meta["num_classes"])])
-            figures.append(Figure.images("walks", frames.reshape(-1, *frames.shape[2:]), nrow=frames.shape[1],
-                                         title="latent walks: row i moves z_c[i] from the y=0 to the y=1 prior mean",
-                                         row_labels=self.label_names or None))
+            figures.append(
+                Figure.images(
+                    "walks",
+                    frames.reshape(-1, *frames.shape[2:]),
+                    nrow=frames.shape[1],
+                    title="latent walks: row i moves z_c[i] from the y=0 to the y=1 prior mean",
+                    row_labels=self.label_names or None,
+                )
+            )
         return figures

@@ -64,7 +64,9 @@ class Classifier(ELBOModuleEntry, LabelClassifier, ZooModel):
 
     def __init__(self, meta: dict, options: ClassifierOptions, guide: str = "none", **settings):
         super().__init__(meta, options, guide, **settings)
-        network = make_encoder(meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.classifier_net or options.net)
+        network = make_encoder(
+            meta["image_shape"], meta["num_classes"], options.hidden, options.act, options.classifier_net or options.net
+        )
         self.loss = self.make_elbo(analytic_kl=False)(ClassifierModel(network), NoLatentGuide())
 
     @property

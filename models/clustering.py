@@ -32,7 +32,9 @@ class ClusteringVAEOptions(ZGuideOptions):
     hidden: list[int] = setting([500, 500], "widths of the hidden layers (the encoder's; the decoder mirrors them)")
     act: str = setting("relu", "activation between layers: relu | softplus | elu | tanh | gelu")
     net: str = setting("mlp", "mlp | conv (images of at least 8x8, sides divisible by 4)")
-    init_std: float | None = setting(None, "Serket's truncated-normal weights of this sd; None: PyTorch's default initialisation")
+    init_std: float | None = setting(
+        None, "Serket's truncated-normal weights of this sd; None: PyTorch's default initialisation"
+    )
     clusters: int = setting(10, "mixture components")
     covariance: str = setting("full", "of each mixture component: full | diag")
     reg_covar: float = setting(1e-3, "added to the variances of a mixture fitted by EM")
@@ -167,7 +169,13 @@ class ClusteringVAE(ELBOModuleEntry, ZooModel):
             figures.append(Figure.confusion("cluster_confusion", cm, self.meta.get("classes")))
         names = self.meta.get("classes") or [str(i) for i in range(self.meta["num_classes"])]
         samples = torch.cat([self.sample_cluster(10, c) for c in order])
-        figures.append(Figure.images("cluster_samples", samples, nrow=10,
-                                     row_labels=[f"cluster {c} → {names[mapping[c]]}" if c in mapping else f"cluster {c}" for c in order],
-                                     title="samples per cluster (rows matched to classes)"))
+        figures.append(
+            Figure.images(
+                "cluster_samples",
+                samples,
+                nrow=10,
+                row_labels=[f"cluster {c} → {names[mapping[c]]}" if c in mapping else f"cluster {c}" for c in order],
+                title="samples per cluster (rows matched to classes)",
+            )
+        )
         return figures

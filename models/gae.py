@@ -127,25 +127,37 @@ class GAE(ELBOModuleEntry, ZooModel):
         super().__init__(meta, options, guide, **settings)
         o = options
         shape, k = meta["image_shape"], meta["num_classes"]
-        self.loss = self.make_elbo(analytic_kl=False)(AutoencoderModel(shape, o.z_dim, o.hidden, o.act, o.net),
-                                 PointGuide(Encoder(shape, o.z_dim, o.hidden, o.act, o.net)))
+        self.loss = self.make_elbo(analytic_kl=False)(
+            AutoencoderModel(shape, o.z_dim, o.hidden, o.act, o.net),
+            PointGuide(Encoder(shape, o.z_dim, o.hidden, o.act, o.net)),
+        )
         self.register_buffer("code_mean", torch.zeros(o.z_dim))
         self.register_buffer("code_scale", torch.ones(o.z_dim))
-        self.classifier = GaussianMixtureClassifier(k, o.z_dim, o.components, o.covariance, o.reg_covar, o.n_init,
-                                                    o.novelty_quantile)
+        self.classifier = GaussianMixtureClassifier(
+            k, o.z_dim, o.components, o.covariance, o.reg_covar, o.n_init, o.novelty_quantile
+        )
         self.clusters = MixtureStack(1, o.z_dim, k, o.covariance, o.reg_covar, o.n_init) if o.single_mixture else None
 
     def check_split(self, split, dataset):
         # each class's mixture is fitted to its labelled codes (a class with one code has no covariance)
         k = self.meta["num_classes"]
         counts = torch.bincount(dataset.y[split.labelled].long(), minlength=k)
-        few = [dataset.classes[c] if c < len(dataset.classes) else str(c) for c in (counts < 2).nonzero().flatten().tolist()]
+        few = [
+            dataset.classes[c] if c < len(dataset.classes) else str(c)
+            for c in (counts < 2).nonzero().flatten().tolist()
+        ]
         if few:
-            raise ConfigError(f"gae fits one mixture per class to its labelled codes: every class needs at least 2 "
-                              f"labelled examples (data.labels_per_class or data.label_fraction); class(es) {', '.join(map(str, few))} have fewer")
+            raise ConfigError(
+                f"gae fits one mixture per class to its labelled codes: every class needs at least 2 "
+                "labelled examples (data.labels_per_class or data.label_fraction); class(es) "
+                f"{', '.join(map(str, few))} have fewer"
+            )
         sizes = split.sizes()
         if self.clusters is not None and sizes["labelled"] + sizes["unlabelled"] < k:
-            raise ConfigError(f"options.single_mixture fits {k} components to the training codes: at least {k} training examples are needed")
+            raise ConfigError(
+                f"options.single_mixture fits {k} components to the training codes: at least {k} training examples "
+                "are needed"
+            )
 
     @property
     def encoder(self) -> nn.Module:
@@ -165,9 +177,13 @@ class GAE(ELBOModuleEntry, ZooModel):
 
     @torch.no_grad()
     def fit_mixtures(self, x: torch.Tensor, x_labelled: torch.Tensor, y_labelled: torch.Tensor) -> None:
-        """Standardise with the codes of ``x``; fit the class mixtures on the labelled codes, the single mixture on all."""
+        """Standardise with the codes of ``x``; fit the class mixtures on the labelled codes, the single
+        mixture on all."""
         if x_labelled.shape[0] == 0:
-            raise ConfigError("model 'gae' fits one mixture per class on labelled codes: set data.labels_per_class or data.label_fraction (or leave both unset)")
+            raise ConfigError(
+                "model 'gae' fits one mixture per class on labelled codes: set data.labels_per_class or "
+                "data.label_fraction (or leave both unset)"
+            )
         was_training = self.training
         self.eval()
         z = self.latent(x)
@@ -236,9 +252,12 @@ class GAE(ELBOModuleEntry, ZooModel):
         raw = self.latent(x, batch_size)
         z = self._standardise(raw)
         k = self.meta["num_classes"]
-        counts = {"labels": label_table(self.classifier.predict(z), y, k, k), "count": torch.tensor(x.shape[0]),
-                  "novel": self.classifier.is_novel(z).sum().cpu(),
-                  "reconstruction_bce": reconstruction_bce_sum(self.decode, raw, x, batch_size)}
+        counts = {
+            "labels": label_table(self.classifier.predict(z), y, k, k),
+            "count": torch.tensor(x.shape[0]),
+            "novel": self.classifier.is_novel(z).sum().cpu(),
+            "reconstruction_bce": reconstruction_bce_sum(self.decode, raw, x, batch_size),
+        }
         if self.clusters is not None:
             counts["clusters"] = label_table(self.clusters.responsibilities(z).argmax(-1), y, k, k)
         return counts
@@ -290,9 +309,15 @@ class GAE(ELBOModuleEntry, ZooModel):
         g = torch.Generator().manual_seed(0)
         per_class = self.sample(10 * k, torch.arange(k).repeat_interleave(10), generator=g)
         figures = [
-            Figure.images("class_samples", per_class, nrow=10, title="z ~ p(z|c), decoded: one class per row", row_labels=classes),
-            Figure.images("styles", self.sample_styles(0, generator=g), nrow=10,
-                          title=f"class {classes[0]}: one mixture component (style) per row, heaviest first"),
+            Figure.images(
+                "class_samples", per_class, nrow=10, title="z ~ p(z|c), decoded: one class per row", row_labels=classes
+            ),
+            Figure.images(
+                "styles",
+                self.sample_styles(0, generator=g),
+                nrow=10,
+                title=f"class {classes[0]}: one mixture component (style) per row, heaviest first",
+            ),
             Figure.confusion("confusion", confusion_matrix(self.predict(x).cpu(), y.cpu(), k), classes),
             Figure.reconstructions("reconstructions", x[:10], self.reconstruct(x[:10])),
         ]
@@ -300,8 +325,11 @@ class GAE(ELBOModuleEntry, ZooModel):
         if pairs:
             rows = torch.cat([latent_interpolation(self, x[i : i + 1], x[j : j + 1]) for i, j in pairs])
             labels = [f"{classes[int(y[i])]} → {classes[int(y[j])]}" for i, j in pairs]
-            figures.append(Figure.images("interpolation", rows, nrow=10, title="linear path between two images' codes",
-                                         row_labels=labels))
+            figures.append(
+                Figure.images(
+                    "interpolation", rows, nrow=10, title="linear path between two images' codes", row_labels=labels
+                )
+            )
         return figures
 
 
@@ -315,7 +343,8 @@ def class_pairs(y: torch.Tensor, num_classes: int, count: int = 5) -> list[tuple
 
 @torch.no_grad()
 def latent_interpolation(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
-    """Decoded images along the straight line between the codes of ``x_a`` and ``x_b`` (any model with latent/decode)."""
+    """Decoded images along the straight line between the codes of ``x_a`` and ``x_b`` (any model with
+    ``latent`` and ``decode``)."""
     za, zb = model.latent(x_a), model.latent(x_b)
     t = torch.linspace(0, 1, steps, device=za.device)[:, None]
     return model.decode((1 - t) * za + t * zb)

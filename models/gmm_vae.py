@@ -7,7 +7,8 @@ with the guide q(z|x) and c summed out exactly by ``TraceEnum_ELBO`` (c is enume
 the guide has no c), so the bound is E_q[log sum_c pi_c N(z; mu_c, sigma_c) + log p(x|z) - log q(z|x)],
 and pi, mu, Sigma, the encoder and the decoder are learned jointly. The first ``warmup_epochs`` train a
 plain VAE (prior N(0, I)); at the end of the warm-up a Gaussian mixture is fitted by EM to samples
-of q(z|x) for every training image and becomes the prior's initial value. A point's cluster is argmax_c p(c|z) at its code.
+of q(z|x) for every training image and becomes the prior's initial value. A point's cluster is
+argmax_c p(c|z) at its code.
 Covariances are full by default (``covariance = "diag"`` is VaDE's diag sigma_c^2): a plain VAE's
 codes are correlated within a class, and on the same codes of Serket's 3,000 digits a diagonal
 mixture clusters 0.55 of them correctly where a full one clusters 0.72.
@@ -190,7 +191,9 @@ class GMMVAE(ClusteringVAE):
         # the prior should match the aggregate posterior q(z) = mean_n q(z|x_n), so the mixture is fitted
         # to samples of q(z|x), not to its means: means alone give components too narrow for q's spread
         codes = self.sample_codes(x)
-        gmm = PyroGaussianMixture(o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init, covariance_type=o.covariance).fit(codes)
+        gmm = PyroGaussianMixture(
+            o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init, covariance_type=o.covariance
+        ).fit(codes)
         p = self.prior
         p.logits.copy_(gmm.log_weights.to(p.logits))
         p.loc.copy_(gmm.means.to(p.loc))
@@ -209,10 +212,15 @@ class GMMVAE(ClusteringVAE):
         finally:
             self.set_kl_weight(weight)
         codes = self.latent(x, batch_size)
-        counts = {"elbo": torch.tensor(elbo, dtype=torch.float64), "count": torch.tensor(x.shape[0]),
-                  "reconstruction_bce": reconstruction_bce_sum(self.decode, codes, x, batch_size)}
+        counts = {
+            "elbo": torch.tensor(elbo, dtype=torch.float64),
+            "count": torch.tensor(x.shape[0]),
+            "reconstruction_bce": reconstruction_bce_sum(self.decode, codes, x, batch_size),
+        }
         if self.prior.mixture:
-            counts["clusters"] = label_table(self.cluster_probs(codes).argmax(-1), y, self.num_clusters, self.meta["num_classes"])
+            counts["clusters"] = label_table(
+                self.cluster_probs(codes).argmax(-1), y, self.num_clusters, self.meta["num_classes"]
+            )
         return counts
 
     def metrics_from_counts(self, counts):
@@ -221,11 +229,15 @@ class GMMVAE(ClusteringVAE):
     @torch.no_grad()
     def log_likelihood(self, x, num_samples, batch_size=100):
         """IWAE estimate of log p(x) with the mixture prior's exact marginal log sum_c p(c) p(z|c)."""
+
         def one(xb):
             q = self.guide.distribution(xb)
             z = q.rsample((num_samples,))  # [k, n, d]
-            log_pz = self.prior.log_prior(z.reshape(-1, z.shape[-1])).logsumexp(-1).reshape(num_samples, -1) \
-                if self.prior.mixture else torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+            log_pz = (
+                self.prior.log_prior(z.reshape(-1, z.shape[-1])).logsumexp(-1).reshape(num_samples, -1)
+                if self.prior.mixture
+                else torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+            )
             log_px = pixel_likelihood(self.decoder(z)).log_prob(xb.flatten(1))
             return iwae_log_likelihood(log_px + log_pz - q.log_prob(z))
 
@@ -239,5 +251,9 @@ class GMMVAE(ClusteringVAE):
     def sample(self, n, y=None):
         """Images from the generative model (of clusters ``y`` when given)."""
         p = self.prior
-        c = torch.multinomial(p.logits.softmax(-1), n, replacement=True) if y is None else torch.as_tensor(y, device=p.loc.device).expand(n)
+        c = (
+            torch.multinomial(p.logits.softmax(-1), n, replacement=True)
+            if y is None
+            else torch.as_tensor(y, device=p.loc.device).expand(n)
+        )
         return self.decode(p.component(c).sample())

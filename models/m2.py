@@ -62,10 +62,14 @@ class M2Options(ZGuideOptions):
     classifier_net: str | None = setting(None, "the network of q(y|x) alone: mlp | conv; None: as net")
     shared_trunk: bool = setting(False, "q(y|x) and q(z|x, y) share their first layer h(x)")
     z_kl_weight: float = setting(1.0, "beta > 1 squeezes z, so the decoder has to take the class from y")
-    aux_weight: float = setting(50.0, "alpha of the auxiliary loss -alpha * log q(y|x) on labelled data; 0 turns it off")
+    aux_weight: float = setting(
+        50.0, "alpha of the auxiliary loss -alpha * log q(y|x) on labelled data; 0 turns it off"
+    )
     temperature_start: float = setting(1.0, "gumbel, st-gumbel: t_e = max(end, start * exp(-anneal * (e - 1)))")
     temperature_end: float = setting(0.5, "gumbel, st-gumbel: the floor of the annealed temperature")
-    temperature_anneal: float = setting(0.05, "gumbel, st-gumbel: the rate of the temperature's exponential decay per epoch")
+    temperature_anneal: float = setting(
+        0.05, "gumbel, st-gumbel: the rate of the temperature's exponential decay per epoch"
+    )
     sigma: float = setting(1.0, "logistic-normal noise scale; logistic-normal-latent: the initial scale of q(logits|x)")
     sharpness: float = setting(1.0, "logistic-normal, logistic-normal-latent: alpha = softmax(sharpness * logits)")
     dirichlet_concentration: float = setting(1.0, "dirichlet: c of the prior p(alpha) = Dirichlet(c 1)")
@@ -74,7 +78,9 @@ class M2Options(ZGuideOptions):
         check_network_options(self)
         check_z_guide_options(self)
         if self.aux_weight < 0 or not 0 < self.temperature_end <= self.temperature_start or self.temperature_anneal < 0:
-            raise ConfigError("options: aux_weight and temperature_anneal must be >= 0, and 0 < temperature_end <= temperature_start")
+            raise ConfigError(
+                "options: aux_weight and temperature_anneal must be >= 0, and 0 < temperature_end <= temperature_start"
+            )
         if not (self.sigma > 0 and self.sharpness > 0):
             raise ConfigError("options.sigma and options.sharpness must be positive")
         if not self.dirichlet_concentration > 0:
@@ -84,7 +90,9 @@ class M2Options(ZGuideOptions):
 class LabelledDecoder(nn.Module):
     """(y, z) -> pixel logits; the first layer is W_z z + W_y y (the concatenation, without copying)."""
 
-    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp"):
+    def __init__(
+        self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp"
+    ):
         super().__init__()
         self.from_z = nn.Linear(z_dim, hidden[-1])
         self.from_y = nn.Linear(num_classes, hidden[-1], bias=False)
@@ -120,9 +128,19 @@ class M2Model(nn.Module):
     l ~ N(0, I_K) at site ``logits``, and observe y ~ Categorical(alpha) at site ``y`` where y is given.
     """
 
-    def __init__(self, image_shape, num_classes: int, z_dim: int, hidden=(500,), act: str = "softplus", net: str = "mlp",
-                 label_latent: str | None = None, concentration: float = 1.0, sharpness: float = 1.0,
-                 relaxed_label: bool = False):
+    def __init__(
+        self,
+        image_shape,
+        num_classes: int,
+        z_dim: int,
+        hidden=(500,),
+        act: str = "softplus",
+        net: str = "mlp",
+        label_latent: str | None = None,
+        concentration: float = 1.0,
+        sharpness: float = 1.0,
+        relaxed_label: bool = False,
+    ):
         super().__init__()
         if label_latent not in LABEL_LATENTS:
             raise ValueError(f"label_latent must be one of {LABEL_LATENTS}, not {label_latent!r}")
@@ -146,14 +164,20 @@ class M2Model(nn.Module):
         if self.label_latent is None:
             value = pyro.sample("y", dist.Categorical(logits=logits), obs=y)
             if value.is_floating_point():  # a guide's vector replayed here would be scored as an index
-                raise ValueError("m2's label site 'y' holds class indices (Categorical); a guide that puts one-hot or "
-                                 "relaxed vectors there declares relaxed = True (pyrossl.guides.label.LabelGuide)")
+                raise ValueError(
+                    "m2's label site 'y' holds class indices (Categorical); a guide that puts one-hot or "
+                    "relaxed vectors there declares relaxed = True (pyrossl.guides.label.LabelGuide)"
+                )
             return as_one_hot(value, logits.shape[-1], logits.dtype)
         if self.label_latent == "dirichlet":
-            alpha = pyro.sample("alpha", dist.Dirichlet(torch.full_like(self.prior_logits, self.concentration).expand(n, -1)))
+            alpha = pyro.sample(
+                "alpha", dist.Dirichlet(torch.full_like(self.prior_logits, self.concentration).expand(n, -1))
+            )
         else:
             loc = self.prior_logits.expand(n, -1)
-            alpha = torch.softmax(self.sharpness * pyro.sample("logits", dist.Normal(loc, torch.ones_like(loc)).to_event(1)), -1)
+            alpha = torch.softmax(
+                self.sharpness * pyro.sample("logits", dist.Normal(loc, torch.ones_like(loc)).to_event(1)), -1
+            )
         if y is not None:
             pyro.sample("y", dist.Categorical(probs=alpha), obs=y)
         return alpha
@@ -197,8 +221,10 @@ class M2(LabelClassifier, ZooModel):
         super().check_objective(guide, z_guide, objective)
         if objective.name == "iwae" and not getattr(LABEL_GUIDES.cls(guide), "iwae", False):
             fitting = [name for name, c in LABEL_GUIDES.classes.items() if getattr(c, "iwae", False)]
-            raise ConfigError(f"train.objective 'iwae' fits m2 only with guide {' or '.join(fitting)}, not '{guide}' "
-                              "(the IWAE bound needs every latent reparameterised and none enumerated)")
+            raise ConfigError(
+                f"train.objective 'iwae' fits m2 only with guide {' or '.join(fitting)}, not '{guide}' "
+                "(the IWAE bound needs every latent reparameterised and none enumerated)"
+            )
 
     def __init__(self, meta: dict, options: M2Options, guide: str = "enum", **settings):
         super().__init__(meta, options, guide, **settings)
@@ -206,11 +232,31 @@ class M2(LabelClassifier, ZooModel):
         shape, k = meta["image_shape"], meta["num_classes"]
         guide_cls = LABEL_GUIDES.cls(guide)
         extra = {keyword: getattr(o, option) for keyword, option in getattr(guide_cls, "option_arguments", {}).items()}
-        self.model = M2Model(shape, k, o.z_dim, o.hidden, o.act, o.net, label_latent=guide_cls.label_latent,
-                             concentration=o.dirichlet_concentration, sharpness=o.sharpness,
-                             relaxed_label=guide_cls.relaxed)
-        self.guide = guide_cls(shape, k, o.z_dim, o.hidden, o.act, o.net, classifier_net=o.classifier_net,
-                               shared_trunk=o.shared_trunk, z_guide=self.z_guide_name, z_options=o, **extra)
+        self.model = M2Model(
+            shape,
+            k,
+            o.z_dim,
+            o.hidden,
+            o.act,
+            o.net,
+            label_latent=guide_cls.label_latent,
+            concentration=o.dirichlet_concentration,
+            sharpness=o.sharpness,
+            relaxed_label=guide_cls.relaxed,
+        )
+        self.guide = guide_cls(
+            shape,
+            k,
+            o.z_dim,
+            o.hidden,
+            o.act,
+            o.net,
+            classifier_net=o.classifier_net,
+            shared_trunk=o.shared_trunk,
+            z_guide=self.z_guide_name,
+            z_options=o,
+            **extra,
+        )
         # U(x) is estimated as the guide says; L(x, y) has no label to draw (the simplex-latent guides
         # draw alpha all the same, and the model observes y ~ Cat(alpha)): its z term's KL is
         # analytic with a diagonal z-guide (TraceMeanField_ELBO falls back to Monte Carlo otherwise)
@@ -220,12 +266,12 @@ class M2(LabelClassifier, ZooModel):
         if self.objective.name == "iwae":  # check_objective let it through for the simplex-latent guides only
             self.elbo = SemiSupervisedELBO(make_elbo(self.objective), make_elbo(self.objective))
         else:
-            self.elbo = SemiSupervisedELBO(guide_cls.make_elbo(self.objective),
-                                           LabelledMeanField_ELBO(**particle_settings(self.objective)))
+            self.elbo = SemiSupervisedELBO(
+                guide_cls.make_elbo(self.objective), LabelledMeanField_ELBO(**particle_settings(self.objective))
+            )
 
     def one_hot(self, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.one_hot(y, self.meta["num_classes"]).to(torch.get_default_dtype())
-
 
     def temperature(self, epoch: int) -> float:
         o = self.options
@@ -270,8 +316,12 @@ class M2(LabelClassifier, ZooModel):
         """
         if self.guide.label_latent is None:
             return self.class_log_joint(x, num_samples, batch_size).logsumexp(-1)
-        return torch.cat([iwae_log_likelihood(importance_log_weights(self.model, self.guide, xb, num_samples=num_samples))
-                          for xb in torch.split(x, batch_size)])
+        return torch.cat(
+            [
+                iwae_log_likelihood(importance_log_weights(self.model, self.guide, xb, num_samples=num_samples))
+                for xb in torch.split(x, batch_size)
+            ]
+        )
 
     @torch.no_grad()
     def elbo_estimate(self, x, batch_size=100):
@@ -346,10 +396,21 @@ class M2(LabelClassifier, ZooModel):
         classes = [str(c) for c in self.meta["classes"]] or [str(c) for c in range(self.meta["num_classes"])]
         cm = confusion_matrix(self.predict(x).cpu(), y.cpu(), self.meta["num_classes"])
         return [
-            Figure.images("class_samples", self.class_conditional_samples(), nrow=10,
-                          title="p(x|y,z): one class per row, one z per column", row_labels=classes),
+            Figure.images(
+                "class_samples",
+                self.class_conditional_samples(),
+                nrow=10,
+                title="p(x|y,z): one class per row, one z per column",
+                row_labels=classes,
+            ),
             Figure.confusion("confusion", cm, classes),
             Figure.reconstructions("reconstructions", x[:10], self.reconstruct(x[:10])),
-            Figure.latent("latent_tsne", self.latent(x[:1000]), y[:1000], classes=classes,
-                          title="t-SNE of the means of q(z|x, y = predicted class)", method="tsne"),
+            Figure.latent(
+                "latent_tsne",
+                self.latent(x[:1000]),
+                y[:1000],
+                classes=classes,
+                title="t-SNE of the means of q(z|x, y = predicted class)",
+                method="tsne",
+            ),
         ]

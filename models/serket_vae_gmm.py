@@ -11,8 +11,9 @@ training followed by one GMM update (at the end of the round's last epoch). The 
 posterior of the enumerated assignment, the M-step closed form; seeded, deterministic. Each round's
 Serket files (``module001_vae/z_learn.txt``, ``module002_gmm/class_learn.txt``,
 ``module002_gmm/acc_learn.txt``) are values :meth:`SerketVAEGMM.epoch_outputs` returns, which the
-run folder writes, per round under ``rounds/NNN/`` and the latest at the top. Unlike Serket, whose VAE is re-initialised before every update, the VAE here
-continues from the previous round: the messages move its prior, not its starting point.
+run folder writes, per round under ``rounds/NNN/`` and the latest at the top. Unlike Serket, whose
+VAE is re-initialised before every update, the VAE here continues from the previous round: the
+messages move its prior, not its starting point.
 """
 
 from __future__ import annotations
@@ -87,11 +88,14 @@ class SerketVAEGMM(ClusteringVAE):
         # evaluation reports the one-sample ELBO, whatever the training objective
         self.eval_elbo = self.make_elbo(objective=Objective())
         self.set_alpha(o.alpha)
-        self.gmm = PyroGaussianMixture(o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init,
-                                       covariance_type=o.covariance)
+        self.gmm = PyroGaussianMixture(
+            o.clusters, o.z_dim, reg_covar=o.reg_covar, n_init=o.n_init, covariance_type=o.covariance
+        )
         num_examples = meta.get("num_examples")
         if num_examples is None:
-            raise ConfigError("serket-vae-gmm needs the dataset's size (meta['num_examples']) to hold a message per example")
+            raise ConfigError(
+                "serket-vae-gmm needs the dataset's size (meta['num_examples']) to hold a message per example"
+            )
         # the message to each dataset row: its cluster (-1: none yet, the prior is N(0, I))
         self.register_buffer("assignment", torch.full((num_examples,), -1, dtype=torch.long))
         self.register_buffer("rounds", torch.zeros((), dtype=torch.long))
@@ -114,11 +118,15 @@ class SerketVAEGMM(ClusteringVAE):
         """The per-example mean of ``entry.elbo`` on ``(x, prior_loc)``, the messages of the batch's dataset rows."""
         if index is None:
             raise ConfigError("serket-vae-gmm trains on unlabelled batches with their dataset rows (index=)")
-        return self.elbo.differentiable_loss(self.model, self.guide, x, self.prior_loc(self.assignment[index])) / x.shape[0]
+        return (
+            self.elbo.differentiable_loss(self.model, self.guide, x, self.prior_loc(self.assignment[index]))
+            / x.shape[0]
+        )
 
     @torch.no_grad()
     def prior_moments(self, x, code_mean):
-        """N(mu_k, I), the message of each image's cluster k (k from its code's posterior mean; N(0, I) before the first)."""
+        """N(mu_k, I), the message of each image's cluster k (k from its code's posterior mean; N(0, I)
+        before the first)."""
         if int(self.rounds) == 0:
             return super().prior_moments(x, code_mean)
         loc = self.prior_loc(self.gmm.predict(code_mean))
@@ -141,10 +149,18 @@ class SerketVAEGMM(ClusteringVAE):
         classes = self.gmm.predict(codes)
         self.assignment[data["index"]] = classes
         self.rounds += 1
-        self._round = {"round": int(self.rounds), "index": data["index"].cpu(), "z": codes.cpu(), "classes": classes.cpu()}
+        self._round = {
+            "round": int(self.rounds),
+            "index": data["index"].cpu(),
+            "z": codes.cpu(),
+            "classes": classes.cpu(),
+        }
         self.train()
-        return {"round": int(self.rounds), "gmm_mean_log_likelihood": self.gmm.log_likelihood(codes) / codes.shape[0],
-                "gmm_iterations": self.gmm.n_iter}
+        return {
+            "round": int(self.rounds),
+            "gmm_mean_log_likelihood": self.gmm.log_likelihood(codes) / codes.shape[0],
+            "gmm_iterations": self.gmm.n_iter,
+        }
 
     @torch.no_grad()
     def evaluation_counts(self, x, y, batch_size=1000):
@@ -155,12 +171,17 @@ class SerketVAEGMM(ClusteringVAE):
         clusters = self.gmm.predict(codes) if fitted else torch.full((x.shape[0],), -1, device=x.device)
         self.set_alpha(1.0)
         try:
-            elbo = -sum(self.eval_elbo.loss(self.loss.model, self.guide, xb, self.prior_loc(cb))
-                        for xb, cb in zip(torch.split(x, batch_size), torch.split(clusters, batch_size)))
+            elbo = -sum(
+                self.eval_elbo.loss(self.loss.model, self.guide, xb, self.prior_loc(cb))
+                for xb, cb in zip(torch.split(x, batch_size), torch.split(clusters, batch_size))
+            )
         finally:
             self.set_alpha(self.options.alpha)
-        counts = {"elbo": torch.tensor(elbo, dtype=torch.float64), "count": torch.tensor(x.shape[0]),
-                  "reconstruction_bce": reconstruction_bce_sum(self.decode, codes, x, batch_size)}
+        counts = {
+            "elbo": torch.tensor(elbo, dtype=torch.float64),
+            "count": torch.tensor(x.shape[0]),
+            "reconstruction_bce": reconstruction_bce_sum(self.decode, codes, x, batch_size),
+        }
         if fitted:
             counts["clusters"] = label_table(clusters, y, self.num_clusters, self.meta["num_classes"])
         return counts
@@ -177,7 +198,11 @@ class SerketVAEGMM(ClusteringVAE):
     @torch.no_grad()
     def sample(self, n, y=None):
         """Images of clusters drawn from the GMM's weights (or of clusters ``y``)."""
-        k = torch.multinomial(self.gmm.log_weights.exp().cpu(), n, replacement=True) if y is None else torch.as_tensor(y).expand(n)
+        k = (
+            torch.multinomial(self.gmm.log_weights.exp().cpu(), n, replacement=True)
+            if y is None
+            else torch.as_tensor(y).expand(n)
+        )
         loc = self.gmm.means[k.to(self.gmm.means.device)]
         return self.decode(loc + torch.randn_like(loc))
 
@@ -190,9 +215,12 @@ class SerketVAEGMM(ClusteringVAE):
         index, z, classes = r["index"][order], r["z"][order], r["classes"][order]
         truth = labels(index).cpu()
         metrics = clustering_metrics(classes, truth)
-        tables = {"module001_vae/z_learn.txt": (z.numpy(), "%.18e"), "module002_gmm/class_learn.txt": (classes.numpy(), "%d"),
-                  "module002_gmm/acc_learn.txt": ([metrics["cluster_accuracy"]], "%.18e"),
-                  "module002_gmm/mu.txt": (self.gmm.means.cpu().numpy(), "%.18e")}
+        tables = {
+            "module001_vae/z_learn.txt": (z.numpy(), "%.18e"),
+            "module002_gmm/class_learn.txt": (classes.numpy(), "%d"),
+            "module002_gmm/acc_learn.txt": ([metrics["cluster_accuracy"]], "%.18e"),
+            "module002_gmm/mu.txt": (self.gmm.means.cpu().numpy(), "%.18e"),
+        }
         kept = {**tables, **{f"rounds/{r['round']:03d}/{name}": table for name, table in tables.items()}}
         return {**kept, "index.txt": (index.numpy(), "%d"), "category.txt": (truth.numpy(), "%d")}
 
@@ -205,14 +233,26 @@ class SerketVAEGMM(ClusteringVAE):
             return {}
         truth = files.table("category.txt", dtype=int)
         shape = (len(truth), options.z_dim)
-        return {"truth": truth, "before": files.table(first, shape=shape),
-                "after": files.table("module001_vae/z_learn.txt", shape=shape)}
+        return {
+            "truth": truth,
+            "before": files.table(first, shape=shape),
+            "after": files.table("module001_vae/z_learn.txt", shape=shape),
+        }
 
     def figures(self, x, y, outputs=None):
         figures = super().figures(x, y)
         if outputs:
-            figures.append(Figure.latent_pair(
-                "latent_before_after", outputs["before"], outputs["after"], outputs["truth"], classes=self.meta.get("classes"),
-                titles=("round 1: before the first message (plain VAE)", f"round {int(self.rounds)}: after the last message"),
-            ))
+            figures.append(
+                Figure.latent_pair(
+                    "latent_before_after",
+                    outputs["before"],
+                    outputs["after"],
+                    outputs["truth"],
+                    classes=self.meta.get("classes"),
+                    titles=(
+                        "round 1: before the first message (plain VAE)",
+                        f"round {int(self.rounds)}: after the last message",
+                    ),
+                )
+            )
         return figures

@@ -98,7 +98,8 @@ class VAE(ELBOModuleEntry, ZooModel):
 
     @torch.no_grad()
     def evaluation_counts(self, x, y, batch_size=1000):
-        """Sums over the images of the ELBO (beta = 1, whatever beta trains with) and of the reconstruction cross-entropy."""
+        """Sums over the images of the ELBO (beta = 1, whatever beta trains with) and of the
+        reconstruction cross-entropy."""
         beta = self.model.beta
         self.set_beta(1.0)
         try:
@@ -106,8 +107,11 @@ class VAE(ELBOModuleEntry, ZooModel):
         finally:
             self.set_beta(beta)
         z = torch.cat([self.latent(xb) for xb in torch.split(x, batch_size)])
-        return {"elbo": torch.tensor(elbo, dtype=torch.float64), "count": torch.tensor(x.shape[0]),
-                "reconstruction_bce": reconstruction_bce_sum(self.decode, z, x, batch_size)}
+        return {
+            "elbo": torch.tensor(elbo, dtype=torch.float64),
+            "count": torch.tensor(x.shape[0]),
+            "reconstruction_bce": reconstruction_bce_sum(self.decode, z, x, batch_size),
+        }
 
     def metrics_from_counts(self, counts):
         return per_image(counts, "elbo", "reconstruction_bce")

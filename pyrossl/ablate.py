@@ -1,6 +1,7 @@
 """Ablations: one recipe trained over guides, config values and seeds, then summarised.
 
-``pyrossl ablate RECIPE --guides enum,gumbel --z-guides diag-normal,flow --vary options.aux_weight=1,5 --seeds 0,1,2`` trains
+``pyrossl ablate RECIPE --guides enum,gumbel --z-guides diag-normal,flow --vary options.aux_weight=1,5
+--seeds 0,1,2`` trains
 every combination into ``OUT/<variant>-seed<s>/`` (a finished run is read, a stopped one resumed:
 re-running an ablation only trains what is missing) and writes into ``OUT``:
 
@@ -76,8 +77,11 @@ def _split_values(text: str) -> list[str]:
 
 
 def variants(guides: list[str], vary: list[tuple[str, list[str]]], z_guides: list[str] = ()) -> list[Variant]:
-    axes = ([[("guide", g) for g in guides]] if guides else []) + ([[("z_guide", g) for g in z_guides]] if z_guides else []) \
+    axes = (
+        ([[("guide", g) for g in guides]] if guides else [])
+        + ([[("z_guide", g) for g in z_guides]] if z_guides else [])
         + [[(k, v) for v in values] for k, values in vary]
+    )
     out = []
     for combo in itertools.product(*axes):
         out.append(Variant(",".join(f"{k}={v}" for k, v in combo), [f"{k}={v}" for k, v in combo]))
@@ -92,9 +96,17 @@ def curve_key(records: list[dict], selection_metric: str) -> str:
     return twin if any(twin in r for r in records) else selection_metric
 
 
-def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: list[int] = (0,),
-           vary: list[str] = (), overrides: list[str] = (), device: str | None = None, z_guides: list[str] = (),
-           iwae: int = 100) -> dict:
+def ablate(
+    recipe: str | Path,
+    out: str | Path,
+    guides: list[str] = (),
+    seeds: list[int] = (0,),
+    vary: list[str] = (),
+    overrides: list[str] = (),
+    device: str | None = None,
+    z_guides: list[str] = (),
+    iwae: int = 100,
+) -> dict:
     """Train every variant (guides × z-guides × varied values) × seed (finishing only what is missing)
     and write the summaries; ``iwae`` is k of the held-out IWAE bound (``train.iwae_samples``; 0: off)."""
     from pyrossl.registry import resolve
@@ -107,14 +119,21 @@ def ablate(recipe: str | Path, out: str | Path, guides: list[str] = (), seeds: l
         raise ConfigError("--seeds needs at least one seed")
     if isinstance(iwae, bool) or not isinstance(iwae, int) or iwae < 0:
         raise ConfigError(f"--iwae takes 0 (off) or a number of importance samples, not {iwae!r}")
-    extra = [f"train.iwae_samples={iwae}", *overrides, "train.progress=false"] + ([f"device={device!r}"] if device else [])
+    extra = [f"train.iwae_samples={iwae}", *overrides, "train.progress=false"] + (
+        [f"device={device!r}"] if device else []
+    )
     all_variants = variants(list(guides), parsed, list(z_guides))
     # every config is built before anything trains: a bad key or value fails at once
-    configs = {(v.label, s): load_config(recipe, [*extra, *v.overrides, f"seed={s}"]) for v in all_variants for s in seeds}
+    configs = {
+        (v.label, s): load_config(recipe, [*extra, *v.overrides, f"seed={s}"]) for v in all_variants for s in seeds
+    }
     out = Path(out)
     slugs = [v.slug for v in all_variants]
     if len(set(slugs)) != len(slugs):
-        raise ConfigError(f"two variants would share a run folder ({', '.join(sorted({s for s in slugs if slugs.count(s) > 1}))}): make the values differ in letters or digits")
+        raise ConfigError(
+            f"two variants would share a run folder ({', '.join(sorted({s for s in slugs if slugs.count(s) > 1}))}): "
+            "make the values differ in letters or digits"
+        )
     for config in configs.values():  # every run's settings, checked before the first one trains
         resolve(config)
     runs.prepare_output(out)  # before any data is loaded
@@ -134,7 +153,11 @@ def _train_and_summarise(recipe, out: Path, all_variants: list[Variant], seeds, 
             run_dir = runs.child(out, f"{v.slug}-seed{s}")
             summary = train_to_completion(configs[(v.label, s)], run_dir)
             selection = selection or summary["selection_metric"]
-            metrics = {k: val for k, val in summary["best"].items() if isinstance(val, (int, float)) and not isinstance(val, bool)}
+            metrics = {
+                k: val
+                for k, val in summary["best"].items()
+                if isinstance(val, (int, float)) and not isinstance(val, bool)
+            }
             rows.append({"variant": v.label, "seed": s, "run": run_dir.name, **metrics, "seconds": summary["seconds"]})
             curves[v.label].append(runs.read_metrics(run_dir))
     metric_keys = sorted({k for r in rows for k in r} - {"variant", "seed", "run"})
@@ -146,13 +169,16 @@ def _train_and_summarise(recipe, out: Path, all_variants: list[Variant], seeds, 
     runs.atomic_write_text(csv_path, buf.getvalue())
     table = markdown_table(rows, metric_keys)
     md_path = out / "ablation.md"
-    runs.atomic_write_text(md_path, f"# Ablation of {Path(recipe).name} (seeds {', '.join(map(str, seeds))})\n\n{table}\n")
+    runs.atomic_write_text(
+        md_path, f"# Ablation of {Path(recipe).name} (seeds {', '.join(map(str, seeds))})\n\n{table}\n"
+    )
     key = curve_key([r for rs in curves.values() for recs in rs for r in recs], selection)
     png_path = plots.plot_bands(curves, key, out / "ablation.png", title=f"{key}: mean ± sd over {len(seeds)} seed(s)")
     result = {"csv": csv_path, "markdown": md_path, "figure": png_path, "rows": rows, "table": table}
     if any("val_elbo" in r for rs in curves.values() for recs in rs for r in recs):
-        result["elbo_figure"] = plots.plot_bands(curves, "val_elbo", out / "ablation-elbo.png",
-                                                 title=f"val_elbo (nats): mean ± sd over {len(seeds)} seed(s)")
+        result["elbo_figure"] = plots.plot_bands(
+            curves, "val_elbo", out / "ablation-elbo.png", title=f"val_elbo (nats): mean ± sd over {len(seeds)} seed(s)"
+        )
     return result
 
 

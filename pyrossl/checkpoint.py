@@ -30,8 +30,16 @@ from pyrossl.registry import model_class, resolve
 # plugins say where the code of an entry or guide comes from; the model and guide names are compared.
 # Evaluation draws from its own random stream (pyrossl.scoring): how often and how much is evaluated
 # never changes what is trained, so those settings may change on resume too
-RUNTIME_KEYS = {"device", "threads", "train.progress", "train.eval_batch_size", "train.checkpoint_every", "plugins",
-                "train.eval_every", "train.iwae_samples"}
+RUNTIME_KEYS = {
+    "device",
+    "threads",
+    "train.progress",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+    "plugins",
+    "train.eval_every",
+    "train.iwae_samples",
+}
 
 #: what a torch or Python error reading a damaged state raises
 DAMAGED = (KeyError, RuntimeError, ValueError, TypeError, IndexError)
@@ -50,8 +58,14 @@ class Progress:
 
     @classmethod
     def from_counters(cls, counters: dict) -> Progress:
-        return cls(int(counters["epoch"]), int(counters["step"]), int(counters["skipped"]), float(counters["seconds"]),
-                   int(counters["best_epoch"]), float(counters["best_score"]))
+        return cls(
+            int(counters["epoch"]),
+            int(counters["step"]),
+            int(counters["skipped"]),
+            float(counters["seconds"]),
+            int(counters["best_epoch"]),
+            float(counters["best_score"]),
+        )
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -102,25 +116,38 @@ def check_progress(state: dict, epochs: int, path: Path) -> None:
     need(whole(c.get("epoch"), 0, epochs), f"counters.epoch is {c.get('epoch')!r}, not 0 .. {epochs}")
     need(whole(c.get("step"), 0), f"counters.step is {c.get('step')!r}, not a count")
     need(whole(c.get("skipped"), 0, c["step"]), f"counters.skipped is {c.get('skipped')!r}, not 0 .. {c['step']}")
-    need(whole(c.get("best_epoch"), 0, c["epoch"]), f"counters.best_epoch is {c.get('best_epoch')!r}, not 0 .. {c['epoch']}")
+    need(
+        whole(c.get("best_epoch"), 0, c["epoch"]),
+        f"counters.best_epoch is {c.get('best_epoch')!r}, not 0 .. {c['epoch']}",
+    )
     need(real(c.get("seconds")), f"counters.seconds is {c.get('seconds')!r}, not a duration")
     score = c.get("best_score")
-    need(isinstance(score, (int, float)) and not isinstance(score, bool) and not math.isnan(score),
-         f"counters.best_score is {score!r}, not a score")
+    need(
+        isinstance(score, (int, float)) and not isinstance(score, bool) and not math.isnan(score),
+        f"counters.best_score is {score!r}, not a score",
+    )
     partial = state.get("partial")
     if partial is None:
         return
     need(isinstance(partial, dict), "'partial' is not a table")
-    need(partial.get("epoch") == c["epoch"] + 1 <= epochs and whole(partial.get("epoch"), 1),
-         f"partial.epoch is {partial.get('epoch')!r}, not the epoch after counters.epoch ({c['epoch'] + 1})")
+    need(
+        partial.get("epoch") == c["epoch"] + 1 <= epochs and whole(partial.get("epoch"), 1),
+        f"partial.epoch is {partial.get('epoch')!r}, not the epoch after counters.epoch ({c['epoch'] + 1})",
+    )
     need(whole(partial.get("batch"), 1), f"partial.batch is {partial.get('batch')!r}, not a batch count")
     losses = partial.get("losses")
-    need(isinstance(losses, list) and len(losses) <= partial["batch"] and all(finite(v) for v in losses),
-         "partial.losses is not a list of at most partial.batch finite numbers")
+    need(
+        isinstance(losses, list) and len(losses) <= partial["batch"] and all(finite(v) for v in losses),
+        "partial.losses is not a list of at most partial.batch finite numbers",
+    )
     rng = partial.get("data_rng")
-    need(isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.Generator().get_state().shape,
-         "partial.data_rng is not the state of a torch generator")
-    need(real(partial.get("train_seconds")), f"partial.train_seconds is {partial.get('train_seconds')!r}, not a duration")
+    need(
+        isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.Generator().get_state().shape,
+        "partial.data_rng is not the state of a torch generator",
+    )
+    need(
+        real(partial.get("train_seconds")), f"partial.train_seconds is {partial.get('train_seconds')!r}, not a duration"
+    )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -188,11 +215,15 @@ class RunCheckpoints:
             set_rng_state(state["rng"], generator)
             progress = Progress.from_counters(state["counters"])
         except DAMAGED as exc:
-            raise CheckpointError(f"{self.path} does not match this model ({str(exc).strip().splitlines()[0]})") from None
+            raise CheckpointError(
+                f"{self.path} does not match this model ({str(exc).strip().splitlines()[0]})"
+            ) from None
         self.saved_epoch = progress.epoch
         # epochs after the checkpoint never happened, as far as the resumed run is concerned: their records
         # go when the first resumed epoch writes its own (a resume that fails before that changes no file)
-        self.records_kept = [r for r in runs.read_metrics(self.out) if r["epoch"] <= progress.epoch] if self.writer else None
+        self.records_kept = (
+            [r for r in runs.read_metrics(self.out) if r["epoch"] <= progress.epoch] if self.writer else None
+        )
         return progress, state.get("partial"), state.get("rng_ranks")
 
     def restore_process_rng(self, ranks: list | None, dist, generator: torch.Generator) -> bool:
@@ -203,18 +234,25 @@ class RunCheckpoints:
         try:
             set_rng_state(ranks[dist.rank], generator)
         except DAMAGED as exc:
-            raise CheckpointError(f"{self.path}: its random state of process {dist.rank} "
-                                  f"is damaged ({str(exc).strip().splitlines()[0]})") from None
+            raise CheckpointError(
+                f"{self.path}: its random state of process {dist.rank} is damaged ({str(exc).strip().splitlines()[0]})"
+            ) from None
         return True
 
-    def save(self, model, optimizer, generator: torch.Generator, progress: Progress, dist, partial: dict | None = None) -> None:
+    def save(
+        self, model, optimizer, generator: torch.Generator, progress: Progress, dist, partial: dict | None = None
+    ) -> None:
         """Write ``checkpoint.pt`` (``partial``: the position inside an unfinished epoch). Every process
         calls it: each one's random state is gathered for an exact resume; rank 0 writes."""
         ranks = distributed.gather_object(rng_state(generator)) if dist.active else None
         if not self.writer:
             return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
-                 "counters": asdict(progress)}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(generator),
+            "counters": asdict(progress),
+        }
         if partial is not None:
             state["partial"] = partial
         if ranks is not None:
@@ -251,8 +289,11 @@ class RunCheckpoints:
         """A failed write of any run file, in one line: what failed, the checkpoint that is kept, how to go on."""
         if not self.out.is_dir():
             return CheckpointError(f"{exc}: the run directory {self.out} was removed while it trained")
-        kept = "no checkpoint was written yet" if self.saved_epoch is None else \
-            f"the previous checkpoint is intact (epoch {self.saved_epoch})"
+        kept = (
+            "no checkpoint was written yet"
+            if self.saved_epoch is None
+            else f"the previous checkpoint is intact (epoch {self.saved_epoch})"
+        )
         fix = "free space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
         return CheckpointError(f"{exc}; {kept}: {fix}, then resume with pyrossl train --resume {self.out}")
 
@@ -265,6 +306,8 @@ class RunCheckpoints:
             where = f"the backend's trace is in {log}"
         except PyrosslError:
             where = "its trace could not be written"
-        return ProcessLost(f"process {dist.rank} of {dist.world_size} stopped: another process of the job "
-                           f"ended while this one waited on it ({where}); the last checkpoint is intact: "
-                           f"resume with pyrossl train --resume {self.out} --nproc {dist.world_size}")
+        return ProcessLost(
+            f"process {dist.rank} of {dist.world_size} stopped: another process of the job "
+            f"ended while this one waited on it ({where}); the last checkpoint is intact: "
+            f"resume with pyrossl train --resume {self.out} --nproc {dist.world_size}"
+        )

@@ -34,8 +34,14 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a recipe into a run directory")
     t.add_argument("recipe", nargs="?", help="TOML recipe (runs/*.toml); optional with --resume")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 --set guide=enum")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=5 --set guide=enum",
+    )
     t.add_argument("--out", help="run directory (default: outputs/<recipe>-seed<seed>)")
     t.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR")
     t.add_argument("--device", help="auto | cpu | cuda (overrides the recipe)")
@@ -43,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="CPU threads for torch")
     t.add_argument("--data-dir", help="folder holding the dataset's files (sets data.data_dir)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--nproc", type=int, metavar="N",
-                   help="train on N processes of this machine (data-parallel, torchrun); train.batch_size stays the global batch")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (data-parallel, torchrun); train.batch_size stays the global batch",
+    )
 
     e = sub.add_parser("eval", help="evaluate a run directory on its test set")
     e.add_argument("run", help="run directory")
@@ -52,18 +62,32 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--iwae", type=int, default=0, metavar="K", help="also estimate log p(x) with K importance samples")
     e.add_argument("--device", default="cpu")
 
-    a = sub.add_parser("ablate", help="train a recipe over guides, z-guides, config values and seeds; write a table and a figure")
+    a = sub.add_parser(
+        "ablate", help="train a recipe over guides, z-guides, config values and seeds; write a table and a figure"
+    )
     a.add_argument("recipe", help="TOML recipe")
     a.add_argument("--guides", default="", help="comma-separated guides, e.g. enum,gumbel")
     a.add_argument("--z-guides", default="", help="comma-separated guides of the code z, e.g. diag-normal,flow")
-    a.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a config key and its values, e.g. options.aux_weight=1,5 (repeatable: all combinations)")
+    a.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a config key and its values, e.g. options.aux_weight=1,5 (repeatable: all combinations)",
+    )
     a.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    a.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every run"
+    )
     a.add_argument("--out", help="folder of the runs and summaries (default: outputs/ablate-<recipe>)")
     a.add_argument("--device", help="auto | cpu | cuda")
-    a.add_argument("--iwae", type=int, default=100, metavar="K",
-                   help="importance samples of the held-out IWAE bound beside the guide's ELBO (default 100; 0: off)")
+    a.add_argument(
+        "--iwae",
+        type=int,
+        default=100,
+        metavar="K",
+        help="importance samples of the held-out IWAE bound beside the guide's ELBO (default 100; 0: off)",
+    )
 
     r = sub.add_parser("report", help="redraw a run's figures from its checkpoint and write figures/index.html")
     r.add_argument("run", help="run directory")
@@ -83,9 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--data-dir")
     info.add_argument("--path", help="the .npz file, for the npz dataset")
     for command in [t, e, a, r, sub.choices["list"], dl, info]:
-        command.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
-                             help="import a module or .py file that registers entries or guides (repeatable; "
-                                  "train and ablate record it in the run)")
+        command.add_argument(
+            "--plugin",
+            action="append",
+            default=[],
+            metavar="MODULE_OR_FILE",
+            help="import a module or .py file that registers entries or guides (repeatable; "
+            "train and ablate record it in the run)",
+        )
     return p
 
 
@@ -120,9 +149,15 @@ def cmd_train(args) -> int:
     try:
         summary = train(config, out, resume=bool(args.resume))
     except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the training loop
-        if not runs.is_run(out) or distributed.environment().active:  # nothing to resume yet; a job: its launcher says it
+        if (
+            not runs.is_run(out) or distributed.environment().active
+        ):  # nothing to resume yet; a job: its launcher says it
             raise
-        kept = f"the last checkpoint {out / runs.CHECKPOINT} is intact" if (out / runs.CHECKPOINT).exists() else "no checkpoint was written yet"
+        kept = (
+            f"the last checkpoint {out / runs.CHECKPOINT} is intact"
+            if (out / runs.CHECKPOINT).exists()
+            else "no checkpoint was written yet"
+        )
         raise TrainingInterrupted.by(signal_of(exc), f"; {kept}: resume with: pyrossl train --resume {out}") from None
     if distributed.environment().rank == 0:  # one summary per job, not one per process
         print(format_summary(summary))
@@ -172,21 +207,28 @@ def launch_processes(args, config, out: Path) -> int:
         child += ["--out", str(out)]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # the cores, shared
     os.environ[LAUNCHED] = "1"  # the processes leave the job's one line to this launcher
-    launcher = get_args_parser().parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(args.nproc),
-                                             "--module", "pyrossl", *child])
+    launcher = get_args_parser().parse_args(
+        ["--standalone", "--nnodes", "1", "--nproc-per-node", str(args.nproc), "--module", "pyrossl", *child]
+    )
     try:
         run(launcher)
     except SignalException as exc:  # Ctrl-C or SIGTERM to the launcher: torchrun has stopped every process
-        print(f"pyrossl: interrupted by {exc.sigval.name}; every process was stopped and the last checkpoint is intact: "
-              f"resume with pyrossl train --resume {out} --nproc {args.nproc}", file=sys.stderr)
+        print(
+            f"pyrossl: interrupted by {exc.sigval.name}; every process was stopped and the last checkpoint is intact: "
+            f"resume with pyrossl train --resume {out} --nproc {args.nproc}",
+            file=sys.stderr,
+        )
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = first_cause(exc.failures)
         if failure.exitcode == 2:  # bad input: rank 0 has said why
             return 2
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        print(f"pyrossl: error: process {rank} of {args.nproc} failed ({how}); the others were stopped and the last "
-              f"checkpoint is intact: resume with pyrossl train --resume {out} --nproc {args.nproc}", file=sys.stderr)
+        print(
+            f"pyrossl: error: process {rank} of {args.nproc} failed ({how}); the others were stopped and the last "
+            f"checkpoint is intact: resume with pyrossl train --resume {out} --nproc {args.nproc}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -197,7 +239,8 @@ def format_summary(summary: dict) -> str:
     keys = [k for k in best if k.startswith(("train_", "test_")) and isinstance(best[k], (int, float))]
     lines = [
         f"{summary['model']} / {summary['guide']} on {summary['dataset']} (seed {summary['seed']}): "
-        f"{summary['epochs']} epochs in {summary['seconds']:.1f} s, best epoch {summary['best_epoch']} by {summary['selection_metric']}",
+        f"{summary['epochs']} epochs in {summary['seconds']:.1f} s, best epoch {summary['best_epoch']} by "
+        f"{summary['selection_metric']}",
         "",
         "| metric | best epoch | last epoch |",
         "|---|---|---|",
@@ -254,10 +297,24 @@ def cmd_ablate(args) -> int:
 
         plugins = [*read_recipe(args.recipe).get("plugins", []), *args.plugin]
         overrides.append("plugins=[" + ", ".join(json.dumps(str(p)) for p in plugins) + "]")
-    result = ablate(args.recipe, out, guides=guides, seeds=_int_list(args.seeds, "--seeds"), vary=args.vary,
-                    overrides=overrides, device=args.device, z_guides=z_guides, iwae=args.iwae)
+    result = ablate(
+        args.recipe,
+        out,
+        guides=guides,
+        seeds=_int_list(args.seeds, "--seeds"),
+        vary=args.vary,
+        overrides=overrides,
+        device=args.device,
+        z_guides=z_guides,
+        iwae=args.iwae,
+    )
     print(result["table"])
-    written = [result["csv"], result["markdown"], result["figure"], *([result["elbo_figure"]] if "elbo_figure" in result else [])]
+    written = [
+        result["csv"],
+        result["markdown"],
+        result["figure"],
+        *([result["elbo_figure"]] if "elbo_figure" in result else []),
+    ]
     print(f"\nwrote {', '.join(map(str, written))}")
     return 0
 
@@ -297,12 +354,22 @@ def cmd_data(args) -> int:
     ds = load_dataset(args.name, data_dir=args.data_dir, **options)
     test = 0 if ds.test_index is None else ds.test_index.numel()
     names = ds.attributes if ds.multilabel else ds.classes
-    print(f"{ds.name}: {len(ds)} images of shape {tuple(ds.image_shape)} ({test} official test), "
-          f"{ds.num_classes} {'attributes' if ds.multilabel else 'classes'}: {', '.join(map(str, names))}; from {ds.source}")
+    print(
+        f"{ds.name}: {len(ds)} images of shape {tuple(ds.image_shape)} ({test} official test), "
+        f"{ds.num_classes} {'attributes' if ds.multilabel else 'classes'}: {', '.join(map(str, names))}; from "
+        f"{ds.source}"
+    )
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "ablate": cmd_ablate, "report": cmd_report, "list": cmd_list, "data": cmd_data}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "ablate": cmd_ablate,
+    "report": cmd_report,
+    "list": cmd_list,
+    "data": cmd_data,
+}
 
 
 def _raise_interrupted(signum, frame):
@@ -326,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"pyrossl: {exc}", file=sys.stderr)
         return exc.exit_code
-    except ProcessLost as exc:  # each surviving process says which one it is, unless --nproc's launcher speaks for the job
+    except (
+        ProcessLost
+    ) as exc:  # each surviving process says which one it is, unless --nproc's launcher speaks for the job
         if not os.environ.get(LAUNCHED):
             print(f"pyrossl: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
@@ -351,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)):
             raise
-        print("pyrossl: error: out of memory: lower train.batch_size, train.eval_batch_size or the network's sizes",
-              file=sys.stderr)
+        print(
+            "pyrossl: error: out of memory: lower train.batch_size, train.eval_batch_size or the network's sizes",
+            file=sys.stderr,
+        )
         return 2
     finally:
         if sigterm is not None:
@@ -366,7 +437,7 @@ def one_line(message: str, limit: int = 1500) -> str:
     if len(message) <= limit:
         return message
     cut = len(message) - limit
-    return f"{message[: limit * 2 // 3]} [... {cut} characters ...] {message[-(limit // 3):]}"
+    return f"{message[: limit * 2 // 3]} [... {cut} characters ...] {message[-(limit // 3) :]}"
 
 
 def console() -> int:

@@ -56,8 +56,14 @@ def option_rows(options_class) -> list[dict[str, str]]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         declared = (getattr(k, "__dataclass_fields__", {}).get(f.name) for k in options_class.__mro__)
         doc = next((d.metadata["doc"] for d in declared if d is not None and d.metadata.get("doc")), "")
-        rows.append({"name": f.name, "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
-                     "default": repr(default), "doc": doc})
+        rows.append(
+            {
+                "name": f.name,
+                "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+                "default": repr(default),
+                "doc": doc,
+            }
+        )
     return rows
 
 
@@ -89,18 +95,28 @@ def split_amount(key: str, value: float) -> int | float:
 class DataConfig:
     """Which dataset, and how it is split (see :func:`pyrossl.data.make_split`)."""
 
-    name: str = setting("digits", "digits | mnist5k | mnist | fashion-mnist | celeba | shapes | npz (pyrossl datasets lists them)")
+    name: str = setting(
+        "digits", "digits | mnist5k | mnist | fashion-mnist | celeba | shapes | npz (pyrossl datasets lists them)"
+    )
     data_dir: str | None = setting(None, "folder holding the dataset's files (mnist, fashion-mnist)")
     path: str | None = setting(None, "the .npz file of the ``npz`` dataset")
-    attributes: list[str] | None = setting(None, "celeba, shapes: which attributes (celeba default: the 18 of Joy et al. 2021)")
+    attributes: list[str] | None = setting(
+        None, "celeba, shapes: which attributes (celeba default: the 18 of Joy et al. 2021)"
+    )
     image_size: int | None = setting(None, "celeba, shapes: side of the square images (default 64, 32)")
-    num_examples: int | None = setting(None, "shapes: how many images to generate (default 24,000; a sixth is the test part)")
+    num_examples: int | None = setting(
+        None, "shapes: how many images to generate (default 24,000; a sixth is the test part)"
+    )
     max_per_part: int | None = setting(None, "celeba: at most this many images of each official partition")
     labels_per_class: int | None = setting(None, "None: every training example labelled; 0: none")
-    label_fraction: float | None = setting(None, "the labelled fraction of the training examples (instead of labels_per_class)")
+    label_fraction: float | None = setting(
+        None, "the labelled fraction of the training examples (instead of labels_per_class)"
+    )
     validation: float = setting(0.1, "a fraction (< 1) or a count (>= 1) held out for model selection")
     test: float = setting(0.2, "used only when the dataset has no official test set")
-    limit_per_class: int | None = setting(None, "at most this many examples of each class (a smaller dataset for quick runs)")
+    limit_per_class: int | None = setting(
+        None, "at most this many examples of each class (a smaller dataset for quick runs)"
+    )
     split_seed: int | None = setting(None, "the seed of the split alone; None: the run's seed")
     binarize: bool = setting(False, "dynamic binarisation: x ~ Bernoulli(pixel) afresh for every batch")
 
@@ -127,7 +143,9 @@ class TrainConfig:
     epochs: int = setting(10, "passes over the (unlabelled) training examples")
     batch_size: int = setting(128, "examples per step (unlabelled batch when the model uses labels)")
     labelled_batch_size: int | None = setting(None, "None: same as batch_size")
-    labelled_every: int = setting(1, "a labelled batch joins every n-th step (1: every step; Pyro's SS-VAE example: once per epoch)")
+    labelled_every: int = setting(
+        1, "a labelled batch joins every n-th step (1: every step; Pyro's SS-VAE example: once per epoch)"
+    )
     lr: float = setting(1e-3, "learning rate of the optimizer")
     optimizer: str = setting("adam", "adam | adamw | sgd")
     weight_decay: float = setting(0.0, "the optimizer's weight decay (adamw: decoupled)")
@@ -136,7 +154,9 @@ class TrainConfig:
     eval_every: int = setting(1, "evaluate (and select the best epoch) every n epochs, and after the last")
     checkpoint_every: int = setting(1, "write checkpoint.pt every n epochs, after every evaluation, and after the last")
     particles: int = setting(1, "samples of the latents per example and step in the ELBO (or the IWAE bound)")
-    objective: str = setting("elbo", "elbo | iwae (importance-weighted bound with `particles` samples; no enumerated sites)")
+    objective: str = setting(
+        "elbo", "elbo | iwae (importance-weighted bound with `particles` samples; no enumerated sites)"
+    )
     iwae_samples: int = setting(0, "k of the IWAE log-likelihood estimate at the end; 0 turns it off")
     progress: bool = setting(True, "show a progress bar per epoch")
     on_nonfinite: str = setting("stop", "stop | skip: what a non-finite loss or gradient does")
@@ -168,7 +188,9 @@ class TrainConfig:
 class Config:
     model: str = setting("vae", "the zoo entry to train (pyrossl models lists them)")
     guide: str | None = setting(None, "the entry's guide (pyrossl models lists them); None: the entry's default")
-    z_guide: str | None = setting(None, "the guide of the continuous code (diag-normal, lowrank-normal, flow); None: diag-normal")
+    z_guide: str | None = setting(
+        None, "the guide of the continuous code (diag-normal, lowrank-normal, flow); None: diag-normal"
+    )
     seed: int = setting(0, "seeds the parameters' initialisation, the batches and the split (unless data.split_seed)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     threads: int | None = setting(None, "CPU threads of torch; None: torch's default")
@@ -235,7 +257,7 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise ConfigError(f"'{key}' must be an integer, not {value!r}")
-        if not -2**63 <= value < 2**63:  # TOML's range; a float such as 1e30 is integral but no setting's size
+        if not -(2**63) <= value < 2**63:  # TOML's range; a float such as 1e30 is integral but no setting's size
             raise ConfigError(f"'{key}' = {value!r} is out of range")
         return int(value)
     if annotation is float:

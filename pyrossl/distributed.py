@@ -54,8 +54,9 @@ _joined = False  # whether this process ever joined a process group (see end_pro
 def environment() -> Context:
     """The process's place in the job, from the environment variables ``torchrun`` sets (none: one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return Context(rank=int(os.environ.get("RANK", "0")), world_size=world,
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return Context(
+        rank=int(os.environ.get("RANK", "0")), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def setup(device: torch.device) -> Context:
@@ -128,10 +129,15 @@ def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: 
     versions know only ``broadcast_buffers``.
     """
     accepted = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in accepted else {"broadcast_buffers": False}
+    no_buffer_sync = (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in accepted else {"broadcast_buffers": False}
+    )
     return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters, **no_buffer_sync)
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+        **no_buffer_sync,
+    )
 
 
 def is_writer() -> bool:
@@ -185,7 +191,9 @@ def broadcast_state(module: torch.nn.Module, source: int = 0) -> None:
     what a stage run once on rank 0 (a mixture fit) computed."""
     if not _context.active:
         return
-    state = broadcast_object({k: v.detach().cpu() for k, v in module.state_dict().items()} if _context.rank == source else None, source)
+    state = broadcast_object(
+        {k: v.detach().cpu() for k, v in module.state_dict().items()} if _context.rank == source else None, source
+    )
     if _context.rank != source:
         module.load_state_dict(state)
 

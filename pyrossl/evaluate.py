@@ -73,8 +73,7 @@ def _label_pair(a: ArrayLike, b: ArrayLike, names: tuple[str, str]) -> tuple[np.
     x, y = _labels(a, names[0]), _labels(b, names[1])
     if x.shape != y.shape:
         raise ValueError(
-            f"{names[0]} and {names[1]} must have the same length, got shapes "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
+            f"{names[0]} and {names[1]} must have the same length, got shapes {tuple(x.shape)} and {tuple(y.shape)}"
         )
     if x.size == 0:
         raise ValueError(f"{names[0]} and {names[1]} are empty: no examples to score")
@@ -119,9 +118,7 @@ def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int) -> np
     return counts.reshape(num_classes, num_classes).astype(np.int64)
 
 
-def cluster_mapping(
-    clusters: ArrayLike, target: ArrayLike, num_classes: int | None = None
-) -> dict[int, int]:
+def cluster_mapping(clusters: ArrayLike, target: ArrayLike, num_classes: int | None = None) -> dict[int, int]:
     """The one-to-one matching of clusters to classes that maximises the number of agreements.
 
     With the contingency table ``n[c, k] = #{clusters == c and target == k}`` over the clusters that
@@ -214,9 +211,7 @@ def ari(clusters: ArrayLike, target: ArrayLike) -> float:
     return float(adjusted_rand_score(t, c))
 
 
-def attribute_accuracy(
-    pred: ArrayLike, target: ArrayLike, threshold: float = 0.5
-) -> tuple[float, list[float]]:
+def attribute_accuracy(pred: ArrayLike, target: ArrayLike, threshold: float = 0.5) -> tuple[float, list[float]]:
     """Accuracy of each binary attribute and their mean, for multi-label predictions.
 
     ``pred`` holds probabilities or 0/1 values of shape ``[N, A]``; an attribute is predicted
@@ -228,9 +223,7 @@ def attribute_accuracy(
     if p.ndim != 2:
         raise ValueError(f"pred must have shape [N, A], got {tuple(p.shape)}")
     if p.shape != t.shape:
-        raise ValueError(
-            f"pred and target must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}"
-        )
+        raise ValueError(f"pred and target must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}")
     if p.shape[0] == 0 or p.shape[1] == 0:
         raise ValueError(f"pred and target are empty (shape {tuple(p.shape)}): nothing to score")
     if not np.all((t == 0) | (t == 1)):
@@ -239,9 +232,7 @@ def attribute_accuracy(
     return float(per_attribute.mean()), [float(a) for a in per_attribute]
 
 
-def classification_metrics(
-    pred: ArrayLike, target: ArrayLike, num_classes: int, prefix: str = ""
-) -> dict[str, Any]:
+def classification_metrics(pred: ArrayLike, target: ArrayLike, num_classes: int, prefix: str = "") -> dict[str, Any]:
     """``{prefix + "accuracy": float, prefix + "per_class_accuracy": list[float]}``."""
     return {
         f"{prefix}accuracy": accuracy(pred, target),
@@ -322,8 +313,10 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
 def reconstruction_bce_sum(decode, z: torch.Tensor, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """The Bernoulli cross-entropy of the images ``x`` under ``decode(z)`` (pixel probabilities), in nats
     summed over the images (a float64 scalar, for :meth:`pyrossl.zoo.ZooModel.evaluation_counts`)."""
-    total = sum(torch.nn.functional.binary_cross_entropy(decode(zb), xb, reduction="sum").item()
-                for zb, xb in zip(torch.split(z, batch_size), torch.split(x, batch_size)))
+    total = sum(
+        torch.nn.functional.binary_cross_entropy(decode(zb), xb, reduction="sum").item()
+        for zb, xb in zip(torch.split(z, batch_size), torch.split(x, batch_size))
+    )
     return torch.tensor(total, dtype=torch.float64)
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 #: kind -> the function of :mod:`pyrossl.plots` that draws it (called with ``path=`` and the figure's arguments)
 KINDS = {
-    "images": "save_image_grid",           # images [N, C, H, W], nrow, title, row_labels
+    "images": "save_image_grid",  # images [N, C, H, W], nrow, title, row_labels
     "reconstructions": "plot_reconstructions",  # x, x_rec: originals above their reconstructions
-    "confusion": "plot_confusion",         # cm [K, K] (rows: true class), classes
-    "latent": "plot_latent_pca",           # z [N, D], labels [N], classes, title, method ("pca" | "tsne")
-    "latent_pair": "plot_latent_pair",     # z_left, z_right, labels, classes, titles
+    "confusion": "plot_confusion",  # cm [K, K] (rows: true class), classes
+    "latent": "plot_latent_pca",  # z [N, D], labels [N], classes, title, method ("pca" | "tsne")
+    "latent_pair": "plot_latent_pair",  # z_left, z_right, labels, classes, titles
 }
 
 
@@ -38,10 +38,19 @@ class Figure:
             raise ValueError(f"a figure's name is a plain file stem, not {self.name!r}")
 
     @classmethod
-    def images(cls, name: str, images, nrow: int = 10, title: str | None = None,
-               row_labels: Sequence[str] | None = None) -> Figure:
-        return cls(name, "images", {"images": _cpu(images), "nrow": nrow, "title": title,
-                                    "row_labels": None if row_labels is None else [str(r) for r in row_labels]})
+    def images(
+        cls, name: str, images, nrow: int = 10, title: str | None = None, row_labels: Sequence[str] | None = None
+    ) -> Figure:
+        return cls(
+            name,
+            "images",
+            {
+                "images": _cpu(images),
+                "nrow": nrow,
+                "title": title,
+                "row_labels": None if row_labels is None else [str(r) for r in row_labels],
+            },
+        )
 
     @classmethod
     def reconstructions(cls, name: str, x, x_rec) -> Figure:
@@ -49,20 +58,47 @@ class Figure:
 
     @classmethod
     def confusion(cls, name: str, cm, classes: Sequence[str] | None) -> Figure:
-        return cls(name, "confusion", {"cm": _cpu(cm), "classes": None if classes is None else [str(c) for c in classes]})
+        return cls(
+            name, "confusion", {"cm": _cpu(cm), "classes": None if classes is None else [str(c) for c in classes]}
+        )
 
     @classmethod
-    def latent(cls, name: str, z, labels, classes: Sequence[str] | None = None, title: str | None = None,
-               method: str = "pca") -> Figure:
-        return cls(name, "latent", {"z": _cpu(z), "labels": _cpu(labels), "title": title, "method": method,
-                                    "classes": None if classes is None else [str(c) for c in classes]})
+    def latent(
+        cls, name: str, z, labels, classes: Sequence[str] | None = None, title: str | None = None, method: str = "pca"
+    ) -> Figure:
+        return cls(
+            name,
+            "latent",
+            {
+                "z": _cpu(z),
+                "labels": _cpu(labels),
+                "title": title,
+                "method": method,
+                "classes": None if classes is None else [str(c) for c in classes],
+            },
+        )
 
     @classmethod
-    def latent_pair(cls, name: str, z_left, z_right, labels, classes: Sequence[str] | None = None,
-                    titles: tuple[str, str] = ("before", "after")) -> Figure:
-        return cls(name, "latent_pair", {"z_left": _cpu(z_left), "z_right": _cpu(z_right), "labels": _cpu(labels),
-                                         "titles": tuple(titles),
-                                         "classes": None if classes is None else [str(c) for c in classes]})
+    def latent_pair(
+        cls,
+        name: str,
+        z_left,
+        z_right,
+        labels,
+        classes: Sequence[str] | None = None,
+        titles: tuple[str, str] = ("before", "after"),
+    ) -> Figure:
+        return cls(
+            name,
+            "latent_pair",
+            {
+                "z_left": _cpu(z_left),
+                "z_right": _cpu(z_right),
+                "labels": _cpu(labels),
+                "titles": tuple(titles),
+                "classes": None if classes is None else [str(c) for c in classes],
+            },
+        )
 
 
 def _cpu(value):

@@ -52,14 +52,18 @@ class RunLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise CheckpointError(f"{path} is a symbolic link: a run directory's files are never written through one") from None
+                raise CheckpointError(
+                    f"{path} is a symbolic link: a run directory's files are never written through one"
+                ) from None
             raise CheckpointError(f"cannot lock {self.folder}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise CheckpointError(f"{self.folder} is in use by {holder}: wait for it to end, or choose another --out") from None
+            raise CheckpointError(
+                f"{self.folder} is in use by {holder}: wait for it to end, or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         since = time.strftime("%Y-%m-%d %H:%M:%S")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({self.what}, since {since})\n".encode(), 0)
@@ -200,5 +204,3 @@ def atomic_save(obj, path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
-
-

@@ -29,8 +29,12 @@ class StopRequest:
             raise Interrupted(signum)
         self.signum = signum
         again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
-        print(f"\npyrossl: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "
-              f"({again} again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\npyrossl: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+            f"({again} again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @contextlib.contextmanager
     def catching(self, enabled: bool = True):
@@ -50,5 +54,7 @@ class StopRequest:
     def error(self, where: str, checkpoint, out) -> TrainingInterrupted:
         """The one line training ends with when it honoured the request: where it stopped, the
         checkpoint written, the resume command."""
-        return TrainingInterrupted.by(self.signum or signal.SIGINT,
-                                      f" {where}; checkpoint written to {checkpoint}; resume with: pyrossl train --resume {out}")
+        return TrainingInterrupted.by(
+            self.signum or signal.SIGINT,
+            f" {where}; checkpoint written to {checkpoint}; resume with: pyrossl train --resume {out}",
+        )

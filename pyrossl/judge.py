@@ -37,8 +37,10 @@ class LogisticJudge:
         features = x.flatten(1).cpu().numpy()
         targets = y.cpu().numpy()
         columns = [targets[:, i] for i in range(targets.shape[1])] if self.multilabel else [targets]
-        self.models = [LogisticRegression(max_iter=self.max_iter, C=self.C, random_state=seed).fit(features, t.astype(np.int64))
-                       for t in columns]
+        self.models = [
+            LogisticRegression(max_iter=self.max_iter, C=self.C, random_state=seed).fit(features, t.astype(np.int64))
+            for t in columns
+        ]
         return self
 
     @torch.no_grad()
@@ -49,20 +51,27 @@ class LogisticJudge:
 
 
 class ConvJudge(nn.Module):
-    """Two strided convolutions, a third whose features are max-pooled over the image (is a corner anywhere?), and a linear read-out."""
+    """Two strided convolutions, a third whose features are max-pooled over the image (is a corner
+    anywhere?), and a linear read-out."""
 
     def __init__(self, channels: int, outputs: int, multilabel: bool, width: int = 32):
         super().__init__()
         self.multilabel = multilabel
         self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(2 * width, outputs),
+            nn.Conv2d(channels, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, outputs),
         )
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0, epochs: int = 5, batch_size: int = 128,
-            lr: float = 2e-3) -> ConvJudge:
+    def fit(
+        self, x: torch.Tensor, y: torch.Tensor, seed: int = 0, epochs: int = 5, batch_size: int = 128, lr: float = 2e-3
+    ) -> ConvJudge:
         generator = torch.Generator().manual_seed(seed)
         optimiser = torch.optim.Adam(self.parameters(), lr=lr)
         loss_fn = nn.BCEWithLogitsLoss() if self.multilabel else nn.CrossEntropyLoss()

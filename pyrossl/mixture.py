@@ -54,8 +54,17 @@ class MixtureStack(nn.Module):
     A mixture fitted on fewer points than ``n_components`` keeps the extra components with weight 0.
     """
 
-    def __init__(self, num_mixtures: int, dim: int, n_components: int = 6, covariance_type: str = "full",
-                 reg_covar: float = 1e-4, n_init: int = 1, max_iter: int = 200, seed: int = 0):
+    def __init__(
+        self,
+        num_mixtures: int,
+        dim: int,
+        n_components: int = 6,
+        covariance_type: str = "full",
+        reg_covar: float = 1e-4,
+        n_init: int = 1,
+        max_iter: int = 200,
+        seed: int = 0,
+    ):
         super().__init__()
         check_mixture_options(n_components, covariance_type, reg_covar)
         self.covariance_type, self.reg_covar = covariance_type, reg_covar
@@ -85,8 +94,14 @@ class MixtureStack(nn.Module):
             if x.shape[0] < 2:
                 raise ConfigError(f"mixture {i} has {x.shape[0]} point(s) to fit: it needs at least 2")
             k = min(m, x.shape[0])
-            gm = GaussianMixture(k, covariance_type=self.covariance_type, reg_covar=self.reg_covar,
-                                 n_init=self.n_init, max_iter=self.max_iter, random_state=self.seed + i)
+            gm = GaussianMixture(
+                k,
+                covariance_type=self.covariance_type,
+                reg_covar=self.reg_covar,
+                n_init=self.n_init,
+                max_iter=self.max_iter,
+                random_state=self.seed + i,
+            )
             gm.fit(x)
             log_w[i, :k] = torch.from_numpy(np.log(gm.weights_))
             means[i, :k] = torch.from_numpy(gm.means_)
@@ -100,7 +115,9 @@ class MixtureStack(nn.Module):
 
     def components(self) -> torch.distributions.MultivariateNormal:
         """The components as one batched distribution of batch shape [C, M]."""
-        return torch.distributions.MultivariateNormal(self.means, covariance_matrix=self.covariances, validate_args=False)
+        return torch.distributions.MultivariateNormal(
+            self.means, covariance_matrix=self.covariances, validate_args=False
+        )
 
     def log_component_densities(self, x: torch.Tensor) -> torch.Tensor:
         """log w_cm + log N(x | mu_cm, Sigma_cm) for every point, mixture and component: [n, C, M]."""
@@ -114,7 +131,9 @@ class MixtureStack(nn.Module):
         """p(component | x) within one mixture: [n, M]."""
         return self.log_component_densities(x)[:, mixture].softmax(-1)
 
-    def sample(self, n: int, mixture: int, component: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, mixture: int, component: int | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``n`` points from one mixture (or from one of its components): [n, d]."""
         comps = self.components()
         loc, tril = comps.loc[mixture], comps.scale_tril[mixture]
@@ -136,8 +155,17 @@ class GaussianMixtureClassifier(nn.Module):
     falls below; a point under it belongs to none of the classes.
     """
 
-    def __init__(self, num_classes: int, dim: int, n_components: int = 6, covariance_type: str = "full",
-                 reg_covar: float = 1e-4, n_init: int = 1, novelty_quantile: float = 0.01, seed: int = 0):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        n_components: int = 6,
+        covariance_type: str = "full",
+        reg_covar: float = 1e-4,
+        n_init: int = 1,
+        novelty_quantile: float = 0.01,
+        seed: int = 0,
+    ):
         super().__init__()
         if not 0 <= novelty_quantile < 1:
             raise ConfigError(f"novelty_quantile must be in [0, 1), not {novelty_quantile}")
@@ -156,11 +184,15 @@ class GaussianMixtureClassifier(nn.Module):
         counts = torch.bincount(y, minlength=self.num_classes)
         missing = (counts < 2).nonzero().flatten().tolist()
         if missing:
-            raise ConfigError(f"every class needs at least 2 labelled examples to fit its mixture; class(es) {missing} have fewer")
+            raise ConfigError(
+                f"every class needs at least 2 labelled examples to fit its mixture; class(es) {missing} have fewer"
+            )
         self.mixtures.fit([x[y == c] for c in range(self.num_classes)])
         self.log_prior.copy_((counts.double() / counts.sum()).log().to(self.log_prior))
         scores = self.score_samples(x)
-        self.threshold.fill_(torch.quantile(scores.double(), self.novelty_quantile).item() if self.novelty_quantile else -math.inf)
+        self.threshold.fill_(
+            torch.quantile(scores.double(), self.novelty_quantile).item() if self.novelty_quantile else -math.inf
+        )
         return self
 
     def joint_log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +214,8 @@ class GaussianMixtureClassifier(nn.Module):
         return self.score_samples(x) < self.threshold
 
     def sample(self, n: int, y: int | torch.Tensor | None = None, generator: torch.Generator | None = None):
-        """``n`` points and their classes: of class ``y`` (an int, or one class per point), or of classes drawn from p(c)."""
+        """``n`` points and their classes: of class ``y`` (an int, or one class per point), or of classes
+        drawn from p(c)."""
         device = self.log_prior.device
         if y is None:
             y = torch.multinomial(self.log_prior.exp().cpu(), n, replacement=True, generator=generator)
@@ -211,8 +244,17 @@ class PyroGaussianMixture(nn.Module):
     log p(z) = log sum_c p(c) p(z|c). Parameters are buffers: a fitted mixture is a ``state_dict``.
     """
 
-    def __init__(self, n_components: int, dim: int, reg_covar: float = 1e-6, max_iter: int = 200, tol: float = 1e-4,
-                 n_init: int = 1, seed: int = 0, covariance_type: str = "full"):
+    def __init__(
+        self,
+        n_components: int,
+        dim: int,
+        reg_covar: float = 1e-6,
+        max_iter: int = 200,
+        tol: float = 1e-4,
+        n_init: int = 1,
+        seed: int = 0,
+        covariance_type: str = "full",
+    ):
         super().__init__()
         check_mixture_options(n_components, covariance_type, reg_covar)
         if covariance_type not in ("full", "diag"):

@@ -70,10 +70,13 @@ class ConvEncoder(nn.Module):
         c, h, w = image_shape
         check_conv_shape(image_shape)
         self.net = nn.Sequential(
-            nn.Conv2d(c, 32, 4, 2, 1), activation(act),
-            nn.Conv2d(32, 64, 4, 2, 1), activation(act),
+            nn.Conv2d(c, 32, 4, 2, 1),
+            activation(act),
+            nn.Conv2d(32, 64, 4, 2, 1),
+            activation(act),
             nn.Flatten(),
-            nn.Linear(64 * (h // 4) * (w // 4), hidden), activation(act),
+            nn.Linear(64 * (h // 4) * (w // 4), hidden),
+            activation(act),
             nn.Linear(hidden, out_features),
         )
 
@@ -105,11 +108,14 @@ class ConvDecoder(nn.Module):
         check_conv_shape(image_shape)
         self.shape = (64, h // 4, w // 4)
         self.dense = nn.Sequential(
-            nn.Linear(in_features, hidden), activation(act),
-            nn.Linear(hidden, math.prod(self.shape)), activation(act),
+            nn.Linear(in_features, hidden),
+            activation(act),
+            nn.Linear(hidden, math.prod(self.shape)),
+            activation(act),
         )
         self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(64, 32, 4, 2, 1), activation(act),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1),
+            activation(act),
             nn.ConvTranspose2d(32, c, 4, 2, 1),
         )
 
@@ -164,5 +170,5 @@ def check_conv_shape(image_shape: Sequence[int]) -> None:
     if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4 or image_shape[1] < 8:
         raise ConfigError(
             f"the convolutional network needs images of at least 8x8 with height and width divisible by 4, "
-            f"not {'x'.join(map(str, image_shape))}: use options.net = \"mlp\""
+            f'not {"x".join(map(str, image_shape))}: use options.net = "mlp"'
         )

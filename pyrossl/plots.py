@@ -50,10 +50,7 @@ def _images(images: ArrayLike, name: str = "images") -> np.ndarray:
     if a.ndim == 3:
         a = a[:, None]
     if a.ndim != 4 or a.shape[1] not in (1, 3):
-        raise ValueError(
-            f"{name} must have shape [N, C, H, W] with C = 1 or 3 (or [N, H, W]), "
-            f"got {tuple(a.shape)}"
-        )
+        raise ValueError(f"{name} must have shape [N, C, H, W] with C = 1 or 3 (or [N, H, W]), got {tuple(a.shape)}")
     if a.shape[0] == 0:
         raise ValueError(f"{name} is empty: no images to draw")
     return a
@@ -94,9 +91,7 @@ def image_grid(images: ArrayLike, nrow: int, padding: int = 1, pad_value: float 
     n, c, h, w = a.shape
     cols = min(nrow, n)
     rows = math.ceil(n / cols)
-    grid = np.full(
-        (c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, dtype=a.dtype
-    )
+    grid = np.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, dtype=a.dtype)
     for i in range(n):
         top = padding + (i // cols) * (h + padding)
         left = padding + (i % cols) * (w + padding)
@@ -195,17 +190,14 @@ def plot_curves(
         ax.legend()
         ax.grid(alpha=0.3)
     else:
-        ax.text(0.5, 0.5, f"no values for {', '.join(keys)}", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no values for {', '.join(keys)}", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(xkey)
     if title:
         ax.set_title(title)
     return _save(fig, path)
 
 
-def plot_confusion(
-    cm: ArrayLike, classes: Sequence[str] | None, path: PathLike, normalize: bool = True
-) -> Path:
+def plot_confusion(cm: ArrayLike, classes: Sequence[str] | None, path: PathLike, normalize: bool = True) -> Path:
     """Heat map of a confusion matrix (rows: true class, columns: predicted class).
 
     With ``normalize`` each row is divided by its total, ``cm[i, j] / sum_j cm[i, j]``, and cells
@@ -234,8 +226,7 @@ def plot_confusion(
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     bar.set_label("fraction of the true class" if normalize else "examples")
     long_names = max(map(len, names)) > 3
-    ax.set_xticks(range(k), names, rotation=45 if long_names else 0,
-                  ha="right" if long_names else "center")
+    ax.set_xticks(range(k), names, rotation=45 if long_names else 0, ha="right" if long_names else "center")
     ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
@@ -293,9 +284,7 @@ def plot_latent_pca(
     if codes.ndim != 2 or codes.shape[1] < 2:
         raise ValueError(f"z must have shape [N, D] with D >= 2, got {tuple(codes.shape)}")
     if y.ndim != 1 or y.shape[0] != codes.shape[0]:
-        raise ValueError(
-            f"labels must have shape [N] matching z's N = {codes.shape[0]}, got {tuple(y.shape)}"
-        )
+        raise ValueError(f"labels must have shape [N] matching z's N = {codes.shape[0]}, got {tuple(y.shape)}")
     if ax is None and path is None:
         raise ValueError("plot_latent_pca needs a path to save to when no ax is given")
     if method not in ("pca", "tsne"):
@@ -313,8 +302,7 @@ def plot_latent_pca(
         name = str(value)
         if classes is not None and 0 <= int(value) < len(classes):
             name = str(classes[int(value)])
-        ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.7, color=cmap(index % cmap.N),
-                   label=name)
+        ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.7, color=cmap(index % cmap.N), label=name)
     ax.legend(markerscale=2, fontsize=7, loc="best")
     if method == "tsne":
         ax.set_xlabel("t-SNE 1")
@@ -363,14 +351,12 @@ def plot_reconstructions(x: ArrayLike, x_rec: ArrayLike, path: PathLike, n: int 
     rec = to_numpy(x_rec).astype(np.float64, copy=False)
     if rec.shape[0] != originals.shape[0]:
         raise ValueError(
-            f"x and x_rec must hold the same number of images, "
-            f"got {originals.shape[0]} and {rec.shape[0]}"
+            f"x and x_rec must hold the same number of images, got {originals.shape[0]} and {rec.shape[0]}"
         )
     if rec.shape[1:] != originals.shape[1:]:
         if rec[0].size != originals[0].size:
             raise ValueError(
-                f"x_rec has shape {tuple(rec.shape)}, which does not fit x's images "
-                f"{tuple(originals.shape[1:])}"
+                f"x_rec has shape {tuple(rec.shape)}, which does not fit x's images {tuple(originals.shape[1:])}"
             )
         rec = rec.reshape(originals.shape)
     if n < 1:
@@ -431,8 +417,11 @@ def plot_kl_per_unit(records: Sequence[Mapping[str, Any]], prefix: str, path: Pa
 
     A unit whose KL stays near zero carries no information about x (posterior collapse of that unit).
     """
-    rows = [(r.get(xkey, i), r[prefix + "kl_per_unit"]) for i, r in enumerate(records)
-            if isinstance(r.get(prefix + "kl_per_unit"), list) and r[prefix + "kl_per_unit"]]
+    rows = [
+        (r.get(xkey, i), r[prefix + "kl_per_unit"])
+        for i, r in enumerate(records)
+        if isinstance(r.get(prefix + "kl_per_unit"), list) and r[prefix + "kl_per_unit"]
+    ]
     fig = _new_figure(11.0, 4.0)
     ax, ax_active = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     if rows:
@@ -441,16 +430,30 @@ def plot_kl_per_unit(records: Sequence[Mapping[str, Any]], prefix: str, path: Pa
         order = np.argsort(-kl[-1])
         colours = colormaps["viridis"]
         for rank, u in enumerate(order):
-            ax.plot(xs, kl[:, u], color=colours(rank / max(1, len(order) - 1)), linewidth=1,
-                    marker="o" if len(xs) < 30 else None, markersize=2)
+            ax.plot(
+                xs,
+                kl[:, u],
+                color=colours(rank / max(1, len(order) - 1)),
+                linewidth=1,
+                marker="o" if len(xs) < 30 else None,
+                markersize=2,
+            )
         ax.set_yscale("symlog", linthresh=0.01)
-        ax.set_title(f"KL of each of the {kl.shape[1]} units, {'training' if prefix == 'train_' else 'validation'} images")
+        ax.set_title(
+            f"KL of each of the {kl.shape[1]} units, {'training' if prefix == 'train_' else 'validation'} images"
+        )
         ax.set_ylabel("nats per image")
         ax.grid(alpha=0.3)
     else:
         ax.text(0.5, 0.5, f"no values of {prefix}kl_per_unit", ha="center", va="center", transform=ax.transAxes)
-    active = [(x, v) for x, v in ((_finite_number(r.get(xkey, i)), _finite_number(r.get(prefix + "active_units")))
-                                  for i, r in enumerate(records)) if x is not None and v is not None]
+    active = [
+        (x, v)
+        for x, v in (
+            (_finite_number(r.get(xkey, i)), _finite_number(r.get(prefix + "active_units")))
+            for i, r in enumerate(records)
+        )
+        if x is not None and v is not None
+    ]
     if active:
         ax_active.plot(*zip(*active), marker="o" if len(active) < 30 else None, markersize=3)
         ax_active.set_ylim(0, (len(rows[-1][1]) if rows else max(v for _, v in active)) + 0.5)

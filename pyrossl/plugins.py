@@ -82,7 +82,9 @@ def load_plugin(name: str):
         raise ConfigError(f"plugin '{key}' failed on import: {type(exc).__name__}: {exc}") from None
     except Exception as exc:  # the plugin's own error, said in one line with its name
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError(f"plugin '{key}' failed on import: {type(exc).__name__}{': ' + first if first else ''}") from None
+        raise ConfigError(
+            f"plugin '{key}' failed on import: {type(exc).__name__}{': ' + first if first else ''}"
+        ) from None
     _loaded[key] = module
     return module
 
@@ -98,8 +100,10 @@ def load_entry_points() -> list[str]:
         try:
             entry_point.load()
         except Exception as exc:
-            raise ConfigError(f"plugin entry point '{entry_point.name}' ({entry_point.value}) failed on import: "
-                              f"{type(exc).__name__}: {exc}") from None
+            raise ConfigError(
+                f"plugin entry point '{entry_point.name}' ({entry_point.value}) failed on import: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         names.append(entry_point.name)
     return names
 

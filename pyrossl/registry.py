@@ -61,8 +61,10 @@ def resolve_guide(cls: type[ZooModel], guide: str | None) -> str:
     guide = cls.guide_aliases.get(guide, guide)
     if guide not in cls.guides:
         if guide in cls.z_guides:
-            raise ConfigError(f"guide '{guide}' does not fit model '{cls.name}': it is a guide of the code z, "
-                              f"chosen with z_guide = \"{guide}\" (guides: {', '.join(cls.guides)})")
+            raise ConfigError(
+                f"guide '{guide}' does not fit model '{cls.name}': it is a guide of the code z, "
+                f'chosen with z_guide = "{guide}" (guides: {", ".join(cls.guides)})'
+            )
         raise ConfigError(f"guide '{guide}' does not fit model '{cls.name}'{suggest(guide, list(cls.guides))}")
     return guide
 
@@ -73,8 +75,10 @@ def resolve_z_guide(cls: type[ZooModel], z_guide: str | None) -> str | None:
         return next(iter(cls.z_guides), None)
     if z_guide not in cls.z_guides:
         if not cls.z_guides:
-            raise ConfigError(f"z_guide '{z_guide}' does not fit model '{cls.name}': it has no Gaussian code "
-                              f"(models with one: {', '.join(n for n, c in MODELS.items() if c.z_guides)})")
+            raise ConfigError(
+                f"z_guide '{z_guide}' does not fit model '{cls.name}': it has no Gaussian code "
+                f"(models with one: {', '.join(n for n, c in MODELS.items() if c.z_guides)})"
+            )
         raise ConfigError(f"z_guide '{z_guide}' does not fit model '{cls.name}'{suggest(z_guide, list(cls.z_guides))}")
     return z_guide
 
@@ -113,5 +117,7 @@ def resolve(config: Config) -> Config:
     cls.check_objective(guide, z_guide, objective_of(config))
     # data files by absolute path too: eval, report or a resume from another folder read the same files
     d = config.data
-    data = replace(d, **{k: str(Path(v).expanduser().absolute()) for k, v in (("data_dir", d.data_dir), ("path", d.path)) if v})
+    data = replace(
+        d, **{k: str(Path(v).expanduser().absolute()) for k, v in (("data_dir", d.data_dir), ("path", d.path)) if v}
+    )
     return replace(config, guide=guide, z_guide=z_guide, options=cls.options_dict(options), plugins=plugins, data=data)

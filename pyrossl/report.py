@@ -28,8 +28,16 @@ def figure_part(split, evaluate_on_train: bool) -> str:
     return "train"
 
 
-def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.Tensor, folder: str | Path,
-                 seed: int = 0, outputs: dict | None = None) -> list[Path]:
+def draw_figures(
+    model,
+    dataset,
+    records: list[dict],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    folder: str | Path,
+    seed: int = 0,
+    outputs: dict | None = None,
+) -> list[Path]:
     """Learning curves, the latent space coloured by class, and the model's own figures, into ``folder``.
 
     The images are a seeded sample of at most 2,000 of the part ``x``, stratified over its classes and
@@ -39,9 +47,17 @@ def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.
     """
     folder = Path(folder)
     paths = []
-    keys = sorted({k for r in records for k, v in r.items()
-                   if k.startswith(("train_", "val_", "test_")) and k != "train_seconds" and isinstance(v, (int, float))
-                   and not k.endswith("active_units")})  # a count, drawn with the KL per unit
+    keys = sorted(
+        {
+            k
+            for r in records
+            for k, v in r.items()
+            if k.startswith(("train_", "val_", "test_"))
+            and k != "train_seconds"
+            and isinstance(v, (int, float))
+            and not k.endswith("active_units")
+        }
+    )  # a count, drawn with the KL per unit
     if records:
         paths.append(plots.plot_curves(records, ["loss"], folder / "loss.png", title="training loss"))
         if keys:
@@ -57,8 +73,15 @@ def draw_figures(model, dataset, records: list[dict], x: torch.Tensor, y: torch.
     except NotImplementedError:
         z = None
     if z is not None and not dataset.multilabel:
-        paths.append(plots.plot_latent_pca(z.cpu(), y.cpu(), folder / "latent_pca.png", classes=dataset.classes,
-                                           title=f"{model.latent_title}, {dataset.name}"))
+        paths.append(
+            plots.plot_latent_pca(
+                z.cpu(),
+                y.cpu(),
+                folder / "latent_pca.png",
+                classes=dataset.classes,
+                title=f"{model.latent_title}, {dataset.name}",
+            )
+        )
     paths += [draw(figure, folder) for figure in model.figures(x, y, outputs or {})]
     return [Path(p) for p in paths]
 
@@ -80,12 +103,32 @@ def write_index(run_dir: str | Path, figures: list[Path]) -> Path:
     folder = run_dir / runs.FIGURES
     summary = runs.read_summary(run_dir)
     best, last = summary.get("best", {}), summary.get("last", {})
-    rows = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{_cell(best[k])}</td><td>{_cell(last.get(k, ''))}</td></tr>"
-                     for k in best if isinstance(best[k], (int, float)))
-    head = {k: summary[k] for k in ("model", "guide", "z_guide", "dataset", "seed", "epochs", "best_epoch", "selection_metric", "seconds", "device")
-            if k in summary}
-    images = "\n".join(f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">'
-                       f"<figcaption>{html.escape(p.name)}</figcaption></figure>" for p in figures)
+    rows = "\n".join(
+        f"<tr><td>{html.escape(k)}</td><td>{_cell(best[k])}</td><td>{_cell(last.get(k, ''))}</td></tr>"
+        for k in best
+        if isinstance(best[k], (int, float))
+    )
+    head = {
+        k: summary[k]
+        for k in (
+            "model",
+            "guide",
+            "z_guide",
+            "dataset",
+            "seed",
+            "epochs",
+            "best_epoch",
+            "selection_metric",
+            "seconds",
+            "device",
+        )
+        if k in summary
+    }
+    images = "\n".join(
+        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">'
+        f"<figcaption>{html.escape(p.name)}</figcaption></figure>"
+        for p in figures
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -124,5 +167,7 @@ def draw_run(run_dir: str | Path, model, dataset, split, tensors, seed: int) -> 
     run_dir = Path(run_dir)
     outputs = runs.read_outputs(run_dir, model)
     x, y = tensors(figure_part(split, model.evaluate_on_train))
-    figures = draw_figures(model, dataset, runs.read_metrics(run_dir), x, y, run_dir / runs.FIGURES, seed=seed, outputs=outputs)
+    figures = draw_figures(
+        model, dataset, runs.read_metrics(run_dir), x, y, run_dir / runs.FIGURES, seed=seed, outputs=outputs
+    )
     return write_index(run_dir, figures), figures

@@ -51,7 +51,8 @@ class Run:
         return read_outputs(self.path, self.model)
 
     def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) of one part of the split: labelled, unlabelled, validation, test, or train (labelled and unlabelled)."""
+        """(x, y) of one part of the split: labelled, unlabelled, validation, test, or train (labelled and
+        unlabelled)."""
         if part == "train":
             index = torch.cat([self.split.unlabelled, self.split.labelled])
         else:
@@ -109,8 +110,12 @@ class Run:
         from pyrossl.infer.predictive import guided_predictive_model
 
         entry = self.model
-        return Predictive(guided_predictive_model(entry.model, entry.guide, resample), num_samples=num_samples,
-                          return_sites=return_sites, parallel=parallel)
+        return Predictive(
+            guided_predictive_model(entry.model, entry.guide, resample),
+            num_samples=num_samples,
+            return_sites=return_sites,
+            parallel=parallel,
+        )
 
 
 def load_run(path: str | Path, which: str = "best", device: str = "cpu") -> Run:

@@ -51,6 +51,8 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 FIGURES = "figures"
+
+
 def child(folder: Path, name: str) -> Path:
     """``folder / name`` where ``name`` comes from user input (a config value, a variant label): it
     must be one plain entry of ``folder``, so nothing is ever written outside it."""
@@ -101,8 +103,13 @@ class _Census(pickle.Unpickler):
         with warnings.catch_warnings():  # (the legacy storage classes torch.save names warn when touched)
             warnings.simplefilter("ignore")
             dtype = getattr(pid[1], "dtype", None) if isinstance(pid, tuple) and len(pid) == 5 else None
-        if not (isinstance(dtype, torch.dtype) and pid[0] == "storage" and isinstance(pid[2], str)
-                and isinstance(pid[4], int) and pid[4] >= 0):
+        if not (
+            isinstance(dtype, torch.dtype)
+            and pid[0] == "storage"
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+            and pid[4] >= 0
+        ):
             raise pickle.UnpicklingError(f"a storage record of another form ({str(pid)[:80]})")
         key, numel, itemsize = pid[2], pid[4], dtype.itemsize
         self.storages[key] = (numel, itemsize)
@@ -144,7 +151,11 @@ def census(path: Path) -> None:
             if pickles[0].file_size > MAX_PICKLE_BYTES:
                 raise refuse(f"its data.pkl of {pickles[0].file_size} bytes is larger than any checkpoint's")
             folder = pickles[0].filename[: -len("data.pkl")]
-            records = {i.filename[len(folder) + len("data/"):]: i.file_size for i in infos if i.filename.startswith(folder + "data/")}
+            records = {
+                i.filename[len(folder) + len("data/") :]: i.file_size
+                for i in infos
+                if i.filename.startswith(folder + "data/")
+            }
             census = _Census(io.BytesIO(archive.read(pickles[0])))
             census.load()
     except CheckpointError:
@@ -161,13 +172,22 @@ def census(path: Path) -> None:
         if key not in records or numel * itemsize > records[key]:
             raise refuse(f"storage {key} declares {numel * itemsize} bytes, its record holds {records.get(key, 0)}")
     for storage, offset, size, stride in census.views:
-        if not (isinstance(storage, str) and storage in census.storages and isinstance(offset, int) and offset >= 0
-                and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
-                and all(isinstance(n, int) and n >= 0 for n in (*size, *stride))):
+        if not (
+            isinstance(storage, str)
+            and storage in census.storages
+            and isinstance(offset, int)
+            and offset >= 0
+            and isinstance(size, tuple)
+            and isinstance(stride, tuple)
+            and len(size) == len(stride)
+            and all(isinstance(n, int) and n >= 0 for n in (*size, *stride))
+        ):
             raise refuse("a tensor record of another form")
         if 0 not in size and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= census.storages[storage][0]:
-            raise refuse(f"a tensor of shape {list(size)} views more elements than its storage {storage} holds "
-                         f"({census.storages[storage][0]})")
+            raise refuse(
+                f"a tensor of shape {list(size)} views more elements than its storage {storage} holds "
+                f"({census.storages[storage][0]})"
+            )
 
 
 def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) -> dict:
@@ -193,7 +213,9 @@ def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) 
         raise CheckpointError(f"{path} is not a pyrossl checkpoint (no {', '.join(repr(k) for k in missing)})")
     if "model" in state:
         params = state["model"]
-        if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items()):
+        if not isinstance(params, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items()
+        ):
             raise CheckpointError(f"{path}: its 'model' entry is not a dict of named tensors")
         # (infinities can be legitimate: the log-weight of an empty mixture component is -inf)
         bad = next((k for k, v in params.items() if v.is_floating_point() and torch.isnan(v).any()), None)
@@ -214,12 +236,18 @@ def load_parameters(model: torch.nn.Module, path: Path, map_location="cpu", stat
     missing, unexpected = [k for k in own if k not in theirs], [k for k in theirs if k not in own]
     reshaped = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
     if missing or unexpected or reshaped:  # torch's own message is a page; its first line names nothing
-        faults = [f"{len(missing)} of this model's tensors missing (first: {missing[0]})" if missing else "",
-                  f"{len(unexpected)} it does not have (first: {unexpected[0]})" if unexpected else "",
-                  f"{len(reshaped)} of another shape (first: {reshaped[0]}, {list(theirs[reshaped[0]].shape)} in the file, "
-                  f"{list(own[reshaped[0]].shape)} here)" if reshaped else ""]
-        raise CheckpointError(f"{path} does not match this {type(model).__name__}: {'; '.join(f for f in faults if f)} "
-                              f"(a checkpoint of another model, guide or options?)")
+        faults = [
+            f"{len(missing)} of this model's tensors missing (first: {missing[0]})" if missing else "",
+            f"{len(unexpected)} it does not have (first: {unexpected[0]})" if unexpected else "",
+            f"{len(reshaped)} of another shape (first: {reshaped[0]}, {list(theirs[reshaped[0]].shape)} in the file, "
+            f"{list(own[reshaped[0]].shape)} here)"
+            if reshaped
+            else "",
+        ]
+        raise CheckpointError(
+            f"{path} does not match this {type(model).__name__}: {'; '.join(f for f in faults if f)} "
+            f"(a checkpoint of another model, guide or options?)"
+        )
     try:
         model.load_state_dict(theirs)
     except (KeyError, RuntimeError, ValueError) as exc:
@@ -246,9 +274,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
             if i == len(lines) - 1:
                 break
             raise _json_error(path, exc, number) from None
-        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int) or isinstance(record["epoch"], bool) \
-                or record["epoch"] < 0:
-            raise CheckpointError(f"{path}: line {number}: not an epoch's record (a JSON object with an integer 'epoch')")
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("epoch"), int)
+            or isinstance(record["epoch"], bool)
+            or record["epoch"] < 0
+        ):
+            raise CheckpointError(
+                f"{path}: line {number}: not an epoch's record (a JSON object with an integer 'epoch')"
+            )
         for key, value in record.items():
             numbers_ = value if isinstance(value, list) else [value]
             if key != "epoch" and not all(v is None or _is_number(v) for v in numbers_):
@@ -345,8 +379,18 @@ def write_tables(run_dir: Path, tables: dict) -> list[Path]:
 
 
 #: what every finished run's summary.json holds, and the type each must have
-SUMMARY_FIELDS = {"model": str, "guide": str, "dataset": str, "seed": int, "epochs": int, "best_epoch": int,
-                  "selection_metric": str, "seconds": (int, float), "best": dict, "last": dict}
+SUMMARY_FIELDS = {
+    "model": str,
+    "guide": str,
+    "dataset": str,
+    "seed": int,
+    "epochs": int,
+    "best_epoch": int,
+    "selection_metric": str,
+    "seconds": (int, float),
+    "best": dict,
+    "last": dict,
+}
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -369,7 +413,10 @@ def read_summary(run_dir: Path) -> dict:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise CheckpointError(f"{path}: '{key}' is missing or not a {getattr(kind, '__name__', 'number')}")
     for part in ("best", "last"):
-        bad = next((k for k, v in summary[part].items() if not (v is None or _is_number(v) or isinstance(v, (str, list)))), None)
+        bad = next(
+            (k for k, v in summary[part].items() if not (v is None or _is_number(v) or isinstance(v, (str, list)))),
+            None,
+        )
         if bad is not None:
             raise CheckpointError(f"{path}: '{part}.{bad}' is not a number")
     return summary
@@ -398,7 +445,11 @@ def load_dataset_for(config: Config):
 
     d = config.data
     # source options travel only when set, so a source that lacks one is told so (and not silently ignored)
-    options = {k: getattr(d, k) for k in ("path", "attributes", "image_size", "max_per_part", "num_examples") if getattr(d, k) is not None}
+    options = {
+        k: getattr(d, k)
+        for k in ("path", "attributes", "image_size", "max_per_part", "num_examples")
+        if getattr(d, k) is not None
+    }
     return load_dataset(d.name, data_dir=d.data_dir, **options)
 
 

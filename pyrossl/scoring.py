@@ -44,8 +44,9 @@ class Scorer:
 
     PREFIX = {"train": "train_", "validation": "val_", "test": "test_"}
 
-    def __init__(self, model, data: TrainingData, dist, device: torch.device, seed: int, batch_size: int,
-                 iwae_samples: int = 0):
+    def __init__(
+        self, model, data: TrainingData, dist, device: torch.device, seed: int, batch_size: int, iwae_samples: int = 0
+    ):
         self.model, self.data, self.dist, self.device = model, data, dist, device
         self.seed, self.batch_size, self.iwae_samples = seed, batch_size, iwae_samples
 
@@ -55,7 +56,9 @@ class Scorer:
         scored by rank 0 alone and its metrics sent to the others."""
         with separate_randomness([self.seed, stream, self.dist.rank, 0x5EA1], self.device):
             if self.dist.active and not self.model.splits_evaluation():
-                return distributed.broadcast_object(self._parts(parts, split=False) if distributed.is_writer() else None)
+                return distributed.broadcast_object(
+                    self._parts(parts, split=False) if distributed.is_writer() else None
+                )
             return self._parts(parts, split=self.dist.active)
 
     def _parts(self, parts, split: bool) -> dict:
@@ -69,7 +72,9 @@ class Scorer:
                 continue
             if split:
                 x, y = distributed.shard(x), distributed.shard(y)
-                counts = distributed.sum_counts(self.model.evaluation_counts(x, y, self.batch_size) if x.shape[0] else None)
+                counts = distributed.sum_counts(
+                    self.model.evaluation_counts(x, y, self.batch_size) if x.shape[0] else None
+                )
                 values = self.model.metrics_from_counts(counts)
             else:
                 values = self.model.evaluate(x, y, self.batch_size)
@@ -96,7 +101,9 @@ class Scorer:
         except NotImplementedError:
             ll = elbo = None
         if distributed.all_true(ll is not None):
-            total, total_elbo, count = distributed.sum_over_processes([ll.double().sum().item(), elbo.double().sum().item(), ll.numel()])
+            total, total_elbo, count = distributed.sum_over_processes(
+                [ll.double().sum().item(), elbo.double().sum().item(), ll.numel()]
+            )
             metrics["test_log_likelihood"] = total / count if count else math.nan
             metrics["test_guide_elbo"] = total_elbo / count if count else math.nan
             metrics["test_iwae_gap"] = metrics["test_log_likelihood"] - metrics["test_guide_elbo"]

@@ -139,25 +139,38 @@ def check_progress(state: dict, epochs: int, path: Path) -> None:
     need(whole(c.get("epoch"), 0, epochs), f"counters.epoch is {c.get('epoch')!r}, not 0 .. {epochs}")
     need(whole(c.get("step"), 0), f"counters.step is {c.get('step')!r}, not a count")
     need(whole(c.get("skipped"), 0, c["step"]), f"counters.skipped is {c.get('skipped')!r}, not 0 .. {c['step']}")
-    need(whole(c.get("best_epoch"), 0, c["epoch"]), f"counters.best_epoch is {c.get('best_epoch')!r}, not 0 .. {c['epoch']}")
+    need(
+        whole(c.get("best_epoch"), 0, c["epoch"]),
+        f"counters.best_epoch is {c.get('best_epoch')!r}, not 0 .. {c['epoch']}",
+    )
     need(real(c.get("seconds")), f"counters.seconds is {c.get('seconds')!r}, not a duration")
     score = c.get("best_score")
-    need(isinstance(score, (int, float)) and not isinstance(score, bool) and not math.isnan(score),
-         f"counters.best_score is {score!r}, not a score")
+    need(
+        isinstance(score, (int, float)) and not isinstance(score, bool) and not math.isnan(score),
+        f"counters.best_score is {score!r}, not a score",
+    )
     partial = state.get("partial")
     if partial is None:
         return
     need(isinstance(partial, dict), "'partial' is not a table")
-    need(partial.get("epoch") == c["epoch"] + 1 <= epochs and whole(partial.get("epoch"), 1),
-         f"partial.epoch is {partial.get('epoch')!r}, not the epoch after counters.epoch ({c['epoch'] + 1})")
+    need(
+        partial.get("epoch") == c["epoch"] + 1 <= epochs and whole(partial.get("epoch"), 1),
+        f"partial.epoch is {partial.get('epoch')!r}, not the epoch after counters.epoch ({c['epoch'] + 1})",
+    )
     need(whole(partial.get("batch"), 1), f"partial.batch is {partial.get('batch')!r}, not a batch count")
     losses = partial.get("losses")
-    need(isinstance(losses, list) and len(losses) <= partial["batch"] and all(finite(v) for v in losses),
-         "partial.losses is not a list of at most partial.batch finite numbers")
+    need(
+        isinstance(losses, list) and len(losses) <= partial["batch"] and all(finite(v) for v in losses),
+        "partial.losses is not a list of at most partial.batch finite numbers",
+    )
     rng = partial.get("data_rng")
-    need(isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.Generator().get_state().shape,
-         "partial.data_rng is not the state of a torch generator")
-    need(real(partial.get("train_seconds")), f"partial.train_seconds is {partial.get('train_seconds')!r}, not a duration")
+    need(
+        isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.Generator().get_state().shape,
+        "partial.data_rng is not the state of a torch generator",
+    )
+    need(
+        real(partial.get("train_seconds")), f"partial.train_seconds is {partial.get('train_seconds')!r}, not a duration"
+    )
 
 
 def check_iwae_memory(k: int, images: int, pixels: int, device: torch.device, name: str) -> None:
@@ -176,8 +189,10 @@ def check_iwae_memory(k: int, images: int, pixels: int, device: torch.device, na
         except (ValueError, OSError, AttributeError):  # a system that does not say: nothing to check against
             return
     if need > have:
-        raise ConfigError(f"{name} = {k} needs about {need / 2**30:.0f} GiB for the IWAE bound ({images} images x {k} "
-                          f"samples x {pixels} pixels), more than the {have / 2**30:.0f} GiB of this {device.type}: lower it")
+        raise ConfigError(
+            f"{name} = {k} needs about {need / 2**30:.0f} GiB for the IWAE bound ({images} images x {k} "
+            f"samples x {pixels} pixels), more than the {have / 2**30:.0f} GiB of this {device.type}: lower it"
+        )
 
 
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -215,7 +230,9 @@ class Trainer:
             if resume:
                 self.checkpoints.check_resumable()
             elif self.checkpoints.path.exists():
-                raise CheckpointError(f"{self.out} already holds a run: resume it with --resume {self.out}, or choose another --out")
+                raise CheckpointError(
+                    f"{self.out} already holds a run: resume it with --resume {self.out}, or choose another --out"
+                )
         except BaseException:
             self.release()
             raise
@@ -242,8 +259,15 @@ class Trainer:
         self.data = TrainingData.on_device(self.dataset, self.split, c.data.binarize, c.seed, self.device)
         self.model = build_model(c, self.dataset.meta()).to(self.device)
         self._check_split()
-        self.schedule = BatchSchedule(self.split, t.batch_size, t.labelled_batch_size, t.labelled_every,
-                                      self.model.uses_labels, self.model.uses_unlabelled, c.model)
+        self.schedule = BatchSchedule(
+            self.split,
+            t.batch_size,
+            t.labelled_batch_size,
+            t.labelled_every,
+            self.model.uses_labels,
+            self.model.uses_unlabelled,
+            c.model,
+        )
         self.scorer = Scorer(self.model, self.data, self.dist, self.device, c.seed, t.eval_batch_size, t.iwae_samples)
         self.model.prepare(self.data.training_tensors)
         self.optimizer = make_optimizer(c, self.model.parameters())
@@ -272,11 +296,18 @@ class Trainer:
         if self.split.unlabelled.numel() + self.split.labelled.numel() == 0:
             raise ConfigError("the split leaves no training examples")
         for part, key in (("validation", "data.validation"), ("test", "data.test")):
-            if getattr(self.split, part).numel() == 1:  # 0 turns it off; the latent figure projects a part onto 2 components
+            if (
+                getattr(self.split, part).numel() == 1
+            ):  # 0 turns it off; the latent figure projects a part onto 2 components
                 raise ConfigError(f"{key} leaves 1 {part} example: at least 2 are needed (or 0 for none)")
         self.model.check_split(self.split, self.dataset)
-        check_iwae_memory(self.config.train.iwae_samples, self.split.test.numel(), self.dataset.num_features,
-                          self.device, "train.iwae_samples")
+        check_iwae_memory(
+            self.config.train.iwae_samples,
+            self.split.test.numel(),
+            self.dataset.num_features,
+            self.device,
+            "train.iwae_samples",
+        )
 
     def _checkpoint(self, partial: dict | None = None) -> None:
         self.checkpoints.save(self.model, self.optimizer, self.generator, self.progress, self.dist, partial)
@@ -342,9 +373,14 @@ class Trainer:
         if self.config.train.on_nonfinite == "skip":
             self.progress.skipped += 1
             return None
-        last = f"{self.checkpoints.path} (epoch {self.progress.epoch})" if self.progress.epoch else "none (it failed in the first epoch)"
+        last = (
+            f"{self.checkpoints.path} (epoch {self.progress.epoch})"
+            if self.progress.epoch
+            else "none (it failed in the first epoch)"
+        )
         raise TrainingError(
-            f"non-finite {what} at epoch {self.progress.epoch + 1}, step {self.progress.step}; last good checkpoint: {last}; "
+            f"non-finite {what} at epoch {self.progress.epoch + 1}, step {self.progress.step}; last good checkpoint: "
+            f"{last}; "
             f"lower train.lr, set train.clip_norm, or set train.on_nonfinite=skip"
         )
 
@@ -364,8 +400,14 @@ class Trainer:
         select = "val_" + self.model.selection_metric
         completed = False
         try:
-            with tqdm(range(self.progress.epoch + 1, c.train.epochs + 1), desc=f"{c.model}/{self.model.guide_name}",
-                      disable=not (c.train.progress and self.writer), initial=self.progress.epoch, total=c.train.epochs, unit="epoch") as bar:
+            with tqdm(
+                range(self.progress.epoch + 1, c.train.epochs + 1),
+                desc=f"{c.model}/{self.model.guide_name}",
+                disable=not (c.train.progress and self.writer),
+                initial=self.progress.epoch,
+                total=c.train.epochs,
+                unit="epoch",
+            ) as bar:
                 with self.stop.catching(enabled=not self.dist.active):
                     self._epochs(bar, select)
             summary = self.finish()
@@ -394,8 +436,10 @@ class Trainer:
             batches = self.schedule.epoch(self.generator)
             first = int(partial["batch"]) if partial else 0
             if partial and not first < len(batches):
-                raise CheckpointError(f"{self.checkpoints.path}: its partial epoch stopped after batch {first}, but the epoch "
-                                      f"has {len(batches)}: the file is damaged or not this run's")
+                raise CheckpointError(
+                    f"{self.checkpoints.path}: its partial epoch stopped after batch {first}, but the epoch "
+                    f"has {len(batches)}: the file is damaged or not this run's"
+                )
             losses = [float(v) for v in partial["losses"]] if partial else []
             earlier = float(partial["train_seconds"]) if partial else 0.0
             for i in range(first, len(batches)):
@@ -405,9 +449,18 @@ class Trainer:
                 if self.stop and i + 1 < len(batches):
                     spent = time.perf_counter() - start
                     self.progress.seconds += spent
-                    self._checkpoint({"epoch": epoch, "batch": i + 1, "losses": losses, "data_rng": data_rng,
-                                      "train_seconds": earlier + spent})
-                    raise self.stop.error(f"at epoch {epoch}, step {i + 1} of {len(batches)}", self.checkpoints.path, self.out)
+                    self._checkpoint(
+                        {
+                            "epoch": epoch,
+                            "batch": i + 1,
+                            "losses": losses,
+                            "data_rng": data_rng,
+                            "train_seconds": earlier + spent,
+                        }
+                    )
+                    raise self.stop.error(
+                        f"at epoch {epoch}, step {i + 1} of {len(batches)}", self.checkpoints.path, self.out
+                    )
             self.progress.epoch = epoch
             evaluate = epoch % c.train.eval_every == 0 or epoch == c.train.epochs
             logs.update(self._end_epoch(epoch, evaluate))
@@ -417,10 +470,17 @@ class Trainer:
             train_seconds = earlier + time.perf_counter() - start
             metrics = self.scorer.parts(stream=epoch) if evaluate else {}
             if self.writer:  # an entry's files of the epoch (Serket's round tables), whether evaluated or not
-                runs.write_tables(self.out, self.model.epoch_outputs(epoch, lambda index: self.data.y[index.to(self.device)]))
+                runs.write_tables(
+                    self.out, self.model.epoch_outputs(epoch, lambda index: self.data.y[index.to(self.device)])
+                )
             self.progress.seconds += time.perf_counter() - start
-            record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
-                      "train_seconds": train_seconds, **logs, **metrics}
+            record = {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)) if losses else math.nan,
+                "train_seconds": train_seconds,
+                **logs,
+                **metrics,
+            }
             if self.progress.skipped:
                 record["skipped_steps"] = self.progress.skipped
             score = metrics.get(select, -math.inf if self.split.validation.numel() else 0.0)
@@ -433,7 +493,9 @@ class Trainer:
             if evaluate or epoch % c.train.checkpoint_every == 0 or self.stop:
                 start = time.perf_counter()
                 self._checkpoint()
-                self.progress.seconds += time.perf_counter() - start  # counted from the next checkpoint and in the summary
+                self.progress.seconds += (
+                    time.perf_counter() - start
+                )  # counted from the next checkpoint and in the summary
             if self.stop and epoch < c.train.epochs:
                 raise self.stop.error(f"after epoch {epoch}", self.checkpoints.path, self.out)
             bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
@@ -463,9 +525,17 @@ class Trainer:
     def _write_summary(self, result: dict) -> dict:
         c = self.config
         summary = {
-            "model": c.model, "guide": c.guide, "z_guide": c.z_guide, "dataset": c.data.name, "seed": c.seed,
-            "epochs": self.progress.epoch, "best_epoch": self.progress.best_epoch, "selection_metric": "val_" + self.model.selection_metric,
-            "seconds": round(self.progress.seconds, 3), "steps": self.progress.step, "device": str(self.device),
+            "model": c.model,
+            "guide": c.guide,
+            "z_guide": c.z_guide,
+            "dataset": c.data.name,
+            "seed": c.seed,
+            "epochs": self.progress.epoch,
+            "best_epoch": self.progress.best_epoch,
+            "selection_metric": "val_" + self.model.selection_metric,
+            "seconds": round(self.progress.seconds, 3),
+            "steps": self.progress.step,
+            "device": str(self.device),
             "processes": self.dist.world_size,
             "split": self.split.sizes(),
             **result["best"],

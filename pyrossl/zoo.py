@@ -11,7 +11,8 @@ The contract, the same for every entry (built-in or your own):
   entry with Pyro alone (its parameters then go through Pyro's param store, see
   :mod:`pyrossl.infer.params`).
 - ``forward`` *is* the training loss, made of ``entry.elbo`` on the step's batches and nothing else:
-  ``elbo.differentiable_loss(model, guide, x) / len(x) + elbo.differentiable_loss(model, guide, x_lab, y_lab) / len(x_lab)``
+  ``elbo.differentiable_loss(model, guide, x) / len(x)
+  + elbo.differentiable_loss(model, guide, x_lab, y_lab) / len(x_lab)``
   (the per-example means of the unlabelled and the labelled bound). ``torch.optim`` optimises
   ``entry.parameters()``, ``entry.state_dict()`` is the checkpoint, and ``DistributedDataParallel`` can
   wrap the entry unchanged.
@@ -90,7 +91,9 @@ class ZooModel(nn.Module):
         with module_local():
             return super().__call__(*args, **kwargs)
 
-    def __init__(self, meta: dict, options: Any, guide: str, z_guide: str | None = None, objective: Objective | None = None):
+    def __init__(
+        self, meta: dict, options: Any, guide: str, z_guide: str | None = None, objective: Objective | None = None
+    ):
         super().__init__()
         self.meta = dict(meta)
         self.options = options
@@ -106,7 +109,10 @@ class ZooModel(nn.Module):
         if objective.particles < 1:
             raise ConfigError(f"train.particles must be at least 1, not {objective.particles}")
         if objective.name not in cls.objectives:
-            reason = cls.objective_limits.get(objective.name) or f"{cls.__name__}.objectives lists {', '.join(cls.objectives)} only"
+            reason = (
+                cls.objective_limits.get(objective.name)
+                or f"{cls.__name__}.objectives lists {', '.join(cls.objectives)} only"
+            )
             raise ConfigError(f"train.objective '{objective.name}' does not fit model '{cls.name}': {reason}")
 
     def check_elbo(self) -> None:
@@ -114,13 +120,19 @@ class ZooModel(nn.Module):
         Pyro's default of one particle, say): called once the entry is built, before training."""
         elbo = getattr(self, "elbo", None)
         if not isinstance(elbo, ELBO):
-            raise ConfigError(f"model '{self.name}' has no entry.elbo (a pyro.infer.ELBO): set self.elbo in __init__ "
-                              "(ZooModel.make_elbo builds one from train.objective and train.particles)")
+            raise ConfigError(
+                f"model '{self.name}' has no entry.elbo (a pyro.infer.ELBO): set self.elbo in __init__ "
+                "(ZooModel.make_elbo builds one from train.objective and train.particles)"
+            )
         if elbo.num_particles != self.objective.particles:
-            raise ConfigError(f"model '{self.name}' does not honour train.particles = {self.objective.particles}: its elbo "
-                              f"has num_particles = {elbo.num_particles} (build it with ZooModel.make_elbo)")
+            raise ConfigError(
+                f"model '{self.name}' does not honour train.particles = {self.objective.particles}: its elbo "
+                f"has num_particles = {elbo.num_particles} (build it with ZooModel.make_elbo)"
+            )
 
-    def make_elbo(self, enumerated: bool = False, objective: Objective | None = None, analytic_kl: bool | None = None) -> ELBO:
+    def make_elbo(
+        self, enumerated: bool = False, objective: Objective | None = None, analytic_kl: bool | None = None
+    ) -> ELBO:
         """The Pyro ELBO of ``objective`` (default: ``train.objective`` / ``train.particles``): IWAE, or the
         ELBO with ``particles`` samples, ``TraceEnum_ELBO`` where a site is ``enumerated``, analytic KLs
         (``TraceMeanField_ELBO``) where ``analytic_kl`` (default: as the entry's z-guide says), else
@@ -156,7 +168,9 @@ class ZooModel(nn.Module):
         ELBO's ``differentiable_loss`` (summed over the batch)."""
         return self.elbo(self.model, self.guide)
 
-    def forward(self, x: torch.Tensor | None, x_lab: torch.Tensor | None = None, y_lab: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | None, x_lab: torch.Tensor | None = None, y_lab: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The loss to minimise for one step (a scalar): the per-example mean of ``entry.elbo`` on the
         unlabelled batch ``x`` plus that on the labelled batch ``(x_lab, y_lab)``, each where given."""
         terms = []
@@ -188,8 +202,8 @@ class ZooModel(nn.Module):
         """Called after each epoch's steps: a non-SVI stage (a mixture fit, say) may run here.
 
         ``encode_data()`` gives the training tensors on demand: ``x`` (every training image), ``index``
-        (their dataset rows) and ``x_labelled``, ``y_labelled`` (the labelled ones). ``evaluating`` says whether the model is
-        evaluated after this epoch (``train.eval_every``; always after the last one), so a costly
+        (their dataset rows) and ``x_labelled``, ``y_labelled`` (the labelled ones). ``evaluating`` says
+        whether the model is evaluated after this epoch (``train.eval_every``; always after the last one), so a costly
         stage that only evaluation needs can wait. Returns values to log.
         """
         return {}

@@ -22,8 +22,12 @@ def test_parse_vary_keeps_lists_whole():
 
 def test_variants_are_every_combination():
     vs = variants(["enum", "gumbel"], [("options.aux_weight", ["1", "5"])])
-    assert [v.label for v in vs] == ["guide=enum,options.aux_weight=1", "guide=enum,options.aux_weight=5",
-                                     "guide=gumbel,options.aux_weight=1", "guide=gumbel,options.aux_weight=5"]
+    assert [v.label for v in vs] == [
+        "guide=enum,options.aux_weight=1",
+        "guide=enum,options.aux_weight=5",
+        "guide=gumbel,options.aux_weight=1",
+        "guide=gumbel,options.aux_weight=5",
+    ]
     assert vs[0].overrides == ["guide=enum", "options.aux_weight=1"]
     assert len({v.slug for v in vs}) == 4 and all("/" not in v.slug for v in vs)
 
@@ -31,8 +35,12 @@ def test_variants_are_every_combination():
 def test_ablation_over_two_guides_and_two_seeds_writes_its_three_files(tmp_path):
     result = ablate(RECIPE, tmp_path, guides=["enum", "gumbel"], seeds=[0, 1], overrides=TINY)
     rows = list(csv.DictReader(result["csv"].open()))
-    assert [(r["variant"], r["seed"]) for r in rows] == [("guide=enum", "0"), ("guide=enum", "1"),
-                                                         ("guide=gumbel", "0"), ("guide=gumbel", "1")]
+    assert [(r["variant"], r["seed"]) for r in rows] == [
+        ("guide=enum", "0"),
+        ("guide=enum", "1"),
+        ("guide=gumbel", "0"),
+        ("guide=gumbel", "1"),
+    ]
     assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows)
     assert rows[0]["test_accuracy"] != rows[1]["test_accuracy"] or rows[0]["seconds"] != rows[1]["seconds"]
     table = result["markdown"].read_text()
@@ -54,26 +62,45 @@ def test_ablation_over_a_config_key_from_the_cli(tmp_path, capsys):
 
 
 def test_ablation_over_guides_and_z_guides_from_the_cli(tmp_path, capsys):
-    args = ["ablate", RECIPE, "--guides", "enum,gumbel", "--z-guides", "diag-normal,flow", "--seeds", "0",
-            "--out", str(tmp_path), "--set", "train.epochs=1"]
+    args = [
+        "ablate",
+        RECIPE,
+        "--guides",
+        "enum,gumbel",
+        "--z-guides",
+        "diag-normal,flow",
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "train.epochs=1",
+    ]
     assert cli.main(args + sum((["--set", s] for s in TINY[1:]), [])) == 0
     rows = list(csv.DictReader((tmp_path / "ablation.csv").open()))
-    assert [r["variant"] for r in rows] == ["guide=enum,z_guide=diag-normal", "guide=enum,z_guide=flow",
-                                            "guide=gumbel,z_guide=diag-normal", "guide=gumbel,z_guide=flow"]
+    assert [r["variant"] for r in rows] == [
+        "guide=enum,z_guide=diag-normal",
+        "guide=enum,z_guide=flow",
+        "guide=gumbel,z_guide=diag-normal",
+        "guide=gumbel,z_guide=flow",
+    ]
     configs = [(tmp_path / r["run"] / "config.toml").read_text() for r in rows]
     assert ['z_guide = "flow"' in c for c in configs] == [False, True, False, True]
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "--guides, --z-guides or --vary"),
-    (["--z-guides", "flw"], "z_guide 'flw' does not fit model 'm2' (did you mean 'flow'?)"),
-    (["--z-guides", "flow", "--vary", "z_guide=diag-normal"], "each key may be varied once"),
-    (["--guides", "enum", "--seeds", "a"], "--seeds"),
-    (["--guides", "nope"], "guide"),
-    (["--vary", "options.no_such_key=1,2"], "no_such_key"),
-    (["--guides", "enum", "--vary", "guide=gumbel"], "varied once"),
-    (["--vary", "options.act=a/b,a_b"], "share a run folder"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "--guides, --z-guides or --vary"),
+        (["--z-guides", "flw"], "z_guide 'flw' does not fit model 'm2' (did you mean 'flow'?)"),
+        (["--z-guides", "flow", "--vary", "z_guide=diag-normal"], "each key may be varied once"),
+        (["--guides", "enum", "--seeds", "a"], "--seeds"),
+        (["--guides", "nope"], "guide"),
+        (["--vary", "options.no_such_key=1,2"], "no_such_key"),
+        (["--guides", "enum", "--vary", "guide=gumbel"], "varied once"),
+        (["--vary", "options.act=a/b,a_b"], "share a run folder"),
+    ],
+)
 def test_bad_ablations_fail_before_training(tmp_path, capsys, args, message):
     assert cli.main(["ablate", RECIPE, "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
@@ -115,7 +142,19 @@ def test_an_ablation_compares_what_the_guides_approximate_and_one_seed_shows_no_
 
 
 def test_an_ablation_of_an_entry_with_a_validation_elbo_draws_its_curve(tmp_path):
-    result = ablate(RECIPE, tmp_path, z_guides=["diag-normal", "flow"], seeds=[0], iwae=5,
-                    overrides=["model=vae", "guide=amortised", "options={}", "options.z_dim=2", "train.epochs=2",
-                               "data.labels_per_class=0"])
+    result = ablate(
+        RECIPE,
+        tmp_path,
+        z_guides=["diag-normal", "flow"],
+        seeds=[0],
+        iwae=5,
+        overrides=[
+            "model=vae",
+            "guide=amortised",
+            "options={}",
+            "options.z_dim=2",
+            "train.epochs=2",
+            "data.labels_per_class=0",
+        ],
+    )
     assert result["elbo_figure"].stat().st_size > 5000

@@ -20,11 +20,28 @@ def _load(name):
 def test_m2_benchmark_runs_and_writes_json(tmp_path, capsys):
     bench = _load("m2")
     out = tmp_path / "m2.json"
-    result = bench.main([
-        "--recipe", str(ROOT / "runs" / "m2-digits.toml"), "--guides", "enum,gumbel", "--seeds", "0",
-        "--set", "train.epochs=2", "--set", "options.hidden=[32]", "--runs", str(tmp_path / "runs"),
-        "--out", str(out), "--timing-steps", "2", "--baseline-steps", "20",
-    ])
+    result = bench.main(
+        [
+            "--recipe",
+            str(ROOT / "runs" / "m2-digits.toml"),
+            "--guides",
+            "enum,gumbel",
+            "--seeds",
+            "0",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "options.hidden=[32]",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+            "--timing-steps",
+            "2",
+            "--baseline-steps",
+            "20",
+        ]
+    )
     assert json.loads(out.read_text())["rows"][0]["method"] == "m2 / enum"
     assert len(result["rows"]) == 3 and result["timing"]["enum_over_plain"] > 0
     printed = capsys.readouterr().out
@@ -58,11 +75,25 @@ def test_gae_benchmark_runs_and_writes_json_and_the_contrast_figure(tmp_path, ca
     recipe = tmp_path / "gae-digits.toml"
     recipe.write_text(
         'model = "gae"\n[data]\nname = "digits"\nvalidation = 0.1\ntest = 0.2\n'
-        '[train]\nepochs = 2\nbatch_size = 64\n[options]\nz_dim = 4\nhidden = [32]\ncomponents = 2\n'
+        "[train]\nepochs = 2\nbatch_size = 64\n[options]\nz_dim = 4\nhidden = [32]\ncomponents = 2\n"
     )
     out = tmp_path / "gae.json"
-    result = bench.main(["--recipes", str(recipe), "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
-                         "--out", str(out), "--vae-epochs", "1", "--figure", str(tmp_path / "interp.png")])
+    result = bench.main(
+        [
+            "--recipes",
+            str(recipe),
+            "--seeds",
+            "0,1",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+            "--vae-epochs",
+            "1",
+            "--figure",
+            str(tmp_path / "interp.png"),
+        ]
+    )
     row = json.loads(out.read_text())["rows"][0]
     assert row["dataset"] == "digits" and len(row["per_seed"]) == 2 and 0 <= row["test_accuracy"] <= 1
     assert "novelty_rate_other" not in row  # digits (8x8) has no other dataset of its shape
@@ -73,12 +104,33 @@ def test_gae_benchmark_runs_and_writes_json_and_the_contrast_figure(tmp_path, ca
 def test_gmm_vae_benchmark_runs_every_method_and_writes_json(tmp_path, capsys):
     bench = _load("gmm_vae")
     out = tmp_path / "gmm.json"
-    tiny = ["train.epochs=4", "train.eval_every=2", "train.batch_size=100", "options.hidden=[16]", "options.z_dim=3",
-            "options.n_init=1"]
-    result = bench.main(["--dataset", "digits", "--per-class", "30", "--seeds", "0,1", "--out", str(out),
-                         "--runs", str(tmp_path / "runs"), "--set-serket", "options.epochs_per_round=2",
-                         "--set-gmm-vae", "options.warmup_epochs=2",
-                         *[arg for key in tiny for arg in ("--set", key)]])
+    tiny = [
+        "train.epochs=4",
+        "train.eval_every=2",
+        "train.batch_size=100",
+        "options.hidden=[16]",
+        "options.z_dim=3",
+        "options.n_init=1",
+    ]
+    result = bench.main(
+        [
+            "--dataset",
+            "digits",
+            "--per-class",
+            "30",
+            "--seeds",
+            "0,1",
+            "--out",
+            str(out),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--set-serket",
+            "options.epochs_per_round=2",
+            "--set-gmm-vae",
+            "options.warmup_epochs=2",
+            *[arg for key in tiny for arg in ("--set", key)],
+        ]
+    )
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == set(bench.METHODS.split(",")) and len(result["rows"]) == 6
     assert all(r["points"] == 300 and 0 < r["cluster_accuracy"] <= 1 and r["seconds"] > 0 for r in rows.values())
@@ -90,14 +142,32 @@ def test_gmm_vae_benchmark_runs_every_method_and_writes_json(tmp_path, capsys):
 def test_ccvae_benchmark_judges_interventions_and_walks_and_writes_json(tmp_path, capsys):
     bench = _load("ccvae")
     digits = tmp_path / "ccvae-digits.toml"
-    digits.write_text('model = "ccvae"\n[data]\nname = "digits"\nlabels_per_class = 10\nvalidation = 0.1\ntest = 0.2\n'
-                      '[train]\nepochs = 2\nbatch_size = 64\n[options]\nz_style = 2\nhidden = [32]\nk = 5\n')
+    digits.write_text(
+        'model = "ccvae"\n[data]\nname = "digits"\nlabels_per_class = 10\nvalidation = 0.1\ntest = 0.2\n'
+        "[train]\nepochs = 2\nbatch_size = 64\n[options]\nz_style = 2\nhidden = [32]\nk = 5\n"
+    )
     shapes = tmp_path / "ccvae-shapes.toml"
-    shapes.write_text('model = "ccvae"\n[data]\nname = "shapes"\nnum_examples = 480\nvalidation = 40\n'
-                      '[train]\nepochs = 1\nbatch_size = 40\n[options]\nnet = "conv"\nz_style = 2\nhidden = [16]\nk = 5\n')
+    shapes.write_text(
+        'model = "ccvae"\n[data]\nname = "shapes"\nnum_examples = 480\nvalidation = 40\n'
+        '[train]\nepochs = 1\nbatch_size = 40\n[options]\nnet = "conv"\nz_style = 2\nhidden = [16]\nk = 5\n'
+    )
     out = tmp_path / "ccvae.json"
-    result = bench.main(["--recipes", f"{digits},{shapes}", "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
-                         "--out", str(out), "--judge-limit", "300", "--test-limit", "50"])
+    result = bench.main(
+        [
+            "--recipes",
+            f"{digits},{shapes}",
+            "--seeds",
+            "0,1",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+            "--judge-limit",
+            "300",
+            "--test-limit",
+            "50",
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [r["dataset"] for r in rows] == ["digits", "shapes"] and len(result["rows"]) == 2
     assert rows[0]["supervision"] == "partial" and rows[0]["labelled"] == 100 and rows[1]["supervision"] == "full"
@@ -112,8 +182,22 @@ def test_ccvae_benchmark_judges_interventions_and_walks_and_writes_json(tmp_path
 def test_scaling_benchmark_times_one_and_two_processes(tmp_path, capsys):
     bench = _load("scaling")
     out = tmp_path / "scaling.json"
-    result = bench.main(["--recipe", str(ROOT / "runs" / "m2-digits.toml"), "--nprocs", "1,2", "--runs", str(tmp_path / "runs"),
-                         "--out", str(out), "--set", "options.hidden=[32]", "--repeats", "2"])
+    result = bench.main(
+        [
+            "--recipe",
+            str(ROOT / "runs" / "m2-digits.toml"),
+            "--nprocs",
+            "1,2",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+            "--set",
+            "options.hidden=[32]",
+            "--repeats",
+            "2",
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     for r in rows:  # the median of the repeated epochs counts
         assert len(r["epoch_seconds_each"]) == 2 and r["epoch_seconds"] == statistics.median(r["epoch_seconds_each"])
@@ -123,7 +207,9 @@ def test_scaling_benchmark_times_one_and_two_processes(tmp_path, capsys):
     assert result["recipe"] == "m2-digits.toml" and "| 2 | cpu | 1 |" in capsys.readouterr().out
     # the ceiling: two independent runs with half batches, each over the whole training set
     assert "ceiling_efficiency" not in rows[0] and rows[1]["independent_images_per_second"] > 0
-    assert rows[1]["ceiling_efficiency"] == rows[1]["independent_images_per_second"] / (2 * rows[0]["images_per_second"])
+    assert rows[1]["ceiling_efficiency"] == rows[1]["independent_images_per_second"] / (
+        2 * rows[0]["images_per_second"]
+    )
     assert sorted(p.name for p in (tmp_path / "runs" / "cpu-2-independent").iterdir()) == ["alone-0", "alone-1"]
     alone = runs.read_config(tmp_path / "runs" / "cpu-2-independent" / "alone-0")
     digits = runs.read_config(tmp_path / "runs" / "cpu-1")
@@ -133,10 +219,35 @@ def test_scaling_benchmark_times_one_and_two_processes(tmp_path, capsys):
 def test_guides_benchmark_runs_every_z_guide_and_writes_json(tmp_path, capsys):
     bench = _load("guides")
     out = tmp_path / "guides.json"
-    assert bench.main(["--part", "vae", "--seeds", "0", "--runs", str(tmp_path / "runs"), "--out", str(out),
-                       "--set", "train.epochs=1", "--set", "data.name=digits", "--set", "data.validation=0.1",
-                       "--set", "data.test=0.2", "--set", "options.hidden=[16]", "--set", "options.z_dim=2",
-                       "--set", "train.iwae_samples=3"]) == 0
+    assert (
+        bench.main(
+            [
+                "--part",
+                "vae",
+                "--seeds",
+                "0",
+                "--runs",
+                str(tmp_path / "runs"),
+                "--out",
+                str(out),
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "data.name=digits",
+                "--set",
+                "data.validation=0.1",
+                "--set",
+                "data.test=0.2",
+                "--set",
+                "options.hidden=[16]",
+                "--set",
+                "options.z_dim=2",
+                "--set",
+                "train.iwae_samples=3",
+            ]
+        )
+        == 0
+    )
     saved = json.loads(out.read_text())
     assert set(saved["results"]) == {"diag-normal", "lowrank-normal", "flow", "targets"}
     assert saved["results"]["flow"]["test_log_likelihood"][0] < 0
@@ -152,9 +263,24 @@ def test_guides_benchmark_gives_the_labels_alone_as_many_labelled_steps_as_m2(tm
     bench = _load("guides")
     out = tmp_path / "m2.json"
     small = ["train.epochs=2", "data.name=digits", "data.validation=0.1", "data.test=0.2", "options.hidden=[16]"]
-    assert bench.main(["--part", "m2-mnist5k", "--seeds", "0", "--runs", str(tmp_path / "runs"), "--out", str(out),
-                       "--variants", "enum / diag-normal,labels alone (classifier)",
-                       *[a for s in small for a in ("--set", s)]]) == 0
+    assert (
+        bench.main(
+            [
+                "--part",
+                "m2-mnist5k",
+                "--seeds",
+                "0",
+                "--runs",
+                str(tmp_path / "runs"),
+                "--out",
+                str(out),
+                "--variants",
+                "enum / diag-normal,labels alone (classifier)",
+                *[a for s in small for a in ("--set", s)],
+            ]
+        )
+        == 0
+    )
     m2 = runs.read_config(tmp_path / "runs" / "m2-mnist5k" / "enum-diag-normal-seed0")
     split = runs.split_for(m2, runs.load_dataset_for(m2))
     steps_per_epoch = -(-len(split.unlabelled) // m2.train.batch_size)  # one labelled batch (all 100 labels) in each

@@ -12,8 +12,15 @@ from pyrossl.models.ccvae import CCVAE, CCVAE_ELBO, CCVAELabelled_ELBO, CCVAEOpt
 from pyrossl.run import load_run
 from pyrossl.train import train
 
-META = {"image_shape": (1, 8, 8), "num_features": 64, "num_classes": 3, "classes": ("a", "b", "c"),
-        "attributes": (), "multilabel": False, "num_examples": 10}
+META = {
+    "image_shape": (1, 8, 8),
+    "num_features": 64,
+    "num_classes": 3,
+    "classes": ("a", "b", "c"),
+    "attributes": (),
+    "multilabel": False,
+    "num_examples": 10,
+}
 MULTI = {**META, "num_classes": 4, "classes": (), "attributes": ("p", "q", "r", "s"), "multilabel": True}
 
 
@@ -83,9 +90,13 @@ def test_unlabelled_loss_enumerates_the_categorical_label_exactly():
         log_pzs = _normal(z_s, torch.zeros_like(z_s), torch.ones_like(z_s))
         log_q_y = (z_c * entry.guide.classifier.weight + entry.guide.classifier.bias).log_softmax(-1)  # [B, K]
         log_py = torch.log(entry.model.y_probs)
-        per_class = torch.stack([
-            log_py[k] + _normal(z_c, entry.model.prior.loc[k], entry.model.prior.log_scale[k].exp()) - log_q_y[:, k]
-            for k in range(3)], -1)
+        per_class = torch.stack(
+            [
+                log_py[k] + _normal(z_c, entry.model.prior.loc[k], entry.model.prior.log_scale[k].exp()) - log_q_y[:, k]
+                for k in range(3)
+            ],
+            -1,
+        )
         elbo = (log_q_y.exp() * per_class).sum(-1) + log_px + log_pzs - log_qz
     assert torch.allclose(loss, -elbo.sum(), atol=1e-3)
 
@@ -114,8 +125,10 @@ def test_label_prior_is_the_labelled_frequency_as_probabilities():
     multi.set_label_prior(torch.tensor([[1.0, 0, 1, 0], [1.0, 0, 0, 0]]))
     assert torch.allclose(multi.model.y_probs, torch.tensor([1 - 1e-3, 1e-3, 0.5, 1e-3]))
     # p(y) scores labels with these probabilities (the reference code squashed them through a sigmoid)
-    assert torch.allclose(multi.model.label_prior(1).log_prob(torch.tensor([[1.0, 0, 1, 0]])),
-                          torch.log(torch.tensor([(1 - 1e-3) * (1 - 1e-3) * 0.5 * (1 - 1e-3)])))
+    assert torch.allclose(
+        multi.model.label_prior(1).log_prob(torch.tensor([[1.0, 0, 1, 0]])),
+        torch.log(torch.tensor([(1 - 1e-3) * (1 - 1e-3) * 0.5 * (1 - 1e-3)])),
+    )
 
 
 @pytest.mark.parametrize("meta", [META, MULTI], ids=["categorical", "attributes"])
@@ -140,8 +153,18 @@ def test_labelled_gradient_reaches_the_classifier_through_the_weight_and_q_y_x()
 
 
 def test_digits_with_10_labels_per_class_learns_to_classify(tmp_path):
-    summary = train(tiny_config(model="ccvae", **{"data.labels_per_class": 10, "train.epochs": 8, "train.batch_size": 64,
-                                                  "options": {"z_style": 8, "hidden": [128], "k": 20}}), tmp_path / "run")
+    summary = train(
+        tiny_config(
+            model="ccvae",
+            **{
+                "data.labels_per_class": 10,
+                "train.epochs": 8,
+                "train.batch_size": 64,
+                "options": {"z_style": 8, "hidden": [128], "k": 20},
+            },
+        ),
+        tmp_path / "run",
+    )
     assert summary["test_accuracy"] > 0.75  # 100 labels; logistic regression on them: about 0.8 at best
     for name in ("swaps.png", "reconstructions.png"):
         assert (tmp_path / "run" / "figures" / name).stat().st_size > 0
@@ -153,10 +176,21 @@ def test_attributes_train_end_to_end_on_a_celeba_folder(tmp_path):
     from test_celeba import write_celeba
 
     write_celeba(tmp_path / "celeba", parts=[0] * 12 + [1] * 2 + [2] * 4)
-    config = tiny_config(model="ccvae", **{
-        "data.name": "celeba", "data.data_dir": str(tmp_path), "data.image_size": 16, "data.attributes": ["Male", "Smiling", "Young"],
-        "data.labels_per_class": None, "data.label_fraction": 0.5, "data.validation": 2, "train.epochs": 2, "train.batch_size": 4,
-        "options": {"z_style": 3, "hidden": [32], "k": 4, "likelihood": "laplace"}})
+    config = tiny_config(
+        model="ccvae",
+        **{
+            "data.name": "celeba",
+            "data.data_dir": str(tmp_path),
+            "data.image_size": 16,
+            "data.attributes": ["Male", "Smiling", "Young"],
+            "data.labels_per_class": None,
+            "data.label_fraction": 0.5,
+            "data.validation": 2,
+            "train.epochs": 2,
+            "train.batch_size": 4,
+            "options": {"z_style": 3, "hidden": [32], "k": 4, "likelihood": "laplace"},
+        },
+    )
     summary = train(config, tmp_path / "run")
     assert 0 <= summary["test_accuracy"] <= 1 and len(summary["best"]["test_per_attribute_accuracy"]) == 3
     assert (tmp_path / "run" / "figures" / "walks.png").stat().st_size > 0
@@ -225,19 +259,32 @@ def test_walk_matrix_is_the_identity_for_a_clean_code_and_a_row_for_a_tangled_on
 
 
 def test_shapes_attributes_train_end_to_end(tmp_path):
-    config = tiny_config(model="ccvae", **{
-        "data.name": "shapes", "data.num_examples": 600, "data.labels_per_class": None, "data.validation": 50,
-        "train.epochs": 2, "train.batch_size": 50,
-        "options": {"z_style": 3, "hidden": [32], "k": 4, "net": "conv"}})
+    config = tiny_config(
+        model="ccvae",
+        **{
+            "data.name": "shapes",
+            "data.num_examples": 600,
+            "data.labels_per_class": None,
+            "data.validation": 50,
+            "train.epochs": 2,
+            "train.batch_size": 50,
+            "options": {"z_style": 3, "hidden": [32], "k": 4, "net": "conv"},
+        },
+    )
     summary = train(config, tmp_path / "run")
     assert len(summary["best"]["test_per_attribute_accuracy"]) == 5 and summary["seconds"] > 0
     assert (tmp_path / "run" / "figures" / "walks.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("likelihood", "gauss", "likelihood must be one of bernoulli, laplace"), ("k", 0, "k must be at least 1"),
-    ("z_style", -1, "z_style must be at least 0"), ("laplace_scale", 0.0, "laplace_scale must be positive"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("likelihood", "gauss", "likelihood must be one of bernoulli, laplace"),
+        ("k", 0, "k must be at least 1"),
+        ("z_style", -1, "z_style must be at least 0"),
+        ("laplace_scale", 0.0, "laplace_scale must be positive"),
+    ],
+)
 def test_bad_options(key, value, message):
     from pyrossl.errors import ConfigError
 
@@ -245,7 +292,9 @@ def test_bad_options(key, value, message):
         CCVAEOptions(**{key: value})
 
 
-@pytest.mark.parametrize("recipe", ["ccvae-digits", "ccvae-fmnist", "ccvae-fmnist-1000", "ccvae-shapes", "ccvae-celeba"])
+@pytest.mark.parametrize(
+    "recipe", ["ccvae-digits", "ccvae-fmnist", "ccvae-fmnist-1000", "ccvae-shapes", "ccvae-celeba"]
+)
 def test_recipes_are_valid(recipe):
     from pathlib import Path
 

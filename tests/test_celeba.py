@@ -66,16 +66,37 @@ def test_attribute_list_image_size_and_max_per_part(tmp_path):
     [
         (lambda f: (f / ATTRIBUTES_FILE).unlink(), DataError, "no attribute file list_attr_celeba.txt"),
         (lambda f: (f / PARTITION_FILE).unlink(), DataError, "no partition file"),
-        (lambda f: (f / IMAGES / "000003.jpg").unlink(), DataError, "000003.jpg: listed in list_attr_celeba.txt but missing"),
+        (
+            lambda f: (f / IMAGES / "000003.jpg").unlink(),
+            DataError,
+            "000003.jpg: listed in list_attr_celeba.txt but missing",
+        ),
         (lambda f: (f / IMAGES / "000002.jpg").write_bytes(b"not a jpeg"), DataError, "not a readable image"),
-        (lambda f: (f / ATTRIBUTES_FILE).write_text("2\nSmiling\na.jpg 1\n"), DataError, "announces 2 images but 1 rows"),
+        (
+            lambda f: (f / ATTRIBUTES_FILE).write_text("2\nSmiling\na.jpg 1\n"),
+            DataError,
+            "announces 2 images but 1 rows",
+        ),
         (lambda f: (f / ATTRIBUTES_FILE).write_text("1\nSmiling Male\na.jpg 1 0\n"), DataError, "line 3 should be"),
         (lambda f: (f / ATTRIBUTES_FILE).write_text("many\nSmiling\n"), DataError, "line 1 should be the image count"),
-        (lambda f: (f / PARTITION_FILE).write_text("000001.jpg 7\n"), DataError, "line 1 should be an image name and 0, 1 or 2"),
+        (
+            lambda f: (f / PARTITION_FILE).write_text("000001.jpg 7\n"),
+            DataError,
+            "line 1 should be an image name and 0, 1 or 2",
+        ),
         (lambda f: (f / PARTITION_FILE).write_text("000001.jpg 0\n"), DataError, "no partition for 000002.jpg"),
     ],
-    ids=["no-attributes", "no-partition", "missing-image", "corrupt-image", "short-file", "bad-value", "bad-count",
-         "bad-part", "unpartitioned"],
+    ids=[
+        "no-attributes",
+        "no-partition",
+        "missing-image",
+        "corrupt-image",
+        "short-file",
+        "bad-value",
+        "bad-count",
+        "bad-part",
+        "unpartitioned",
+    ],
 )
 def test_a_broken_folder_is_a_data_error_naming_the_file(tmp_path, damage, error, message):
     write_celeba(tmp_path)

@@ -50,7 +50,9 @@ def test_train_eval_and_resume(tmp_path, recipe, capsys):
     code, out, err = run_cli(["eval", out_dir, "--iwae", "3"], capsys)
     assert code == 0, err
     assert {"test_elbo", "test_log_likelihood"} <= set(json.loads(out))
-    code, out, err = run_cli(["train", "--resume", out_dir, "--quiet", "--threads", "1"], capsys)  # finished: re-summarises
+    code, out, err = run_cli(
+        ["train", "--resume", out_dir, "--quiet", "--threads", "1"], capsys
+    )  # finished: re-summarises
     assert code == 0, err
     code, _, err = run_cli(["train", "--resume", out_dir, "--set", "train.lr=0.5"], capsys)
     assert code == 2 and "differs in train.lr" in err
@@ -67,7 +69,18 @@ def test_train_tunes_the_allocator_of_its_own_process(tmp_path, recipe, capsys, 
 
 def test_eval_of_a_model_without_a_likelihood(tmp_path, recipe, capsys):
     out_dir = tmp_path / "clf"
-    args = ["train", recipe, "--out", out_dir, "--set", "model=classifier", "--set", "options={}", "--set", "data.labels_per_class=5"]
+    args = [
+        "train",
+        recipe,
+        "--out",
+        out_dir,
+        "--set",
+        "model=classifier",
+        "--set",
+        "options={}",
+        "--set",
+        "data.labels_per_class=5",
+    ]
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     code, _, err = run_cli(["eval", out_dir, "--iwae", "5"], capsys)
@@ -79,7 +92,15 @@ def test_eval_of_a_model_without_a_likelihood(tmp_path, recipe, capsys):
 def test_list_names_models_guides_and_datasets(capsys):
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0
-    for word in ("vae", "amortised*", "z-guides: diag-normal*, lowrank-normal, flow", "digits", "mnist5k", "fashion-mnist", "npz"):
+    for word in (
+        "vae",
+        "amortised*",
+        "z-guides: diag-normal*, lowrank-normal, flow",
+        "digits",
+        "mnist5k",
+        "fashion-mnist",
+        "npz",
+    ):
         assert word in out
 
 
@@ -96,15 +117,26 @@ def test_data_info(capsys):
         (["train", "{recipe}", "--set", "guide=diag-norm"], "guide 'diag-norm' does not fit model 'vae'"),
         (["train", "{recipe}", "--set", "guide=amortsed"], "(did you mean 'amortised'?)"),
         (["train", "{recipe}", "--set", "guide=flow"], 'chosen with z_guide = "flow"'),
-        (["train", "{recipe}", "--set", "z_guide=flw"], "z_guide 'flw' does not fit model 'vae' (did you mean 'flow'?)"),
-        (["train", "{recipe}", "--set", "model=gae", "--set", "guide=point", "--set", "z_guide=flow"],
-         "it has no Gaussian code (models with one: vae, m2, gmm-vae, serket-vae-gmm, ccvae)"),
-        (["train", "{recipe}", "--set", "model=m2", "--set", "guide=enum", "--set", "train.objective=iwae"],
-         "train.objective 'iwae' fits m2 only with guide dirichlet or logistic-normal-latent, not 'enum'"),
-        (["train", "{recipe}", "--set", "model=gmm-vae", "--set", "train.objective=iwae"],
-         "train.objective 'iwae' does not fit model 'gmm-vae'"),
-        (["train", "{recipe}", "--set", "model=ccvae", "--set", "options={{}}", "--set", "train.objective=iwae"],
-         "train.objective 'iwae' does not fit model 'ccvae'"),
+        (
+            ["train", "{recipe}", "--set", "z_guide=flw"],
+            "z_guide 'flw' does not fit model 'vae' (did you mean 'flow'?)",
+        ),
+        (
+            ["train", "{recipe}", "--set", "model=gae", "--set", "guide=point", "--set", "z_guide=flow"],
+            "it has no Gaussian code (models with one: vae, m2, gmm-vae, serket-vae-gmm, ccvae)",
+        ),
+        (
+            ["train", "{recipe}", "--set", "model=m2", "--set", "guide=enum", "--set", "train.objective=iwae"],
+            "train.objective 'iwae' fits m2 only with guide dirichlet or logistic-normal-latent, not 'enum'",
+        ),
+        (
+            ["train", "{recipe}", "--set", "model=gmm-vae", "--set", "train.objective=iwae"],
+            "train.objective 'iwae' does not fit model 'gmm-vae'",
+        ),
+        (
+            ["train", "{recipe}", "--set", "model=ccvae", "--set", "options={{}}", "--set", "train.objective=iwae"],
+            "train.objective 'iwae' does not fit model 'ccvae'",
+        ),
         (["train", "{recipe}", "--set", "train.objective=elbbo"], "train.objective must be one of elbo, iwae"),
         (["train", "{recipe}", "--set", "train.particles=0"], "train.particles must be at least 1"),
         (["train", "{recipe}", "--set", "options.flows=0"], "options.flows must be at least 1"),
@@ -124,20 +156,42 @@ def test_data_info(capsys):
         (["train", "{recipe}", "--set", "options.z_dim=0"], "z_dim must be at least 1"),
         (["train", "{recipe}", "--threads", "-1"], "threads must be at least 1"),
         (["train", "{recipe}", "--set", "train.iwae_samples=-1"], "iwae_samples must be 0"),
-        (["train", "{recipe}", "--set", "data.validation=1.5"], "data.validation = 1.5: a count of examples must be whole"),
+        (
+            ["train", "{recipe}", "--set", "data.validation=1.5"],
+            "data.validation = 1.5: a count of examples must be whole",
+        ),
         (["train", "{recipe}", "--set", "data.test=-0.1"], "data.test must be a fraction in [0, 1) or a whole count"),
-        (["train", "{recipe}", "--set", "data.validation=1"], "data.validation leaves 1 validation example: at least 2"),
+        (
+            ["train", "{recipe}", "--set", "data.validation=1"],
+            "data.validation leaves 1 validation example: at least 2",
+        ),
         (["train", "{recipe}", "--set", "train.lr=nan"], "'train.lr' must be a finite number, not nan"),
         (["train", "{recipe}", "--set", "train.epochs=1e30"], "'train.epochs' = 1e+30 is out of range"),
         (["train", "{recipe}", "--set", "seed=-1"], "seed must be in 0 .. 2**32 - 1"),
         (["train", "{recipe}", "--set", "data.limit_per_class=0"], "data.limit_per_class must be at least 1"),
-        (["train", "{recipe}", "--set", "model=gae", "--set", "options={{}}", "--set", "data.labels_per_class=1"],
-         "every class needs at least 2 labelled examples"),
-        (["train", "{recipe}", "--set", "model=gmm-vae", "--set", "options={{clusters = 40}}", "--set", "data.limit_per_class=3"],
-         "options.clusters = 40 needs at least 40 training examples"),
+        (
+            ["train", "{recipe}", "--set", "model=gae", "--set", "options={{}}", "--set", "data.labels_per_class=1"],
+            "every class needs at least 2 labelled examples",
+        ),
+        (
+            [
+                "train",
+                "{recipe}",
+                "--set",
+                "model=gmm-vae",
+                "--set",
+                "options={{clusters = 40}}",
+                "--set",
+                "data.limit_per_class=3",
+            ],
+            "options.clusters = 40 needs at least 40 training examples",
+        ),
         (["train", "{recipe}", "--out", "/proc/no/such/place"], "cannot write into /proc/no/such/place"),
         (["train", "{recipe}", "--out", "{recipe}"], "a file of that name exists"),
-        (["ablate", "{recipe}", "--guides", "amortised", "--out", "/proc/no/such/place"], "cannot write into /proc/no/such/place"),
+        (
+            ["ablate", "{recipe}", "--guides", "amortised", "--out", "/proc/no/such/place"],
+            "cannot write into /proc/no/such/place",
+        ),
         (["frobnicate"], "invalid choice"),
         (["data", "download", "cifar"], "invalid choice"),
     ],
@@ -167,7 +221,6 @@ def test_module_entry_point_exit_code():
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("command", ["eval", "report", "resume"])
 def test_a_run_whose_checkpoint_would_run_code_is_refused(tmp_path, recipe, capsys, command):
@@ -190,8 +243,21 @@ def test_an_image_size_the_convolutional_network_cannot_take(tmp_path, recipe, c
     import numpy as np
 
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((40, 10, 10)), y=np.arange(40) % 2)
-    code, _, err = run_cli(["train", recipe, "--set", "data.name=npz", "--set", f"data.path={tmp_path / 'd.npz'!s}",
-                            "--set", "options.net=conv", "--out", tmp_path / "r"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            recipe,
+            "--set",
+            "data.name=npz",
+            "--set",
+            f"data.path={tmp_path / 'd.npz'!s}",
+            "--set",
+            "options.net=conv",
+            "--out",
+            tmp_path / "r",
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1
     assert "needs images of at least 8x8 with height and width divisible by 4, not 1x10x10" in err
 
@@ -208,22 +274,32 @@ def test_an_unwritable_output_folder_fails_before_any_data_is_loaded(tmp_path, r
         (tmp_path / "locked").mkdir(mode=0o500)
         places.append(tmp_path / "locked")
     for place in places:
-        for command in (["train", recipe, "--out", place / "run"], ["ablate", recipe, "--guides", "amortised", "--out", place / "ab"]):
+        for command in (
+            ["train", recipe, "--out", place / "run"],
+            ["ablate", recipe, "--guides", "amortised", "--out", place / "ab"],
+        ):
             code, out, err = run_cli(command, capsys)
             assert code == 2 and err.count("\n") == 1 and "cannot write into" in err and str(place) in err, err
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("summary.json", '{"model": "vae",\n  "epochs": }', "summary.json: line 2, column 13: not JSON"),
-    ("summary.json", '[1, 2]', "summary.json: not a run summary"),
-    ("summary.json", '{"model": "vae"}', "summary.json: 'guide' is missing or not a str"),
-    ("config.toml", 'model = "vae"\n[train]\nepochs = "three"\n', "config.toml: 'train.epochs' must be an integer"),
-    ("config.toml", 'model = "vae"\n[train\n', "config.toml: TOML syntax error"),
-    ("metrics.jsonl", '{"epoch": 1, "loss": 1.0}\nnot json\n{"epoch": 2, "loss": 1.0}\n', "metrics.jsonl: line 2: not JSON"),
-    ("metrics.jsonl", '{"epoch": 1, "loss": "low"}\n', "metrics.jsonl: line 1: 'loss' is not a number"),
-    ("metrics.jsonl", '{"epoch": 2}\n{"epoch": 1}\n', "metrics.jsonl: the epochs are not increasing"),
-    ("best.pt", "", "best.pt is not a readable checkpoint"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("summary.json", '{"model": "vae",\n  "epochs": }', "summary.json: line 2, column 13: not JSON"),
+        ("summary.json", "[1, 2]", "summary.json: not a run summary"),
+        ("summary.json", '{"model": "vae"}', "summary.json: 'guide' is missing or not a str"),
+        ("config.toml", 'model = "vae"\n[train]\nepochs = "three"\n', "config.toml: 'train.epochs' must be an integer"),
+        ("config.toml", 'model = "vae"\n[train\n', "config.toml: TOML syntax error"),
+        (
+            "metrics.jsonl",
+            '{"epoch": 1, "loss": 1.0}\nnot json\n{"epoch": 2, "loss": 1.0}\n',
+            "metrics.jsonl: line 2: not JSON",
+        ),
+        ("metrics.jsonl", '{"epoch": 1, "loss": "low"}\n', "metrics.jsonl: line 1: 'loss' is not a number"),
+        ("metrics.jsonl", '{"epoch": 2}\n{"epoch": 1}\n', "metrics.jsonl: the epochs are not increasing"),
+        ("best.pt", "", "best.pt is not a readable checkpoint"),
+    ],
+)
 @pytest.mark.parametrize("command", ["eval", "report"])
 def test_a_damaged_run_file_is_one_line_naming_it(name, content, message, command, tmp_path, recipe, capsys):
     assert run_cli(["train", recipe, "--out", tmp_path / "run"], capsys)[0] == 0
@@ -264,12 +340,14 @@ def test_input_beyond_any_limit_is_one_short_line_before_anything_is_written(tmp
     huge.write_text(recipe.read_text().replace('name = "digits"', 'name = "' + "d" * 5_000_000 + '"'))
     fifo = tmp_path / "fifo.npz"
     os.mkfifo(fifo)
-    cases = [([recipe, "--set", "options.hidden=" + "[" * 3000 + "1" + "]" * 3000], "nested too deeply"),
-             ([recipe, "--set", "options.hidden=" + "[" * 40 + "1" + "]" * 40], "nested too deeply"),
-             ([recipe, "--set", "train.epochs=" + "9" * 5000], "digits"),
-             ([huge], "unknown dataset"),
-             ([recipe, "--set", "train.iwae_samples=100000000"], "train.iwae_samples = 100000000 needs about"),
-             ([recipe, "--set", "data.name='npz'", "--set", f"data.path='{fifo}'"], "not a regular file")]
+    cases = [
+        ([recipe, "--set", "options.hidden=" + "[" * 3000 + "1" + "]" * 3000], "nested too deeply"),
+        ([recipe, "--set", "options.hidden=" + "[" * 40 + "1" + "]" * 40], "nested too deeply"),
+        ([recipe, "--set", "train.epochs=" + "9" * 5000], "digits"),
+        ([huge], "unknown dataset"),
+        ([recipe, "--set", "train.iwae_samples=100000000"], "train.iwae_samples = 100000000 needs about"),
+        ([recipe, "--set", "data.name='npz'", "--set", f"data.path='{fifo}'"], "not a regular file"),
+    ]
     for args, message in cases:
         out = tmp_path / "run"
         code, _, err = run_cli(["train", *args, "--out", out], capsys)
@@ -285,7 +363,9 @@ def test_a_recipe_with_a_byte_order_mark_and_a_relative_data_dir(tmp_path, recip
     bom.write_bytes(b"\xef\xbb\xbf" + recipe.read_bytes())
     (tmp_path / "files").mkdir()
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(["train", bom, "--out", tmp_path / "run", "--set", "train.epochs=1", "--data-dir", "files"], capsys)
+    code, _, err = run_cli(
+        ["train", bom, "--out", tmp_path / "run", "--set", "train.epochs=1", "--data-dir", "files"], capsys
+    )
     assert code == 0, err
     assert f'data_dir = "{tmp_path / "files"}"' in (tmp_path / "run" / "config.toml").read_text()
 

@@ -14,7 +14,9 @@ def test_recipe_and_overrides(tmp_path):
 
 
 def test_round_trip_through_toml(tmp_path):
-    config = config_from_dict({"model": "vae", "data": {"name": "digits", "validation": 0.25}, "options": {"hidden": [3, 4]}})
+    config = config_from_dict(
+        {"model": "vae", "data": {"name": "digits", "validation": 0.25}, "options": {"hidden": [3, 4]}}
+    )
     path = tmp_path / "config.toml"
     path.write_text(dumps(config))
     assert load_config(path) == config
@@ -82,4 +84,7 @@ def test_a_setting_is_a_field_with_its_doc_and_a_fresh_copy_of_a_list_default():
     a.widths.append(1)
     assert b.widths == [4, 2] and Child().widths == [4, 2]
     rows = [{k: r[k] for k in ("name", "default", "doc")} for r in option_rows(Child)]
-    assert rows == [{"name": "widths", "default": "[4, 2]", "doc": "layer widths"}, {"name": "rate", "default": "0.25", "doc": "a rate"}]
+    assert rows == [
+        {"name": "widths", "default": "[4, 2]", "doc": "layer widths"},
+        {"name": "rate", "default": "0.25", "doc": "a rate"},
+    ]

@@ -64,8 +64,14 @@ def _launch(tmp_path, config, out, nproc=2, resume=False):
     dump = tmp_path / f"states-{nproc}-{out.name}"
     dump.mkdir(exist_ok=True)
     args = [str(tmp_path / "config.json"), str(out), str(dump)] + (["resume"] if resume else [])
-    done = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), str(tmp_path / "script.py"), *args],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), str(tmp_path / "script.py"), *args],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-3000:]
     assert "Warning" not in done.stderr, done.stderr[-3000:]  # e.g. a deprecated DistributedDataParallel argument
     return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
@@ -102,12 +108,22 @@ def test_shards_cover_a_batch_once_and_weights_make_the_global_mean(monkeypatch)
 
 def test_two_processes_end_identical_and_write_one_run_directory(tmp_path):
     out = tmp_path / "run"
-    config = _config(**{"model": "gae", "data.labels_per_class": None, "options": {"z_dim": 3, "hidden": [16], "components": 2}})
+    config = _config(
+        **{"model": "gae", "data.labels_per_class": None, "options": {"z_dim": 3, "hidden": [16], "components": 2}}
+    )
     states = _launch(tmp_path, config, out)
     assert states[0].keys() == states[1].keys()
     for key in states[0]:  # parameters, and the mixtures fitted once on rank 0 and broadcast
         assert torch.equal(states[0][key], states[1][key]), key
-    assert sorted(p.name for p in out.iterdir()) == [runs.LOCK, "best.pt", "checkpoint.pt", "config.toml", "figures", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        runs.LOCK,
+        "best.pt",
+        "checkpoint.pt",
+        "config.toml",
+        "figures",
+        "metrics.jsonl",
+        "summary.json",
+    ]
     assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2]  # one writer
     summary = runs.read_summary(out)
     assert summary["processes"] == 2 and 0 <= summary["test_accuracy"] <= 1
@@ -129,8 +145,15 @@ def test_two_processes_train_the_new_guides_and_write_the_kl_of_each_unit(tmp_pa
     """M2 with the Dirichlet label latent and a flow z-guide: identical ranks, a checkpoint load_run reloads,
     and the per-unit KL summed over the processes' shares of the validation set."""
     out = tmp_path / "run"
-    config = _config(**{"model": "m2", "guide": "dirichlet", "z_guide": "flow", "data.labels_per_class": 5,
-                        "options": {"z_dim": 3, "hidden": [16], "flow_hidden": [8]}})
+    config = _config(
+        **{
+            "model": "m2",
+            "guide": "dirichlet",
+            "z_guide": "flow",
+            "data.labels_per_class": 5,
+            "options": {"z_dim": 3, "hidden": [16], "flow_hidden": [8]},
+        }
+    )
     states = _launch(tmp_path, config, out)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert any("z_guide.maps" in k for k in states[0]) and load_run(out, "last").model.z_guide_name == "flow"
@@ -140,8 +163,15 @@ def test_two_processes_train_the_new_guides_and_write_the_kl_of_each_unit(tmp_pa
 
 def test_two_processes_with_half_batches_match_one_process_with_whole_batches(tmp_path):
     """A model without sampling noise: DDP's averaged gradients equal the gradients of the global batch."""
-    config = _config(**{"model": "classifier", "data.labels_per_class": None, "train.epochs": 3, "train.batch_size": 50,
-                        "options": {"hidden": [32]}})
+    config = _config(
+        **{
+            "model": "classifier",
+            "data.labels_per_class": None,
+            "train.epochs": 3,
+            "train.batch_size": 50,
+            "options": {"hidden": [32]},
+        }
+    )
     two = _launch(tmp_path, config, tmp_path / "two")
     one = Trainer(config, tmp_path / "one")
     one.fit()
@@ -213,9 +243,23 @@ def test_a_non_finite_loss_in_one_process_is_skipped_by_all(tmp_path):
     config = _config(**{"train.on_nonfinite": "skip", "train.epochs": 1})
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     (tmp_path / "script.py").write_text(NONFINITE)
-    done = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", str(tmp_path / "script.py"),
-                           str(tmp_path / "config.json"), str(tmp_path / "run"), str(tmp_path)],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            *TORCHRUN,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(tmp_path / "script.py"),
+            str(tmp_path / "config.json"),
+            str(tmp_path / "run"),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # the same steps were skipped everywhere
@@ -226,11 +270,20 @@ def _job_past_its_first_checkpoint(tmp_path, epochs: int, batch_size: int, seed:
     """``pyrossl train --nproc 2`` of a small VAE recipe, started and waited on until its first
     checkpoint exists; returns the process (the launcher), the recipe and the run directory."""
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text(f'model = "vae"\nseed = {seed}\n[data]\nname = "digits"\nlabels_per_class = 0\n'
-                      f'[train]\nepochs = {epochs}\nbatch_size = {batch_size}\nprogress = false\n[options]\nz_dim = 4\nhidden = [32]\n')
+    recipe.write_text(
+        f'model = "vae"\nseed = {seed}\n[data]\nname = "digits"\nlabels_per_class = 0\n'
+        f"[train]\nepochs = {epochs}\nbatch_size = {batch_size}\nprogress = false\n[options]\nz_dim = 4\nhidden = "
+        "[32]\n"
+    )
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "pyrossl", "train", str(recipe), "--out", str(out), "--nproc", "2"],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyrossl", "train", str(recipe), "--out", str(out), "--nproc", "2"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (out / runs.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -251,8 +304,14 @@ def test_a_killed_process_stops_the_others_with_a_message_and_the_run_resumes(tm
     assert "Traceback" not in err, err[-3000:]  # a survivor's backend trace goes to process<rank>-error.log
     epoch = runs.load_checkpoint(out / runs.CHECKPOINT)["counters"]["epoch"]  # intact
     assert 1 <= epoch < 60
-    done = subprocess.run([sys.executable, "-m", "pyrossl", "train", "--resume", str(out), "--quiet"], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyrossl", "train", "--resume", str(out), "--quiet"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r["epoch"] for r in runs.read_metrics(out)] == list(range(1, 61))
 
@@ -260,9 +319,16 @@ def test_a_killed_process_stops_the_others_with_a_message_and_the_run_resumes(tm
 def test_a_two_process_run_killed_and_resumed_on_two_processes_ends_bit_for_bit_as_an_uninterrupted_one(tmp_path):
     """Every process's random state is in the checkpoint: rank 1 killed mid-run, the job resumed on two
     processes, and the final parameters equal those of an uninterrupted two-process run."""
+
     def pyrossl(*args):
-        return subprocess.run([sys.executable, "-m", "pyrossl", "train", *map(str, args)], cwd=tmp_path, env=_env(),
-                              capture_output=True, text=True, timeout=240)
+        return subprocess.run(
+            [sys.executable, "-m", "pyrossl", "train", *map(str, args)],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
 
     proc, recipe, out = _job_past_its_first_checkpoint(tmp_path, epochs=4, batch_size=16, seed=3)
     time.sleep(0.2)  # into the next epoch
@@ -291,9 +357,15 @@ def test_a_signal_to_the_launcher_stops_every_process_in_one_line(tmp_path, sign
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == (f"pyrossl: interrupted by {signum.name}; every process was stopped and the last "
-                                            f"checkpoint is intact: resume with pyrossl train --resume {out} --nproc 2")
-    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    assert err.strip().splitlines()[-1] == (
+        f"pyrossl: interrupted by {signum.name}; every process was stopped and the last "
+        f"checkpoint is intact: resume with pyrossl train --resume {out} --nproc 2"
+    )
+    assert not [
+        pid
+        for pid in ranks
+        if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    ]
     runs.load_checkpoint(out / runs.CHECKPOINT)
 
 
@@ -302,10 +374,37 @@ def test_two_machines_simulated_on_one_host_complete_a_recipe(tmp_path):
     out = tmp_path / "run"
     recipe = ROOT / "runs" / "vae-digits.toml"
     nodes = [
-        subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-                          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pyrossl-test",
-                          "-m", "pyrossl", "train", str(recipe), "--set", "train.epochs=2", "--out", str(out), "--quiet"],
-                         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "pyrossl-test",
+                "-m",
+                "pyrossl",
+                "train",
+                str(recipe),
+                "--set",
+                "train.epochs=2",
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for rank in (0, 1)
     ]
     results = [node.communicate(timeout=240) for node in nodes]
@@ -317,8 +416,25 @@ def test_two_machines_simulated_on_one_host_complete_a_recipe(tmp_path):
 
 
 def test_nproc_bad_input_is_one_line_before_any_process_starts(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pyrossl", "train", str(ROOT / "runs" / "vae-digits.toml"), "--nproc", "2",
-                           "--set", "train.batch_size=0", "--out", str(tmp_path / "run")],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyrossl",
+            "train",
+            str(ROOT / "runs" / "vae-digits.toml"),
+            "--nproc",
+            "2",
+            "--set",
+            "train.batch_size=0",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.strip() == "pyrossl: error: train.batch_size must be at least 1, not 0"
     assert not (tmp_path / "run").exists()

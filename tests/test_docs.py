@@ -22,8 +22,11 @@ def public_names() -> set[str]:
     modules = []
     for package in PACKAGES:
         pkg = importlib.import_module(package)
-        modules += [f"{package}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)
-                    if not m.name.startswith("_") and not m.ispkg and f"{package}.{m.name}" not in PACKAGES]
+        modules += [
+            f"{package}.{m.name}"
+            for m in pkgutil.iter_modules(pkg.__path__)
+            if not m.name.startswith("_") and not m.ispkg and f"{package}.{m.name}" not in PACKAGES
+        ]
     for name in modules:
         if name in ("pyrossl.models", "pyrossl.guides"):
             continue
@@ -40,9 +43,25 @@ def public_names() -> set[str]:
 def site(tmp_path_factory):
     """The site built as CI builds it (warnings are errors), without executing notebooks."""
     out = tmp_path_factory.mktemp("site")
-    result = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-                             "-d", str(out / "doctrees"), str(ROOT / "docs"), str(out / "html")],
-                            capture_output=True, text=True, env={**__import__("os").environ, "PYROSSL_DOCS_EXECUTE": "off"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            "-d",
+            str(out / "doctrees"),
+            str(ROOT / "docs"),
+            str(out / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYROSSL_DOCS_EXECUTE": "off"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "html"
 
@@ -99,7 +118,9 @@ def test_option_rows_come_from_the_fields_and_document_every_setting():
     assert "auxiliary loss" in rows["aux_weight"]["doc"]
     assert rows["z_rank"]["doc"].startswith("lowrank-normal")  # a base class's field and doc
     serket = {r["name"]: r for r in MODELS["serket-vae-gmm"].option_rows()}
-    assert serket["z_dim"]["default"] == "18" and serket["z_dim"]["doc"] == "width of the continuous code z"  # new default, inherited doc
+    assert (
+        serket["z_dim"]["default"] == "18" and serket["z_dim"]["doc"] == "width of the continuous code z"
+    )  # new default, inherited doc
     sections = [cls.Options for cls in MODELS.values()] + [config.DataConfig, config.TrainConfig]
     top = [r for r in config.option_rows(config.Config) if r["name"] not in ("data", "train", "options")]
     undocumented = [(s.__name__, r["name"]) for s in sections for r in config.option_rows(s) if not r["doc"]]

@@ -49,9 +49,7 @@ def brute_force_cluster_accuracy(clusters, target):
     cluster_values = sorted(set(clusters))
     classes = range(max(target) + 1)
     best = 0
-    for assignment in itertools.permutations(
-        list(classes) + [-1] * len(cluster_values), len(cluster_values)
-    ):
+    for assignment in itertools.permutations(list(classes) + [-1] * len(cluster_values), len(cluster_values)):
         mapping = dict(zip(cluster_values, assignment))
         best = max(best, sum(mapping[c] == t for c, t in zip(clusters, target)))
     return best / len(target)
@@ -298,13 +296,19 @@ def test_label_tables_of_parts_add_up_and_give_the_metrics_of_the_labels():
     pairs = ev.pairs_from_table(table)
     assert ev.clustering_metrics(*pairs) == ev.clustering_metrics(clusters, target)
     pred = clusters % 3
-    assert ev.classification_metrics(*ev.pairs_from_table(ev.label_table(pred, target, 3, 3)), 3) == ev.classification_metrics(pred, target, 3)
+    assert ev.classification_metrics(
+        *ev.pairs_from_table(ev.label_table(pred, target, 3, 3)), 3
+    ) == ev.classification_metrics(pred, target, 3)
 
 
-@pytest.mark.parametrize("pred, target, message", [
-    ([0, 3], [0, 1], r"pred labels must lie in 0..2"), ([0, 1], [0, -1], r"target labels must lie in 0..2"),
-    ([0, 1, 2], [0, 1], "same length"),
-])
+@pytest.mark.parametrize(
+    "pred, target, message",
+    [
+        ([0, 3], [0, 1], r"pred labels must lie in 0..2"),
+        ([0, 1], [0, -1], r"target labels must lie in 0..2"),
+        ([0, 1, 2], [0, 1], "same length"),
+    ],
+)
 def test_label_table_rejects_labels_out_of_range(pred, target, message):
     with pytest.raises(ValueError, match=message):
         ev.label_table(pred, target, 3, 3)

@@ -29,15 +29,24 @@ def test_the_label_guides_table_says_the_site_the_elbo_and_the_loss_of_each():
     assert rows["enum"][2:] == ["y, class index", "TraceEnum_ELBO", "a bound on -log p(x)"]
     assert rows["gumbel"][2:] == ["y, relaxed vector", "TraceMeanField_ELBO", "a surrogate"]
     assert rows["sample"][3] == "Trace_ELBO"
-    assert rows["dirichlet"][2:] == ["alpha (the model's own latent)", "TraceMeanField_ELBO (or iwae)", "a bound of its own model"]
+    assert rows["dirichlet"][2:] == [
+        "alpha (the model's own latent)",
+        "TraceMeanField_ELBO (or iwae)",
+        "a bound of its own model",
+    ]
 
     class Mine(GumbelSoftmaxGuide):
         description = "a guide of a plugin"
 
     LABEL_GUIDES.register("mine-for-the-table", Mine)
     try:
-        assert LABEL_GUIDES.rows()[-1] == ["mine-for-the-table", "a guide of a plugin", "y, relaxed vector",
-                                          "TraceMeanField_ELBO", "a surrogate"]
+        assert LABEL_GUIDES.rows()[-1] == [
+            "mine-for-the-table",
+            "a guide of a plugin",
+            "y, relaxed vector",
+            "TraceMeanField_ELBO",
+            "a surrogate",
+        ]
         assert "mine-for-the-table" in LABEL_GUIDES.table()
     finally:
         LABEL_GUIDES.unregister("mine-for-the-table")
@@ -46,5 +55,8 @@ def test_the_label_guides_table_says_the_site_the_elbo_and_the_loss_of_each():
 
 def test_the_z_guides_table_says_the_kl_and_the_options_of_each():
     rows = {row[0]: row[2:] for row in Z_GUIDES.rows()}
-    assert rows == {"diag-normal": ["closed form", "-"], "lowrank-normal": ["Monte Carlo", "z_rank"],
-                    "flow": ["Monte Carlo", "flows, flow_hidden"]}
+    assert rows == {
+        "diag-normal": ["closed form", "-"],
+        "lowrank-normal": ["Monte Carlo", "z_rank"],
+        "flow": ["Monte Carlo", "flows, flow_hidden"],
+    }

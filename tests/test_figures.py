@@ -16,7 +16,15 @@ from pyrossl.report import draw
 
 ROOT = Path(__file__).resolve().parents[1]
 #: what a model or guide module may not import: it is the generative story and its guide, no more
-ABOVE = ("pyrossl.plots", "pyrossl.runs", "pyrossl.train", "pyrossl.report", "pyrossl.cli", "pyrossl.ablate", "matplotlib")
+ABOVE = (
+    "pyrossl.plots",
+    "pyrossl.runs",
+    "pyrossl.train",
+    "pyrossl.report",
+    "pyrossl.cli",
+    "pyrossl.ablate",
+    "matplotlib",
+)
 
 
 def _imports(path: Path) -> set[str]:
@@ -32,17 +40,23 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "models").glob("*.py")) + sorted((ROOT / "guides").glob("*.py")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "models").glob("*.py")) + sorted((ROOT / "guides").glob("*.py")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_models_and_guides_import_nothing_above_them(path):
     above = sorted(m for m in _imports(path) if any(m == a or m.startswith(a + ".") for a in ABOVE))
     assert not above, f"{path.name} imports {', '.join(above)}"
 
 
 def test_importing_every_entry_loads_no_plotting_run_folder_or_trainer():
-    code = ("import sys, pyrossl.models.vae, pyrossl.models.m2, pyrossl.models.gmm_vae, pyrossl.models.serket_vae_gmm, pyrossl.models.gae, "
-            "pyrossl.models.ccvae, pyrossl.models.classifier\n"
-            f"print(' '.join(sorted(m for m in sys.modules if m.startswith({ABOVE!r}))))")
+    code = (
+        "import sys, pyrossl.models.vae, pyrossl.models.m2, pyrossl.models.gmm_vae, pyrossl.models.serket_vae_gmm, "
+        "pyrossl.models.gae, "
+        "pyrossl.models.ccvae, pyrossl.models.classifier\n"
+        f"print(' '.join(sorted(m for m in sys.modules if m.startswith({ABOVE!r}))))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""

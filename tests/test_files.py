@@ -20,7 +20,14 @@ SOURCES = sorted([*PACKAGE.glob("pyrossl/**/*.py"), *PACKAGE.glob("models/*.py")
 WRITERS = {"savefig", "savetxt", "save", "savez", "write_text", "write_bytes", "imsave", "dump"}
 # calls that create, replace or link files in their own way: only files.py may make them
 RAW_FILE_OPERATIONS = {"mkstemp", "NamedTemporaryFile", "fdopen", "symlink_to", "hardlink_to", "copyfile", "rename"}
-OF_OS_OR_SHUTIL = {"replace", "copy", "copy2", "move", "link", "symlink"}  # (str.replace, dict.copy are no file operations)
+OF_OS_OR_SHUTIL = {
+    "replace",
+    "copy",
+    "copy2",
+    "move",
+    "link",
+    "symlink",
+}  # (str.replace, dict.copy are no file operations)
 
 
 def _callee(call: ast.Call) -> str:
@@ -43,11 +50,17 @@ def _writes(tree: ast.AST) -> list[tuple[int, str]]:
             if name in WRITERS and not any(isinstance(a, ast.Name) and a.id in handles for a in node.args):
                 found.append((node.lineno, name))
             elif name == "open":  # open, gzip.open, os.open (its flags read as '?'), Image.open...
-                mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+                mode = (
+                    node.args[1]
+                    if len(node.args) > 1
+                    else next((k.value for k in node.keywords if k.arg == "mode"), None)
+                )
                 text = "r" if mode is None else mode.value if isinstance(mode, ast.Constant) else "?"
                 if not isinstance(text, str) or set(text) & set("wax+?"):
                     found.append((node.lineno, f"open(..., {text!r})"))
-            elif name in RAW_FILE_OPERATIONS or (name in OF_OS_OR_SHUTIL and isinstance(owner, ast.Name) and owner.id in ("os", "shutil")):
+            elif name in RAW_FILE_OPERATIONS or (
+                name in OF_OS_OR_SHUTIL and isinstance(owner, ast.Name) and owner.id in ("os", "shutil")
+            ):
                 found.append((node.lineno, name))
         for child in ast.iter_child_nodes(node):
             visit(child, handles)
@@ -65,9 +78,17 @@ def test_every_write_of_the_package_goes_through_the_atomic_helper():
             offenders.append(f"{path.relative_to(PACKAGE)}:{line}: {what}")
     assert not offenders, "\n".join(offenders)
     # the scan sees the writes it is meant to see
-    assert _writes(ast.parse("fig.savefig('a.png')\nnp.savetxt(p, t)\nopen(p, 'a')\nos.replace(a, b)\ntorch.save(x, p)")) == \
-        [(1, "savefig"), (2, "savetxt"), (3, "open(..., 'a')"), (4, "replace"), (5, "save")]
-    assert _writes(ast.parse("files.atomic_write_bytes(p, lambda f: fig.savefig(f))\nopen(p)\nopen(p, 'rb')\n's'.replace('a', 'b')")) == []
+    assert _writes(
+        ast.parse("fig.savefig('a.png')\nnp.savetxt(p, t)\nopen(p, 'a')\nos.replace(a, b)\ntorch.save(x, p)")
+    ) == [(1, "savefig"), (2, "savetxt"), (3, "open(..., 'a')"), (4, "replace"), (5, "save")]
+    assert (
+        _writes(
+            ast.parse(
+                "files.atomic_write_bytes(p, lambda f: fig.savefig(f))\nopen(p)\nopen(p, 'rb')\n's'.replace('a', 'b')"
+            )
+        )
+        == []
+    )
 
 
 def test_a_write_that_fails_keeps_the_previous_content_and_says_so_in_one_line(tmp_path, monkeypatch):
@@ -120,7 +141,9 @@ def test_nothing_is_written_through_a_symbolic_link(tmp_path):
 
 def test_a_run_directory_has_one_writer_and_a_dead_writers_lock_is_gone(tmp_path):
     first = files.RunLock(tmp_path, "pyrossl train").acquire()
-    with pytest.raises(CheckpointError, match=rf"^{tmp_path} is in use by pid {os.getpid()} on .* \(pyrossl train, since .*\): wait"):
+    with pytest.raises(
+        CheckpointError, match=rf"^{tmp_path} is in use by pid {os.getpid()} on .* \(pyrossl train, since .*\): wait"
+    ):
         files.RunLock(tmp_path, "pyrossl report").acquire()
     first.release()
     with files.RunLock(tmp_path, "pyrossl report"):  # released: the next writer takes it

@@ -39,8 +39,14 @@ LONG = int(os.environ.get("PYROSSL_FUZZ", "0"))
 def fuzz_settings(examples: int):
     # no shrinking in the suite's profile: a case costs seconds, and a failure prints its inputs anyway
     phases = list(Phase) if LONG else [Phase.explicit, Phase.reuse, Phase.generate]
-    return settings(max_examples=LONG or examples, deadline=None, derandomize=not LONG, database=None,
-                    suppress_health_check=list(HealthCheck), phases=phases)
+    return settings(
+        max_examples=LONG or examples,
+        deadline=None,
+        derandomize=not LONG,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=phases,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,14 +98,41 @@ def toml_text(recipe: dict) -> str:
         raise TypeError(v)
 
     top = [f"{k} = {value(v)}" for k, v in recipe.items() if not isinstance(v, dict)]
-    sections = [f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items()) for k, v in recipe.items() if isinstance(v, dict)]
+    sections = [
+        f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
+        for k, v in recipe.items()
+        if isinstance(v, dict)
+    ]
     return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"
 
 
 #: values a user could type by mistake: wrong types, edges, out of range, not finite (never a huge
 #: count: a valid one would train for ever)
-ODD = [-1, 0, 1, 2, 0.5, 1.5, -0.5, 1e30, -1e30, math.nan, math.inf, -math.inf, "", "x", "none", True, False,
-       [], [0], [-1], [2.5], {}, {"a": 1}]
+ODD = [
+    -1,
+    0,
+    1,
+    2,
+    0.5,
+    1.5,
+    -0.5,
+    1e30,
+    -1e30,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "",
+    "x",
+    "none",
+    True,
+    False,
+    [],
+    [0],
+    [-1],
+    [2.5],
+    {},
+    {"a": 1},
+]
 #: keys that keep the data tiny: mutated, never removed
 KEEP = {("data", "limit_per_class"), ("data", "num_examples"), ("data", "name")}
 
@@ -140,7 +173,9 @@ def mutated_recipes(draw):
             del node[key[-1]]
         elif kind == "nudge" and isinstance(value, (int, float)) and not isinstance(value, bool):
             # a plausible value near the written one: the edges a valid recipe can reach (0, 1, halves, doubles)
-            node[key[-1]] = draw(st.sampled_from([0, 1, 2, value * 2, value + 1, value // 2 if isinstance(value, int) else value / 2]))
+            node[key[-1]] = draw(
+                st.sampled_from([0, 1, 2, value * 2, value + 1, value // 2 if isinstance(value, int) else value / 2])
+            )
         else:
             node[key[-1]] = draw(st.sampled_from(ODD))
     return path.name, recipe
@@ -178,7 +213,14 @@ def test_mutated_recipes_train_or_exit_2_with_one_line(case, tmp_path_factory, c
 def test_the_tiny_recipes_train(tmp_path, capsys):
     """The fuzzer's starting points are valid: its mutations, not the shrinking, cause the exits 2."""
     for path in RECIPES:
-        if path.stem not in ("m2-fmnist-100", "gae-fmnist", "ccvae-shapes", "serket-vae-gmm-mnist3000", "gmm-vae-mnist3000", "vae-digits"):
+        if path.stem not in (
+            "m2-fmnist-100",
+            "gae-fmnist",
+            "ccvae-shapes",
+            "serket-vae-gmm-mnist3000",
+            "gmm-vae-mnist3000",
+            "vae-digits",
+        ):
             continue
         (tmp_path / f"{path.stem}.toml").write_text(toml_text(tiny(tomllib.loads(path.read_text()))))
         code, err = run_cli(["train", tmp_path / f"{path.stem}.toml", "--out", tmp_path / path.stem, "--quiet"], capsys)
@@ -189,12 +231,34 @@ def test_the_tiny_recipes_train(tmp_path, capsys):
 # run directories
 # ---------------------------------------------------------------------------------------------
 SMALL = {
-    "m2": ["model=\"m2\"", "guide=\"enum\"", "data.name=\"digits\"", "data.limit_per_class=15", "data.labels_per_class=2",
-           "data.validation=20", "data.test=20", "train.epochs=2", "train.batch_size=32", "options.hidden=[16]",
-           "options.z_dim=4"],
-    "serket": ["model=\"serket-vae-gmm\"", "data.name=\"digits\"", "data.limit_per_class=15", "data.labels_per_class=0",
-               "data.validation=0", "data.test=0", "train.epochs=2", "train.batch_size=50", "options.hidden=[16]",
-               "options.z_dim=3", "options.epochs_per_round=1", "options.clusters=3", "train.eval_every=1"],
+    "m2": [
+        'model="m2"',
+        'guide="enum"',
+        'data.name="digits"',
+        "data.limit_per_class=15",
+        "data.labels_per_class=2",
+        "data.validation=20",
+        "data.test=20",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "options.hidden=[16]",
+        "options.z_dim=4",
+    ],
+    "serket": [
+        'model="serket-vae-gmm"',
+        'data.name="digits"',
+        "data.limit_per_class=15",
+        "data.labels_per_class=0",
+        "data.validation=0",
+        "data.test=0",
+        "train.epochs=2",
+        "train.batch_size=50",
+        "options.hidden=[16]",
+        "options.z_dim=3",
+        "options.epochs_per_round=1",
+        "options.clusters=3",
+        "train.eval_every=1",
+    ],
 }
 
 
@@ -207,7 +271,9 @@ def finished(tmp_path_factory):
     for name, overrides in SMALL.items():
         argv = ["train", recipe, "--out", base / name, "--quiet"] + [a for o in overrides for a in ("--set", o)]
         assert cli.main([str(a) for a in argv]) == 0
-    ablate = ["ablate", recipe, "--guides", "enum,gumbel", "--out", base / "ablation"] + [a for o in SMALL["m2"] for a in ("--set", o)]
+    ablate = ["ablate", recipe, "--guides", "enum,gumbel", "--out", base / "ablation"] + [
+        a for o in SMALL["m2"] for a in ("--set", o)
+    ]
     assert cli.main([str(a) for a in ablate]) == 0
     assert runs.is_run(base / "ablation" / "guide-enum-seed0")  # the run the commands below are pointed at
     return base, recipe
@@ -215,7 +281,11 @@ def finished(tmp_path_factory):
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     # (a run's lock names whoever held it last: not the run's content)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != runs.LOCK}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != runs.LOCK
+    }
 
 
 DAMAGES = ["delete", "truncate", "overwrite", "text", "empty"]
@@ -229,7 +299,7 @@ def damage(path: Path, how: str, where: float, data: bytes) -> None:
         path.write_bytes(content[: int(len(content) * where)])
     elif how == "overwrite":
         at = int(len(content) * where)
-        path.write_bytes(content[:at] + data + content[at + len(data):])
+        path.write_bytes(content[:at] + data + content[at + len(data) :])
     elif how == "text":
         path.write_text("not what was written here\n")
     else:
@@ -237,11 +307,17 @@ def damage(path: Path, how: str, where: float, data: bytes) -> None:
 
 
 @fuzz_settings(24)
-@given(which=st.sampled_from(["m2", "serket", "ablation"]), pick=st.floats(0, 1, exclude_max=True),
-       how=st.sampled_from(DAMAGES), where=st.floats(0, 1), data=st.binary(min_size=1, max_size=16),
-       command=st.sampled_from(["eval", "report", "resume", "ablate"]))
+@given(
+    which=st.sampled_from(["m2", "serket", "ablation"]),
+    pick=st.floats(0, 1, exclude_max=True),
+    how=st.sampled_from(DAMAGES),
+    where=st.floats(0, 1),
+    data=st.binary(min_size=1, max_size=16),
+    command=st.sampled_from(["eval", "report", "resume", "ablate"]),
+)
 def test_damaged_run_directories_exit_2_with_one_line_and_are_not_made_worse(
-        finished, which, pick, how, where, data, command, tmp_path_factory, capsys):
+    finished, which, pick, how, where, data, command, tmp_path_factory, capsys
+):
     base, recipe = finished
     work = tmp_path_factory.mktemp("damaged")
     shutil.copytree(base / which, work / which)
@@ -262,14 +338,19 @@ def test_damaged_run_directories_exit_2_with_one_line_and_are_not_made_worse(
     elif command == "resume":
         argv = ["train", "--resume", run_dir, "--quiet"]
     else:
-        argv = ["ablate", recipe, "--guides", "enum,gumbel", "--out", root] + [a for o in SMALL["m2"] for a in ("--set", o)]
+        argv = ["ablate", recipe, "--guides", "enum,gumbel", "--out", root] + [
+            a for o in SMALL["m2"] for a in ("--set", o)
+        ]
     code, err = run_cli(argv, capsys)
     what = f"{command} after {how} of {target.relative_to(work)} (at {where:.2f}, {data!r})"
     assert_promise(code, err, what)
     event(f"{command}: exit {code}")
     after = snapshot(root)
-    changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)
-               and "figures" not in Path(k).parts and not k.startswith("ablation.")]
+    changed = [
+        k
+        for k in set(before) | set(after)
+        if before.get(k) != after.get(k) and "figures" not in Path(k).parts and not k.startswith("ablation.")
+    ]
     if code == 2 or command == "eval":
         assert not changed, f"{what}: exit {code} but changed {changed}"
     elif changed:  # it rewrote the run (a resume finishing it again): then the run is whole

@@ -16,8 +16,14 @@ META = {"image_shape": (1, 8, 8), "num_classes": 3, "classes": ("a", "b", "c")}
 
 
 def _gae_config(**overrides):
-    settings = {"model": "gae", "data.labels_per_class": None, "train.epochs": 12, "train.batch_size": 64,
-                "train.lr": 3e-3, "options": {"z_dim": 6, "hidden": [64], "components": 2}}
+    settings = {
+        "model": "gae",
+        "data.labels_per_class": None,
+        "train.epochs": 12,
+        "train.batch_size": 64,
+        "train.lr": 3e-3,
+        "options": {"z_dim": 6, "hidden": [64], "components": 2},
+    }
     settings.update(overrides)
     return tiny_config(**settings)
 

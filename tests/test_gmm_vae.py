@@ -24,7 +24,10 @@ def _fake_encode_data(x, index):
 @pytest.mark.parametrize("covariance,kl_weight", [("full", 1.0), ("diag", 1.0), ("full", 2.5)])
 def test_the_enumerated_loss_sums_the_cluster_out_exactly(covariance, kl_weight):
     torch.manual_seed(0)
-    model = GMMVAE(META, GMMVAEOptions(z_dim=2, hidden=[16], clusters=3, warmup_epochs=0, covariance=covariance, kl_weight=kl_weight))
+    model = GMMVAE(
+        META,
+        GMMVAEOptions(z_dim=2, hidden=[16], clusters=3, warmup_epochs=0, covariance=covariance, kl_weight=kl_weight),
+    )
     p = model.prior
     tril = torch.tensor([[[0.5, 0.0], [0.3, 2.0]], [[1.0, 0.0], [-0.4, 1.0]], [[0.3, 0.0], [0.1, 0.7]]])
     if covariance == "diag":
@@ -41,7 +44,9 @@ def test_the_enumerated_loss_sums_the_cluster_out_exactly(covariance, kl_weight)
     z = loc + scale * torch.randn_like(loc)  # the guide's reparameterised draw, same noise
     comps = torch.distributions.MultivariateNormal(p.loc, scale_tril=tril)
     log_pz = (p.logits.log_softmax(-1) + comps.log_prob(z[:, None])).logsumexp(-1)
-    log_px = -torch.nn.functional.binary_cross_entropy_with_logits(model.decoder(z), x.flatten(1), reduction="none").sum(-1)
+    log_px = -torch.nn.functional.binary_cross_entropy_with_logits(
+        model.decoder(z), x.flatten(1), reduction="none"
+    ).sum(-1)
     log_q = Normal(loc, scale).log_prob(z).sum(-1)
     # kl_weight multiplies the whole log sum_c p(c) p(z|c), not each component inside the sum
     expected = -(log_px + kl_weight * (log_pz - log_q)).sum()
@@ -69,7 +74,7 @@ def test_the_warm_up_is_a_plain_vae_then_a_fitted_mixture_prior():
     # mean equal to the samples' mean, which is within a few standard errors of the codes' mean
     pi = model.prior.logits.softmax(-1)
     overall = (pi[:, None] * model.prior.loc).sum(0)
-    assert torch.allclose(overall, loc.mean(0), atol=4 * scale.max().item() / 40 ** 0.5 + 1e-3)
+    assert torch.allclose(overall, loc.mean(0), atol=4 * scale.max().item() / 40**0.5 + 1e-3)
     assert (model.prior.scale_tril.diagonal(dim1=-2, dim2=-1) > 0).all()
     assert model.end_epoch(3, _fake_encode_data(x, torch.arange(40))) == {}
     state = model.state_dict()
@@ -81,16 +86,24 @@ def test_the_warm_up_is_a_plain_vae_then_a_fitted_mixture_prior():
 
 
 def test_gmm_vae_trains_from_a_recipe_and_resumes(tmp_path):
-    config = tiny_config(model="gmm-vae", **{"data.validation": 0.2, "data.test": 0.2, "train.epochs": 4,
-                                              "options": {"z_dim": 3, "hidden": [32], "clusters": 10, "warmup_epochs": 2, "n_init": 1}})
+    config = tiny_config(
+        model="gmm-vae",
+        **{
+            "data.validation": 0.2,
+            "data.test": 0.2,
+            "train.epochs": 4,
+            "options": {"z_dim": 3, "hidden": [32], "clusters": 10, "warmup_epochs": 2, "n_init": 1},
+        },
+    )
     summary = train(config, tmp_path / "a")
     assert {"test_cluster_accuracy", "test_nmi", "test_ari", "test_greedy_cluster_accuracy"} <= set(summary["last"])
     assert "train_cluster_accuracy" in summary["last"]
     records = read_metrics(tmp_path / "a")
     assert "val_cluster_accuracy" not in records[0] and "val_cluster_accuracy" in records[-1]
     # stopped after epoch 2 (the end of the warm-up), resumed: the same numbers
-    short = tiny_config(model="gmm-vae", **{"data.validation": 0.2, "data.test": 0.2, "train.epochs": 2,
-                                             "options": config.options})
+    short = tiny_config(
+        model="gmm-vae", **{"data.validation": 0.2, "data.test": 0.2, "train.epochs": 2, "options": config.options}
+    )
     train(short, tmp_path / "b")
     (tmp_path / "b" / "config.toml").write_text((tmp_path / "a" / "config.toml").read_text())
     resumed = train(config, tmp_path / "b", resume=True)
@@ -99,7 +112,9 @@ def test_gmm_vae_trains_from_a_recipe_and_resumes(tmp_path):
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["model"] == "gmm-vae"
 
 
-@pytest.mark.parametrize("bad", [{"kl_weight": 0.0}, {"covariance": "spherical"}, {"clusters": 1}, {"warmup_epochs": -1}])
+@pytest.mark.parametrize(
+    "bad", [{"kl_weight": 0.0}, {"covariance": "spherical"}, {"clusters": 1}, {"warmup_epochs": -1}]
+)
 def test_gmm_vae_options_are_checked(bad):
     with pytest.raises(ConfigError):
         GMMVAEOptions(**bad)

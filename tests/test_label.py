@@ -144,13 +144,16 @@ def test_simplex_latent_sites_and_gradients(guide):
         assert model.guide.logit_scale.weight.grad.abs().sum() > 0  # the learned scale of q(logits|x)
 
 
-@pytest.mark.parametrize("guide, options, logits", [
-    ("dirichlet", {"dirichlet_concentration": 1e-3}, [50.0, -50.0, 0.0]),
-    ("dirichlet", {"dirichlet_concentration": 1e3}, [50.0, -50.0, 0.0]),
-    ("dirichlet", {"dirichlet_concentration": 1e-3}, [-50.0, -50.0, -50.0]),
-    ("logistic-normal-latent", {"sharpness": 10.0}, [50.0, -50.0, 0.0]),
-    ("logistic-normal-latent", {"sharpness": 10.0, "sigma": 1e-3}, [-50.0, 50.0, 50.0]),
-])
+@pytest.mark.parametrize(
+    "guide, options, logits",
+    [
+        ("dirichlet", {"dirichlet_concentration": 1e-3}, [50.0, -50.0, 0.0]),
+        ("dirichlet", {"dirichlet_concentration": 1e3}, [50.0, -50.0, 0.0]),
+        ("dirichlet", {"dirichlet_concentration": 1e-3}, [-50.0, -50.0, -50.0]),
+        ("logistic-normal-latent", {"sharpness": 10.0}, [50.0, -50.0, 0.0]),
+        ("logistic-normal-latent", {"sharpness": 10.0, "sigma": 1e-3}, [-50.0, 50.0, 50.0]),
+    ],
+)
 def test_simplex_latent_guides_finite_at_extremes(guide, options, logits):
     torch.manual_seed(0)
     model = M2(META, M2Options(z_dim=2, hidden=[16], **options), guide)
@@ -183,9 +186,14 @@ def _prior_of_latent(model, n):
     return trace.nodes[model.guide.latent_site]["fn"]
 
 
-@pytest.mark.parametrize("guide, options", [("dirichlet", {"dirichlet_concentration": 0.5}),
-                                            ("dirichlet", {"dirichlet_concentration": 3.0}),
-                                            ("logistic-normal-latent", {"sigma": 0.7})])
+@pytest.mark.parametrize(
+    "guide, options",
+    [
+        ("dirichlet", {"dirichlet_concentration": 0.5}),
+        ("dirichlet", {"dirichlet_concentration": 3.0}),
+        ("logistic-normal-latent", {"sigma": 0.7}),
+    ],
+)
 def test_latent_kl_matches_monte_carlo(guide, options):
     """KL(q(alpha|x) || p(alpha)) in closed form against the mean of log q - log p over many draws."""
     torch.manual_seed(0)
@@ -227,8 +235,9 @@ def test_trace_mean_field_elbo_takes_the_closed_form_kls(guide):
             qz, pz = guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]
             observed = sum(model_trace.nodes[s]["log_prob_sum"] for s in ("x", "y") if s in model_trace.nodes)
             by_hand = -observed + kl_divergence(q, p).sum() + kl_divergence(qz, pz).sum()
-            monte_carlo = -observed + sum(guide_trace.nodes[s]["log_prob_sum"] - model_trace.nodes[s]["log_prob_sum"]
-                                          for s in (site, "z"))
+            monte_carlo = -observed + sum(
+                guide_trace.nodes[s]["log_prob_sum"] - model_trace.nodes[s]["log_prob_sum"] for s in (site, "z")
+            )
             assert loss == pytest.approx(by_hand.item(), rel=1e-5)
             assert abs(loss - monte_carlo.item()) > 1e-3
 
@@ -241,8 +250,14 @@ def test_simplex_latent_guides_with_other_z_guides(guide, z_guide):
 
     torch.manual_seed(0)
     meta = {"image_shape": (1, 8, 8), "num_classes": 4, "classes": [0, 1, 2, 3], "num_examples": 100}
-    config = load_config(base={"model": "m2", "guide": guide, "z_guide": z_guide,
-                               "options": {"z_dim": 3, "hidden": [16], "flows": 1, "z_rank": 1}})
+    config = load_config(
+        base={
+            "model": "m2",
+            "guide": guide,
+            "z_guide": z_guide,
+            "options": {"z_dim": 3, "hidden": [16], "flows": 1, "z_rank": 1},
+        }
+    )
     model = build_model(config, meta)
     assert model.guide.label_latent == model.model.label_latent
     x, y = torch.rand(10, 1, 8, 8), torch.randint(4, (10,))

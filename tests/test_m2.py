@@ -42,16 +42,33 @@ def test_log_likelihood_sums_classes_exactly():
     ll = model.log_likelihood(x, 200, batch_size=2)
     assert ll.shape == (5,) and torch.isfinite(ll).all()
     with torch.no_grad():
-        elbo = torch.tensor([-model.elbo.unlabelled.loss(model.model, model.guide, x[i:i + 1]) for i in range(5) for _ in range(200)]).reshape(5, 200).mean(1)
+        elbo = (
+            torch.tensor(
+                [
+                    -model.elbo.unlabelled.loss(model.model, model.guide, x[i : i + 1])
+                    for i in range(5)
+                    for _ in range(200)
+                ]
+            )
+            .reshape(5, 200)
+            .mean(1)
+        )
     assert (ll > elbo - 0.5).all()  # an IWAE bound with 200 samples sits above the ELBO
 
 
 def _digits_config(model, guide, **extra):
-    return tiny_config(model=model, guide=guide, **{
-        "data.labels_per_class": 3, "train.epochs": 30, "train.batch_size": 64, "train.labelled_batch_size": 50,
-        "options": {"hidden": [64]} if model == "classifier" else {"hidden": [64], "z_dim": 8, "aux_weight": 10.0},
-        **extra,
-    })
+    return tiny_config(
+        model=model,
+        guide=guide,
+        **{
+            "data.labels_per_class": 3,
+            "train.epochs": 30,
+            "train.batch_size": 64,
+            "train.labelled_batch_size": 50,
+            "options": {"hidden": [64]} if model == "classifier" else {"hidden": [64], "z_dim": 8, "aux_weight": 10.0},
+            **extra,
+        },
+    )
 
 
 def test_m2_beats_the_supervised_only_baseline_on_digits(tmp_path):
@@ -78,7 +95,9 @@ def test_z_kl_weight_scales_the_z_term_only():
         torch.manual_seed(1)
         losses[beta] = model.elbo.labelled.loss(model.model, model.guide, x, y)
     loc, scale = model.guide.z_encoder(x, y)
-    kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)).sum()
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)
+    ).sum()
     assert losses[3.0] - losses[1.0] == pytest.approx(2 * kl.item(), rel=1e-4)
     built = M2(META, M2Options(z_dim=2, hidden=[16], z_kl_weight=4.0), "gumbel")
     assert built.model.z_kl_weight == built.guide.z_kl_weight == 4.0
@@ -104,7 +123,8 @@ def test_generative_posterior_is_bayes_rule_on_the_class_joints():
     with torch.no_grad():
         logits = model.model.decoder(eye, torch.zeros(3, 2))  # [K, pixels]
         log_px = -torch.nn.functional.binary_cross_entropy_with_logits(
-            logits.unsqueeze(0).expand(5, -1, -1), x.flatten(1).unsqueeze(1).expand(-1, 3, -1), reduction="none").sum(-1)
+            logits.unsqueeze(0).expand(5, -1, -1), x.flatten(1).unsqueeze(1).expand(-1, 3, -1), reduction="none"
+        ).sum(-1)
     post = model.generative_posterior(x, 7)
     assert torch.allclose(post, log_px.softmax(-1), atol=1e-5)
     assert post.max() > 0.9  # not the uniform prior
@@ -190,8 +210,14 @@ def test_simplex_latent_class_joint_agrees_with_the_likelihood(guide):
 def _iwae_config(guide, **train):
     from pyrossl.config import load_config
 
-    return load_config(base={"model": "m2", "guide": guide, "train": {"objective": "iwae", **train},
-                             "options": {"z_dim": 2, "hidden": [16]}})
+    return load_config(
+        base={
+            "model": "m2",
+            "guide": guide,
+            "train": {"objective": "iwae", **train},
+            "options": {"z_dim": 2, "hidden": [16]},
+        }
+    )
 
 
 @pytest.mark.parametrize("guide", LATENT_GUIDES)
@@ -226,8 +252,10 @@ def test_cli_trains_and_load_run_reloads_the_simplex_latent_guides(guide, tmp_pa
     from pyrossl.run import load_run
 
     recipe = tmp_path / "m2.toml"
-    recipe.write_text(f'model = "m2"\nguide = "{guide}"\n[data]\nname = "digits"\nlabels_per_class = 3\n'
-                      '[train]\nepochs = 2\nbatch_size = 256\nprogress = false\n[options]\nz_dim = 4\nhidden = [32]\n')
+    recipe.write_text(
+        f'model = "m2"\nguide = "{guide}"\n[data]\nname = "digits"\nlabels_per_class = 3\n'
+        "[train]\nepochs = 2\nbatch_size = 256\nprogress = false\n[options]\nz_dim = 4\nhidden = [32]\n"
+    )
     code = main(["train", str(recipe), "--out", str(tmp_path / "run"), "--quiet"])
     assert code == 0, capsys.readouterr().err
     run = load_run(tmp_path / "run", which="last")
@@ -260,7 +288,8 @@ def test_the_demo_decodes_the_class_it_is_given(tmp_path):
 
 
 def test_the_model_takes_a_guide_whose_q_of_z_ignores_y():
-    """M2's decoder broadcasts an enumerated y [K, 1] (one-hot [K, 1, K]) against a z drawn once for all classes [n, d]."""
+    """M2's decoder broadcasts an enumerated y [K, 1] (one-hot [K, 1, K]) against a z drawn once for all
+    classes [n, d]."""
     import pyro
     import pyro.distributions as dist
     from pyro.infer import Trace_ELBO, TraceEnum_ELBO
@@ -330,8 +359,13 @@ def test_infer_discrete_decodes_the_label_site_as_the_exact_map_class():
         conditioned = config_enumerate(poutine.condition(model.model, data={"z": z}), "parallel")
         decoded = poutine.trace(infer_discrete(conditioned, first_available_dim=-2, temperature=0)).get_trace(x)
         # the prior is uniform: the MAP class maximises log p(x|y, z) alone
-        scores = torch.stack([pixel_likelihood(model.model.decoder(model.one_hot(torch.full((7,), c)), z)).log_prob(x.flatten(1))
-                              for c in range(3)], -1)
+        scores = torch.stack(
+            [
+                pixel_likelihood(model.model.decoder(model.one_hot(torch.full((7,), c)), z)).log_prob(x.flatten(1))
+                for c in range(3)
+            ],
+            -1,
+        )
     assert decoded.nodes["y"]["value"].dtype == torch.long
     assert torch.equal(decoded.nodes["y"]["value"], scores.argmax(-1))
 

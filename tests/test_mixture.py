@@ -23,7 +23,9 @@ def _blobs(n=300, seed=0):
 def test_stack_densities_equal_scikit_learn(covariance):
     x, _ = _blobs()
     stack = MixtureStack(1, 2, n_components=3, covariance_type=covariance, seed=4).fit([x])
-    reference = GaussianMixture(3, covariance_type=covariance, reg_covar=1e-4, random_state=4, max_iter=200).fit(x.double().numpy())
+    reference = GaussianMixture(3, covariance_type=covariance, reg_covar=1e-4, random_state=4, max_iter=200).fit(
+        x.double().numpy()
+    )
     ours = stack.log_densities(x)[:, 0].double().numpy()
     np.testing.assert_allclose(ours, reference.score_samples(x.double().numpy()), rtol=1e-4, atol=1e-4)
     resp = stack.responsibilities(x).double().numpy()

@@ -14,8 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_inspect_posterior_notebook_runs(tmp_path, monkeypatch):
     run_dir = tmp_path / "m2-digits"
-    train(tiny_config(model="m2", **{"data.labels_per_class": 10, "train.epochs": 3,
-                                     "options": {"z_dim": 4, "hidden": [32]}}), run_dir)
+    train(
+        tiny_config(
+            model="m2", **{"data.labels_per_class": 10, "train.epochs": 3, "options": {"z_dim": 4, "hidden": [32]}}
+        ),
+        run_dir,
+    )
     nb = nbformat.read(ROOT / "notebooks/inspect_posterior.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
     monkeypatch.setenv("PYROSSL_RUN", str(run_dir))
@@ -45,7 +49,9 @@ def test_every_notebook_is_the_build_of_its_source():
         assert (ROOT / f"notebooks/{source.stem}.ipynb").read_text() == built, f"rebuild notebooks/{source.stem}.ipynb"
     sources = {p.stem for p in (ROOT / "notebooks/src").glob("*.py")}
     assert set(TUTORIALS) <= sources
-    assert {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")} <= sources, "every notebook has its source in notebooks/src"
+    assert {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")} <= sources, (
+        "every notebook has its source in notebooks/src"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TUTORIALS))

@@ -47,8 +47,10 @@ def test_with_the_exact_posterior_every_estimate_is_log_p_x(k):
 def test_iwae_bound_tightens_with_k_and_stays_below_log_p_x():
     pyro.set_rng_seed(0)
     poor = Guide(0.8, 0.3)
-    bounds = [-sum(IWAE_ELBO(num_particles=k).differentiable_loss(Conjugate(), poor, X).item() for _ in range(200)) / 200
-              for k in (1, 4, 32)]
+    bounds = [
+        -sum(IWAE_ELBO(num_particles=k).differentiable_loss(Conjugate(), poor, X).item() for _ in range(200)) / 200
+        for k in (1, 4, 32)
+    ]
     assert bounds[0] < bounds[1] < bounds[2] < LOG_PX.item()
     # k = 1 is the ELBO: the same draw gives the same number
     pyro.set_rng_seed(2)

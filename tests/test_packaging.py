@@ -17,8 +17,21 @@ def test_wheel_maps_models_and_guides_into_pyrossl(tmp_path):
     for name in ("pyrossl", "models", "guides"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source), "-w", str(tmp_path)],
-        check=True, capture_output=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(source),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("pyrossl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -39,7 +52,11 @@ def _module_graph() -> dict[str, set[str]]:
     import ast
 
     files = {}
-    for folder, package in ((ROOT / "pyrossl", "pyrossl"), (ROOT / "models", "pyrossl.models"), (ROOT / "guides", "pyrossl.guides")):
+    for folder, package in (
+        (ROOT / "pyrossl", "pyrossl"),
+        (ROOT / "models", "pyrossl.models"),
+        (ROOT / "guides", "pyrossl.guides"),
+    ):
         for path in folder.rglob("*.py"):
             parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
             files[".".join([package, *parts])] = path
@@ -102,7 +119,13 @@ def test_the_package_imports_without_a_circle():
     assert _circles(graph) == []
     # the layers at the bottom import nothing of the zoo above them
     assert graph["pyrossl.files"] <= {"pyrossl.errors"}
-    assert not graph["pyrossl.runs"] & {"pyrossl.registry", "pyrossl.train", "pyrossl.run", "pyrossl.report", "pyrossl.plots"}
+    assert not graph["pyrossl.runs"] & {
+        "pyrossl.registry",
+        "pyrossl.train",
+        "pyrossl.run",
+        "pyrossl.report",
+        "pyrossl.plots",
+    }
     assert not graph["pyrossl.plots"] & {"pyrossl.runs", "pyrossl.train", "pyrossl.report"}
 
 

@@ -67,8 +67,9 @@ def test_image_grid_fewer_images_than_nrow_and_bad_shapes():
 
 def test_save_image_grid(tmp_path):
     images = torch.rand(6, 1, 8, 8)
-    out = plots.save_image_grid(images, tmp_path / "a" / "b" / "grid.png", nrow=3, title="samples",
-                                row_labels=["zero", "one"])
+    out = plots.save_image_grid(
+        images, tmp_path / "a" / "b" / "grid.png", nrow=3, title="samples", row_labels=["zero", "one"]
+    )
     assert_png(out)
     assert_png(plots.save_image_grid(torch.rand(4, 3, 8, 8), str(tmp_path / "rgb.png"), nrow=2))
     with pytest.raises(ValueError, match="row_labels"):
@@ -82,8 +83,9 @@ def test_plot_curves(tmp_path):
         {"epoch": 3, "loss": None, "accuracy": float("nan")},
         {"epoch": 4, "loss": 1.5, "accuracy": 0.7, "per_class_accuracy": [0.1, 0.2]},
     ]
-    out = plots.plot_curves(records, ["loss", "accuracy", "per_class_accuracy", "missing"],
-                            tmp_path / "curves" / "c.png", title="training")
+    out = plots.plot_curves(
+        records, ["loss", "accuracy", "per_class_accuracy", "missing"], tmp_path / "curves" / "c.png", title="training"
+    )
     assert_png(out)
     assert_png(plots.plot_curves(records, "missing", tmp_path / "empty.png"))
 
@@ -100,8 +102,7 @@ def test_plot_latent_pca(tmp_path):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(30, 5, generator=g)
     labels = torch.arange(30) % 3
-    assert_png(plots.plot_latent_pca(z, labels, tmp_path / "pca" / "z.png", classes=["a", "b", "c"],
-                                     title="latent"))
+    assert_png(plots.plot_latent_pca(z, labels, tmp_path / "pca" / "z.png", classes=["a", "b", "c"], title="latent"))
     assert_png(plots.plot_latent_pca(z[:, :2].numpy(), labels.numpy(), tmp_path / "z2.png"))
     with pytest.raises(ValueError, match="labels"):
         plots.plot_latent_pca(z, labels[:5], tmp_path / "bad.png")
@@ -138,8 +139,10 @@ def test_plot_reconstructions(tmp_path):
 
 
 def test_plot_kl_per_unit(tmp_path):
-    records = [{"epoch": 1, "val_kl_per_unit": [0.5, 0.0, 2.0], "val_active_units": 2},
-               {"epoch": 2},  # not evaluated
-               {"epoch": 3, "val_kl_per_unit": [0.7, 0.001, 2.5], "val_active_units": 2}]
+    records = [
+        {"epoch": 1, "val_kl_per_unit": [0.5, 0.0, 2.0], "val_active_units": 2},
+        {"epoch": 2},  # not evaluated
+        {"epoch": 3, "val_kl_per_unit": [0.7, 0.001, 2.5], "val_active_units": 2},
+    ]
     assert_png(plots.plot_kl_per_unit(records, "val_", tmp_path / "kl.png"))
     assert_png(plots.plot_kl_per_unit([{"epoch": 1}], "val_", tmp_path / "none.png"))

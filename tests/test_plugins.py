@@ -15,8 +15,13 @@ TINY = ["--set", "train.epochs=1", "--set", "options.hidden=[16]", "--set", "opt
 
 def pyrossl(*args, cwd=None, env=None):
     """``pyrossl ARGS`` in a fresh process: (exit code, stdout, stderr)."""
-    out = subprocess.run([sys.executable, "-m", "pyrossl", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                         env={**os.environ, **(env or {})})
+    out = subprocess.run(
+        [sys.executable, "-m", "pyrossl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
     return out.returncode, out.stdout, out.stderr
 
 
@@ -31,8 +36,18 @@ def test_a_guide_from_a_file_trains_evaluates_reports_resumes_and_loads_in_fresh
     plugin = tmp_path / "guides.py"
     plugin.write_text(GUIDES.read_text())
     run = tmp_path / "run"
-    code, out, err = pyrossl("train", ROOT / "runs/m2-digits.toml", "--set", "guide=qzx", *TINY, "--plugin", "guides.py",
-                             "--out", run, cwd=tmp_path)
+    code, out, err = pyrossl(
+        "train",
+        ROOT / "runs/m2-digits.toml",
+        "--set",
+        "guide=qzx",
+        *TINY,
+        "--plugin",
+        "guides.py",
+        "--out",
+        run,
+        cwd=tmp_path,
+    )
     assert code == 0, err
     assert f'plugins = ["{plugin}"]' in (run / "config.toml").read_text()  # recorded by its absolute path
     code, out, err = pyrossl("eval", run)  # no --plugin: the run says where its guide comes from
@@ -49,8 +64,17 @@ def test_a_guide_from_a_file_trains_evaluates_reports_resumes_and_loads_in_fresh
 
 
 def test_ablate_compares_a_plugins_guides_with_the_zoos(tmp_path):
-    code, out, err = pyrossl("ablate", ROOT / "runs/m2-digits.toml", "--guides", "enum,qzx,smoothed-enum", *TINY[:-1],
-                             "--plugin", GUIDES, "--out", tmp_path / "ablation")
+    code, out, err = pyrossl(
+        "ablate",
+        ROOT / "runs/m2-digits.toml",
+        "--guides",
+        "enum,qzx,smoothed-enum",
+        *TINY[:-1],
+        "--plugin",
+        GUIDES,
+        "--out",
+        tmp_path / "ablation",
+    )
     assert code == 0, err
     for variant in ("guide=enum", "guide=qzx", "guide=smoothed-enum"):
         assert variant in out
@@ -59,17 +83,23 @@ def test_ablate_compares_a_plugins_guides_with_the_zoos(tmp_path):
 
 def test_a_recipe_names_its_plugins(tmp_path):
     recipe = tmp_path / "mine.toml"
-    recipe.write_text((ROOT / "runs/m2-digits.toml").read_text().replace('model = "m2"', f'plugins = ["{GUIDES}"]\nmodel = "m2"', 1))
+    recipe.write_text(
+        (ROOT / "runs/m2-digits.toml").read_text().replace('model = "m2"', f'plugins = ["{GUIDES}"]\nmodel = "m2"', 1)
+    )
     code, out, err = pyrossl("train", recipe, "--set", "guide=smoothed-enum", *TINY, "--out", tmp_path / "run")
     assert code == 0, err
 
 
 def test_a_guide_lacking_what_its_family_requires_is_refused_in_one_line(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from torch import nn\nfrom pyrossl.guides.label import LABEL_GUIDES\n\n"
-                   "@LABEL_GUIDES.register('half')\nclass Half(nn.Module):\n    description = 'no classifier'\n\n"
-                   "    def forward(self, x, y=None):\n        pass\n")
-    code, _, err = pyrossl("train", ROOT / "runs/m2-digits.toml", "--set", "guide=half", "--plugin", bad, "--out", tmp_path / "run")
+    bad.write_text(
+        "from torch import nn\nfrom pyrossl.guides.label import LABEL_GUIDES\n\n"
+        "@LABEL_GUIDES.register('half')\nclass Half(nn.Module):\n    description = 'no classifier'\n\n"
+        "    def forward(self, x, y=None):\n        pass\n"
+    )
+    code, _, err = pyrossl(
+        "train", ROOT / "runs/m2-digits.toml", "--set", "guide=half", "--plugin", bad, "--out", tmp_path / "run"
+    )
     one_line_error(code, err, "guide 'half'", "lacks", "classify", "z_moments", "make_elbo", "label_latent")
     assert not (tmp_path / "run").exists()  # refused before anything was written
     one_line_error(*pyrossl("list", "--plugin", "no_such_module_here")[::2], "plugin 'no_such_module_here' is missing")

@@ -59,9 +59,14 @@ def test_logistic_normal_log_prob_matches_a_direct_change_of_variables():
     assert torch.allclose(d.log_prob(y), expected, atol=1e-8)
 
 
-@pytest.mark.parametrize("make", [lambda logits: ConcreteLabel(0.5, logits),
-                                  lambda logits: ConcreteLabel(0.5, logits, straight_through=True),
-                                  lambda logits: LogisticNormalLabel(logits, 1.0, 2.0)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda logits: ConcreteLabel(0.5, logits),
+        lambda logits: ConcreteLabel(0.5, logits, straight_through=True),
+        lambda logits: LogisticNormalLabel(logits, 1.0, 2.0),
+    ],
+)
 def test_kl_to_a_categorical_is_the_categorical_kl(make):
     logits = torch.randn(5, 4)
     prior = OneHotCategorical(logits=torch.zeros(5, 4))

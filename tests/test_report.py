@@ -13,8 +13,12 @@ from pyrossl.train import train
 @pytest.fixture(scope="module")
 def m2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "m2"
-    train(tiny_config(model="m2", **{"data.labels_per_class": 5, "train.epochs": 2,
-                                     "options": {"z_dim": 4, "hidden": [32]}}), out)
+    train(
+        tiny_config(
+            model="m2", **{"data.labels_per_class": 5, "train.epochs": 2, "options": {"z_dim": 4, "hidden": [32]}}
+        ),
+        out,
+    )
     return out
 
 
@@ -28,7 +32,14 @@ def test_report_redraws_every_figure_from_the_checkpoint(m2_run):
     shutil.rmtree(m2_run / runs.FIGURES)
     index, figures = write_report(m2_run)
     names = {p.name for p in figures}
-    assert {"loss.png", "metrics.png", "latent_pca.png", "class_samples.png", "confusion.png", "reconstructions.png"} <= names
+    assert {
+        "loss.png",
+        "metrics.png",
+        "latent_pca.png",
+        "class_samples.png",
+        "confusion.png",
+        "reconstructions.png",
+    } <= names
     assert all(p.exists() and _drawn(p) for p in figures)
     page = index.read_text()
     for name in names:
@@ -49,8 +60,18 @@ def test_report_cli(m2_run, tmp_path, capsys):
 
 def test_report_of_an_unsupervised_run_uses_its_training_points(tmp_path):
     out = tmp_path / "gmm"
-    train(tiny_config(model="gmm-vae", **{"data.validation": 0, "data.test": 0, "train.epochs": 2,
-                                          "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}}), out)
+    train(
+        tiny_config(
+            model="gmm-vae",
+            **{
+                "data.validation": 0,
+                "data.test": 0,
+                "train.epochs": 2,
+                "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1},
+            },
+        ),
+        out,
+    )
     _, figures = write_report(out)
     assert {"cluster_samples.png", "cluster_confusion.png", "latent_pca.png"} <= {p.name for p in figures}
 
@@ -70,7 +91,10 @@ def test_report_writes_nothing_where_it_should_not(m2_run, tmp_path, capsys):
     try:
         assert cli.main(["report", str(m2_run)]) == 2
         err = capsys.readouterr().err.strip()
-        assert err == f"pyrossl: error: {planted} is a symbolic link: a run directory's files are never written through one"
+        assert (
+            err
+            == f"pyrossl: error: {planted} is a symbolic link: a run directory's files are never written through one"
+        )
         assert outside.read_bytes() == b"keep me"
     finally:
         planted.unlink()
@@ -104,7 +128,9 @@ def test_figures_show_every_class_of_a_class_sorted_part(tmp_path):
     class Data:
         multilabel, name, classes = False, "sorted", [str(c) for c in range(10)]
 
-    y = torch.arange(10).repeat_interleave(torch.tensor([600, 500, 400, 300, 300, 300, 300, 300, 2, 1]))  # 3,003, sorted
+    y = torch.arange(10).repeat_interleave(
+        torch.tensor([600, 500, 400, 300, 300, 300, 300, 300, 2, 1])
+    )  # 3,003, sorted
     x = y.float().reshape(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()  # each image carries its class
     model = Recording()
     draw_figures(model, Data(), [], x, y, tmp_path, seed=3)

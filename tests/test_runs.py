@@ -55,7 +55,11 @@ def test_garbage_and_missing_checkpoints(tmp_path):
     good = tmp_path / "good.pt"
     runs.atomic_save({"w": torch.ones(3)}, good)
     blob = good.read_bytes()
-    cases = [bytes(rng.randrange(256) for _ in range(64)) for _ in range(50)] + [blob[: len(blob) // 2], b"", b"PK\x03\x04"]
+    cases = [bytes(rng.randrange(256) for _ in range(64)) for _ in range(50)] + [
+        blob[: len(blob) // 2],
+        b"",
+        b"PK\x03\x04",
+    ]
     for data in cases:
         (tmp_path / "g.pt").write_bytes(data)
         with pytest.raises(CheckpointError, match="not a"):
@@ -88,8 +92,9 @@ def test_load_run_round_trips_a_trained_m2(tmp_path):
     """The loaded run predicts exactly what the trained one did, posterior and all."""
     from pyrossl.train import Trainer
 
-    config = tiny_config(model="m2", **{"data.labels_per_class": 5, "train.epochs": 2,
-                                        "options": {"z_dim": 4, "hidden": [32]}})
+    config = tiny_config(
+        model="m2", **{"data.labels_per_class": 5, "train.epochs": 2, "options": {"z_dim": 4, "hidden": [32]}}
+    )
     trainer = Trainer(config, tmp_path / "m2")
     trainer.fit()
     run = load_run(tmp_path / "m2", which="last")
@@ -111,11 +116,23 @@ MODELS = {
     "vae": ({}, {"z_loc", "z_scale"}),
     "m2": ({"data.labels_per_class": 5}, {"y_probs", "z_loc", "z_scale"}),
     "classifier": ({"data.labels_per_class": 5, "options": {"hidden": [32]}}, {"y_probs"}),
-    "gae": ({"data.labels_per_class": 20, "options": {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}}, {"z", "y_probs", "cluster_probs"}),
-    "gmm-vae": ({"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}}, {"z_loc", "z_scale", "cluster_probs"}),
-    "serket-vae-gmm": ({"train.epochs": 2, "data.validation": 0, "data.test": 0,
-                        "options": {"z_dim": 3, "hidden": [32], "epochs_per_round": 1, "n_init": 1}},
-                       {"z_loc", "z_scale", "cluster_probs"}),
+    "gae": (
+        {"data.labels_per_class": 20, "options": {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}},
+        {"z", "y_probs", "cluster_probs"},
+    ),
+    "gmm-vae": (
+        {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}},
+        {"z_loc", "z_scale", "cluster_probs"},
+    ),
+    "serket-vae-gmm": (
+        {
+            "train.epochs": 2,
+            "data.validation": 0,
+            "data.test": 0,
+            "options": {"z_dim": 3, "hidden": [32], "epochs_per_round": 1, "n_init": 1},
+        },
+        {"z_loc", "z_scale", "cluster_probs"},
+    ),
 }
 
 
@@ -151,8 +168,12 @@ def test_read_table_names_the_file_and_what_is_wrong(tmp_path):
     path = tmp_path / "z_learn.txt"
     path.write_text("1 2\n3 4\n")
     assert runs.read_table(path, shape=(2, 2)).tolist() == [[1, 2], [3, 4]]
-    for content, message in [("1 2\n3 x\n", "could not convert"), ("1 2\n3\n", "z_learn.txt"), ("", "a table of 0"),
-                             ("1 2\n3 nan\n", "not finite")]:
+    for content, message in [
+        ("1 2\n3 x\n", "could not convert"),
+        ("1 2\n3\n", "z_learn.txt"),
+        ("", "a table of 0"),
+        ("1 2\n3 nan\n", "not finite"),
+    ]:
         path.write_text(content)
         with pytest.raises(CheckpointError, match=message):
             runs.read_table(path, shape=(2, 2))
@@ -216,12 +237,18 @@ def test_loading_refuses_before_it_allocates_and_names_what_a_file_asks_for(tmp_
             return (os.system, ("true",))
 
     torch.save({"model": {}, "x": System()}, tmp_path / "system.pt")
-    with pytest.raises(CheckpointError, match=r"not a safe pyrossl checkpoint \(refused to unpickle: it asks to import and call posix.system\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"not a safe pyrossl checkpoint \(refused to unpickle: it asks to import and call posix.system\)",
+    ):
         runs.load_checkpoint(tmp_path / "system.pt")
 
     stored = tmp_path / "stored.pt"
     torch.save({"model": {"w": torch.zeros(1_000_000)}}, stored)
-    with zipfile.ZipFile(stored) as zin, zipfile.ZipFile(tmp_path / "deflated.pt", "w", compression=zipfile.ZIP_DEFLATED) as zout:
+    with (
+        zipfile.ZipFile(stored) as zin,
+        zipfile.ZipFile(tmp_path / "deflated.pt", "w", compression=zipfile.ZIP_DEFLATED) as zout,
+    ):
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info.filename))
         names = [i.filename for i in zin.infolist()]
@@ -241,18 +268,34 @@ def test_loading_refuses_before_it_allocates_and_names_what_a_file_asks_for(tmp_
             self.storage = storage
 
         def __reduce_ex__(self, protocol):
-            return (torch._utils._rebuild_tensor_v2, (self.storage, 0, (10**6, 10**6), (10**6, 1), False, collections.OrderedDict()))
+            return (
+                torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, (10**6, 10**6), (10**6, 1), False, collections.OrderedDict()),
+            )
 
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        storage = torch.storage.TypedStorage(wrap_storage=torch.zeros(100).untyped_storage(), dtype=torch.float32, _internal=True)
+        storage = torch.storage.TypedStorage(
+            wrap_storage=torch.zeros(100).untyped_storage(), dtype=torch.float32, _internal=True
+        )
     torch.save({"model": {"w": HugeView(storage)}}, tmp_path / "view.pt")
-    with pytest.raises(CheckpointError, match=r"a tensor of shape \[1000000, 1000000\] views more elements than its storage 0 holds \(100\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"a tensor of shape \[1000000, 1000000\] views more elements than its storage 0 holds \(100\)",
+    ):
         runs.load_checkpoint(tmp_path / "view.pt")
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    runs.atomic_save({"model": {"0.weight": torch.zeros(5, 3), "0.bias": torch.zeros(4), "extra": torch.zeros(1)}}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match=r"does not match this Sequential: 2 of this model's tensors missing \(first: 1.weight\); "
-                                              r"1 it does not have \(first: extra\); 1 of another shape \(first: 0.weight, \[5, 3\] in the file, \[4, 3\] here\)"):
+    runs.atomic_save(
+        {"model": {"0.weight": torch.zeros(5, 3), "0.bias": torch.zeros(4), "extra": torch.zeros(1)}},
+        tmp_path / "other.pt",
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not match this Sequential: 2 of this model's tensors missing \(first: 1.weight\); "
+        r"1 it does not have \(first: extra\); 1 of another shape \(first: 0.weight, \[5, 3\] in the file, \[4, 3\] "
+        r"here\)",
+    ):
         runs.load_parameters(model, tmp_path / "other.pt")

@@ -21,8 +21,14 @@ META = {"image_shape": (1, 8, 8), "num_classes": 3, "classes": ("a", "b", "c"), 
 def _serket_config(**overrides):
     settings = {
         "model": "serket-vae-gmm",
-        "data.validation": 0, "data.test": 0, "data.limit_per_class": 30, "data.split_seed": 0,
-        "train.epochs": 20, "train.batch_size": 50, "train.lr": 1e-2, "train.eval_every": 10,
+        "data.validation": 0,
+        "data.test": 0,
+        "data.limit_per_class": 30,
+        "data.split_seed": 0,
+        "train.epochs": 20,
+        "train.batch_size": 50,
+        "train.lr": 1e-2,
+        "train.eval_every": 10,
         "options": {"z_dim": 4, "hidden": [32], "clusters": 10, "epochs_per_round": 10, "n_init": 2},
     }
     settings.update(overrides)

@@ -56,7 +56,14 @@ def test_attribute_subset_image_size_and_registry():
 
 def test_render_draws_a_ring_for_an_outline():
     one = lambda v: np.array([v])  # noqa: E731
-    factors = {"round": one(1), "filled": one(0), "half_width": one(0.25), "cx": one(0.5), "cy": one(0.5), "brightness": one(1.0)}
+    factors = {
+        "round": one(1),
+        "filled": one(0),
+        "half_width": one(0.25),
+        "cx": one(0.5),
+        "cy": one(0.5),
+        "brightness": one(1.0),
+    }
     ring = render(factors, 32)[0]
     assert ring[16, 16] == 0 and ring[16, 16 + 7] > 0.5 and ring[0, 0] == 0
     disc = render({**factors, "filled": one(1)}, 32)[0]

@@ -33,7 +33,11 @@ def write_idx_set(folder: Path, train: int = 6, test: int = 4, gz: bool = True, 
 
 
 def test_registry_names():
-    assert dataset_names() == sorted(DATASETS) == ["celeba", "digits", "fashion-mnist", "mnist", "mnist5k", "npz", "shapes"]
+    assert (
+        dataset_names()
+        == sorted(DATASETS)
+        == ["celeba", "digits", "fashion-mnist", "mnist", "mnist5k", "npz", "shapes"]
+    )
 
 
 def test_digits():
@@ -234,12 +238,27 @@ def test_npz_needs_a_path():
         ({"x": np.zeros((3, 4)), "y": np.array([0.0, 1.0, 1.0])}, "store class indices as integers"),
         ({"x": np.zeros((3, 4)), "y": np.zeros(2, int)}, r"'y' has shape \(2,\), expected \(3,\)"),
         ({"x": np.zeros((3, 4)), "y": np.array([0, 1, 2]), "classes": np.array(["a", "b"])}, "labels go up to 2"),
-        ({"x": np.zeros((2, 4)), "y": np.zeros(2, int), "x_test": np.zeros((1, 9)), "y_test": np.zeros(1, int)},
-         "'x_test' images are"),
+        (
+            {"x": np.zeros((2, 4)), "y": np.zeros(2, int), "x_test": np.zeros((1, 9)), "y_test": np.zeros(1, int)},
+            "'x_test' images are",
+        ),
     ],
     ids=[
-        "no-x", "no-y", "half-test", "nan", "inf", "above-1", "below-0", "int-x", "5-dims", "empty",
-        "negative-y", "float-y", "y-length", "y-beyond-classes", "test-shape",
+        "no-x",
+        "no-y",
+        "half-test",
+        "nan",
+        "inf",
+        "above-1",
+        "below-0",
+        "int-x",
+        "5-dims",
+        "empty",
+        "negative-y",
+        "float-y",
+        "y-length",
+        "y-beyond-classes",
+        "test-shape",
     ],
 )
 def test_npz_errors(tmp_path, arrays, message):

@@ -30,10 +30,27 @@ def test_run_directory_is_complete(tmp_path):
     run = tmp_path / "run"
     for name in (runs.CONFIG, runs.METRICS, runs.SUMMARY, runs.CHECKPOINT, runs.BEST):
         assert (run / name).is_file(), name
-    for figure in ("loss.png", "metrics.png", "kl_per_unit.png", "latent_pca.png", "reconstructions.png", "samples.png"):
+    for figure in (
+        "loss.png",
+        "metrics.png",
+        "kl_per_unit.png",
+        "latent_pca.png",
+        "reconstructions.png",
+        "samples.png",
+    ):
         assert (run / "figures" / figure).stat().st_size > 0, figure
     saved = json.loads((run / runs.SUMMARY).read_text())
-    for key in ("model", "guide", "dataset", "seed", "epochs", "seconds", "best_epoch", "test_elbo", "test_log_likelihood"):
+    for key in (
+        "model",
+        "guide",
+        "dataset",
+        "seed",
+        "epochs",
+        "seconds",
+        "best_epoch",
+        "test_elbo",
+        "test_log_likelihood",
+    ):
         assert key in saved, key
     assert saved["guide"] == "amortised" and saved["z_guide"] == "diag-normal" and saved["epochs"] == 3
     z_dim = runs.read_config(run).options["z_dim"]
@@ -129,9 +146,13 @@ def test_non_finite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "key, value, message",
-    [("train.batch_size", 0, "batch_size must be at least 1"), ("train.epochs", 0, "epochs must be at least 1"),
-     ("train.optimizer", "adagrad", "unknown optimizer"), ("device", "tpu", "unknown device"),
-     ("train.labelled_every", 0, "labelled_every must be at least 1")],
+    [
+        ("train.batch_size", 0, "batch_size must be at least 1"),
+        ("train.epochs", 0, "epochs must be at least 1"),
+        ("train.optimizer", "adagrad", "unknown optimizer"),
+        ("device", "tpu", "unknown device"),
+        ("train.labelled_every", 0, "labelled_every must be at least 1"),
+    ],
 )
 def test_bad_training_settings(tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -177,7 +198,9 @@ def test_no_finite_validation_score_falls_back_to_the_last_epoch(tmp_path, monke
     from pyrossl.models.vae import VAE
 
     evaluate = VAE.evaluate
-    monkeypatch.setattr(VAE, "evaluate", lambda self, x, y, batch_size=1000: {**evaluate(self, x, y, batch_size), "elbo": float("nan")})
+    monkeypatch.setattr(
+        VAE, "evaluate", lambda self, x, y, batch_size=1000: {**evaluate(self, x, y, batch_size), "elbo": float("nan")}
+    )
     summary = train(tiny_config(**{"train.epochs": 2}), tmp_path / "run")
     assert summary["best"] == summary["last"]
 
@@ -215,24 +238,46 @@ def _stop_at_step(monkeypatch, stop_step):
     monkeypatch.setattr(Trainer, "_step", stepping)
 
 
-M2_SMALL = {"model": "m2", "guide": "gumbel", "data.labels_per_class": 5, "train.batch_size": 64,
-            "train.epochs": 3, "data.binarize": True, "options": {"z_dim": 4, "hidden": [32]}}
+M2_SMALL = {
+    "model": "m2",
+    "guide": "gumbel",
+    "data.labels_per_class": 5,
+    "train.batch_size": 64,
+    "train.epochs": 3,
+    "data.binarize": True,
+    "options": {"z_dim": 4, "hidden": [32]},
+}
 
 
 M2_NEW_GUIDES = {**M2_SMALL, "guide": "dirichlet", "z_guide": "lowrank-normal", "train.particles": 2}
-VAE_FLOW = {"data.binarize": True, "z_guide": "flow", "train.objective": "iwae", "train.particles": 3,
-            "options": {"z_dim": 4, "hidden": [32], "flow_hidden": [16]}}
+VAE_FLOW = {
+    "data.binarize": True,
+    "z_guide": "flow",
+    "train.objective": "iwae",
+    "train.particles": 3,
+    "options": {"z_dim": 4, "hidden": [32], "flow_hidden": [16]},
+}
 
 
-@pytest.mark.parametrize("overrides, stop_step", [({"data.binarize": True}, 15), (M2_SMALL, 30), (VAE_FLOW, 15),
-                                                  (M2_NEW_GUIDES, 30)],
-                         ids=["vae", "m2-gumbel", "vae-flow-iwae", "m2-dirichlet-lowrank"])
-def test_a_stop_inside_an_epoch_checkpoints_there_and_resumes_to_the_same_numbers(tmp_path, monkeypatch, overrides, stop_step):
+@pytest.mark.parametrize(
+    "overrides, stop_step",
+    [({"data.binarize": True}, 15), (M2_SMALL, 30), (VAE_FLOW, 15), (M2_NEW_GUIDES, 30)],
+    ids=["vae", "m2-gumbel", "vae-flow-iwae", "m2-dirichlet-lowrank"],
+)
+def test_a_stop_inside_an_epoch_checkpoints_there_and_resumes_to_the_same_numbers(
+    tmp_path, monkeypatch, overrides, stop_step
+):
     config = tiny_config(**overrides)
     train(config, tmp_path / "full")
     with monkeypatch.context() as m:
         _stop_at_step(m, stop_step)
-        with pytest.raises(TrainingInterrupted, match=rf"interrupted at epoch 2, step \d+ of \d+; .*resume with: pyrossl train --resume {tmp_path / 'part'}"):
+        with pytest.raises(
+            TrainingInterrupted,
+            match=(
+                r"interrupted at epoch 2, step \d+ of \d+; .*resume with: pyrossl train --resume "
+                rf"{tmp_path / 'part'}"
+            ),
+        ):
             train(config, tmp_path / "part")
     state = runs.load_checkpoint(tmp_path / "part" / runs.CHECKPOINT)
     assert state["counters"]["epoch"] == 1 and state["counters"]["step"] == stop_step
@@ -267,7 +312,9 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(runs.torch, "save", save_then_fill_the_disk)
-    with pytest.raises(CheckpointError, match=r"cannot write .*checkpoint.pt \(the disk is full\); the previous checkpoint is intact"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot write .*checkpoint.pt \(the disk is full\); the previous checkpoint is intact"
+    ):
         train(tiny_config(**{"train.epochs": 3}), tmp_path / "run")
     monkeypatch.undo()
     assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["counters"]["epoch"] == 1
@@ -294,14 +341,20 @@ def test_a_full_disk_at_each_write_in_turn_is_one_line_and_the_resumed_run_ends_
     monkeypatch.setattr(files, "_fdopen", counting)
     train(config, tmp_path / "whole")
     total = len(written)
-    every = range(1, total + 1) if os.environ.get("PYROSSL_FAULTS") == "long" else sorted({1, 2, 3, total // 3, total // 2, total - 1, total})
+    every = (
+        range(1, total + 1)
+        if os.environ.get("PYROSSL_FAULTS") == "long"
+        else sorted({1, 2, 3, total // 3, total // 2, total - 1, total})
+    )
 
     for n in every:
         run, count = tmp_path / f"full-at-{n}", [0]
 
         def full_at_n(fd, mode, n=n, count=count):
             count[0] += 1
-            return DiskFull(real(fd, mode), room=-1) if count[0] == n else real(fd, mode)  # (-1: even an empty write fails)
+            return (
+                DiskFull(real(fd, mode), room=-1) if count[0] == n else real(fd, mode)
+            )  # (-1: even an empty write fails)
 
         monkeypatch.setattr(files, "_fdopen", full_at_n)
         with pytest.raises(CheckpointError) as info:
@@ -351,8 +404,13 @@ hidden = [64]
 
 
 def _start(args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "pyrossl", "train", *map(str, args)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyrossl", "train", *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path, proc, timeout=60):
@@ -400,10 +458,21 @@ def test_a_second_writer_of_a_run_is_refused_in_one_line_and_a_reader_is_served(
     proc = _start([recipe, "--out", run, "--set", "train.epochs=100"], tmp_path)
     _wait_for(run / runs.BEST, proc)
     for args in (["train", recipe, "--out", run, "--seed", "1"], ["train", "--resume", run], ["report", run]):
-        other = subprocess.run([sys.executable, "-m", "pyrossl", *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        other = subprocess.run(
+            [sys.executable, "-m", "pyrossl", *map(str, args)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert other.returncode == 2 and proc.poll() is None, (args, other.stderr)
-        assert other.stderr.startswith(f"pyrossl: error: {run} is in use by pid {proc.pid} on ") and other.stderr.count("\n") == 1
-    read = subprocess.run([sys.executable, "-m", "pyrossl", "eval", str(run)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert (
+            other.stderr.startswith(f"pyrossl: error: {run} is in use by pid {proc.pid} on ")
+            and other.stderr.count("\n") == 1
+        )
+    read = subprocess.run(
+        [sys.executable, "-m", "pyrossl", "eval", str(run)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert read.returncode == 0 and "test_elbo" in read.stdout, read.stderr
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -464,9 +533,14 @@ def test_signals_inside_each_kind_of_write_are_one_line_and_the_resumed_run_ends
     tests = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))  # for common
 
     def pyrossl(at, signums, *args):
-        return subprocess.run([sys.executable, str(driver), str(at), ",".join(str(int(s)) for s in signums),
-                               *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                              env={**os.environ, "PYTHONPATH": tests})
+        return subprocess.run(
+            [sys.executable, str(driver), str(at), ",".join(str(int(s)) for s in signums), *map(str, args)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**os.environ, "PYTHONPATH": tests},
+        )
 
     patterns = [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]]
     if os.environ.get("PYROSSL_FAULTS") == "long":
@@ -486,7 +560,9 @@ def test_signals_inside_each_kind_of_write_are_one_line_and_the_resumed_run_ends
             if (run / runs.CHECKPOINT).exists():
                 runs.load_checkpoint(run / runs.CHECKPOINT)
                 assert f"resume with: pyrossl train --resume {run}" in last, last
-        again = pyrossl(-1, [], "train", *(["--resume", run] if runs.is_run(run) else [recipe, "--out", run]), "--quiet")
+        again = pyrossl(
+            -1, [], "train", *(["--resume", run] if runs.is_run(run) else [recipe, "--out", run]), "--quiet"
+        )
         assert again.returncode == 0, (at, signums, again.stderr[-2000:])
         _same_run(tmp_path / "reference", run)
         assert json.loads((run / runs.SUMMARY).read_text())["epochs"] == 3
@@ -507,13 +583,27 @@ def test_writers_and_readers_started_together_on_one_folder_leave_one_run(tmp_pa
     rounds = 5 if os.environ.get("PYROSSL_FAULTS") == "long" else 1
     for seed in range(rounds):
         run, rng = tmp_path / f"race-{seed}", random.Random(seed)
-        commands = [*[["train", recipe, "--out", run, "--quiet"]] * 3, ["train", "--resume", run, "--quiet"],
-                    ["report", run], ["eval", run]]
+        commands = [
+            *[["train", recipe, "--out", run, "--quiet"]] * 3,
+            ["train", "--resume", run, "--quiet"],
+            ["report", run],
+            ["eval", run],
+        ]
         procs = []
         for args in rng.sample(commands, len(commands)):
             time.sleep(rng.uniform(0.0, 1.5))  # spread over a run's life: before, during and after its training
-            procs.append((args, subprocess.Popen([sys.executable, "-m", "pyrossl", *map(str, args)], cwd=tmp_path,
-                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+            procs.append(
+                (
+                    args,
+                    subprocess.Popen(
+                        [sys.executable, "-m", "pyrossl", *map(str, args)],
+                        cwd=tmp_path,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ),
+                )
+            )
         trained = 0
         for args, proc in procs:
             out, err = proc.communicate(timeout=240)
@@ -544,8 +634,13 @@ def test_ctrl_c_or_sigterm_checkpoints_says_how_to_resume_and_the_resumed_run_en
     assert err.strip().splitlines()[-1].startswith("pyrossl: interrupted ")
     assert f"resume with: pyrossl train --resume {run}" in err
     assert 1 <= runs.load_checkpoint(run / runs.CHECKPOINT)["counters"]["epoch"] < 8
-    done = subprocess.run([sys.executable, "-m", "pyrossl", "train", "--resume", str(run)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyrossl", "train", "--resume", str(run)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     _same_run(tmp_path / "reference", run)
 
@@ -569,8 +664,13 @@ def test_optimizer_is_fused_on_cpu_and_takes_the_same_steps(name):
 
 
 def test_a_labelled_batch_joins_every_nth_step(tmp_path):
-    settings = {"model": "m2", "data.labels_per_class": 3, "train.batch_size": 64, "train.labelled_batch_size": 10,
-                "options": {"z_dim": 4, "hidden": [32]}}
+    settings = {
+        "model": "m2",
+        "data.labels_per_class": 3,
+        "train.batch_size": 64,
+        "train.labelled_batch_size": 10,
+        "options": {"z_dim": 4, "hidden": [32]},
+    }
     every_step = Trainer(tiny_config(**settings), tmp_path / "a")
     every_step.setup()
     third = Trainer(tiny_config(**settings, **{"train.labelled_every": 3}), tmp_path / "b")
@@ -589,8 +689,13 @@ def test_a_labelled_batch_joins_every_nth_step(tmp_path):
 
 
 def test_unused_parameters_are_probed_on_each_kind_of_step(tmp_path):
-    settings = {"model": "m2", "data.labels_per_class": 3, "train.batch_size": 64, "train.labelled_batch_size": 10,
-                "options": {"z_dim": 4, "hidden": [32]}}
+    settings = {
+        "model": "m2",
+        "data.labels_per_class": 3,
+        "train.batch_size": 64,
+        "train.labelled_batch_size": 10,
+        "options": {"z_dim": 4, "hidden": [32]},
+    }
     trainer = Trainer(tiny_config(**settings, **{"train.labelled_every": 3}), tmp_path / "run")
     trainer.setup()
     state = trainer.generator.get_state()
@@ -601,8 +706,9 @@ def test_unused_parameters_are_probed_on_each_kind_of_step(tmp_path):
     # a parameter that only the labelled steps reach is found by the step without labels
     trainer.model.guide.classifier.register_parameter("labelled_only", torch.nn.Parameter(torch.zeros(1)))
     forward = trainer.model.forward
-    trainer.model.forward = lambda x, x_lab=None, y_lab=None: forward(x, x_lab, y_lab) + (
-        trainer.model.guide.classifier.labelled_only.sum() if x_lab is not None else 0)
+    trainer.model.forward = lambda x, x_lab=None, y_lab=None: (
+        forward(x, x_lab, y_lab) + (trainer.model.guide.classifier.labelled_only.sum() if x_lab is not None else 0)
+    )
     assert trainer._has_unused_parameters() is True
 
 
@@ -621,13 +727,16 @@ print(tuned, round(before - resident(), 1))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="tunes glibc's malloc only")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only"
+)
 @pytest.mark.parametrize("setting", ["tuned", "default"])
 def test_tuned_allocator_keeps_freed_step_memory_for_the_next_step(setting):
     env = {**os.environ, "PYROSSL_MALLOC": setting}
     env.pop("GLIBC_TUNABLES", None)
-    done = subprocess.run([sys.executable, "-c", _ALLOCATOR_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _ALLOCATOR_SCRIPT], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     tuned, returned = done.stdout.split()
     if setting == "tuned":  # the block came from the heap and stays there for reuse
@@ -652,13 +761,21 @@ def test_a_resume_checks_every_counter_before_it_writes_anything(tmp_path, monke
     path = tmp_path / "run" / runs.CHECKPOINT
     good = runs.load_checkpoint(path)
     assert good["partial"]["batch"] > 0
-    damages = [("counters", "epoch", 1e6, "counters.epoch is 1000000.0"), ("counters", "epoch", -1, "counters.epoch is -1"),
-               ("counters", "epoch", 1_000_000, "not 0 .. 3"), ("counters", "step", "12", "counters.step is '12'"),
-               ("counters", "skipped", 99, "counters.skipped is 99"), ("counters", "best_score", math.nan, "best_score is nan"),
-               ("counters", "best_epoch", 2, "best_epoch is 2, not 0 .. 1"), ("counters", "seconds", -3.0, "seconds is -3.0"),
-               ("partial", "batch", -15, "partial.batch is -15"), ("partial", "batch", 10**6, "stopped after batch 1000000, but the epoch has"),
-               ("partial", "epoch", 3, "partial.epoch is 3"), ("partial", "losses", [math.inf], "partial.losses"),
-               ("partial", "data_rng", torch.zeros(3), "partial.data_rng")]
+    damages = [
+        ("counters", "epoch", 1e6, "counters.epoch is 1000000.0"),
+        ("counters", "epoch", -1, "counters.epoch is -1"),
+        ("counters", "epoch", 1_000_000, "not 0 .. 3"),
+        ("counters", "step", "12", "counters.step is '12'"),
+        ("counters", "skipped", 99, "counters.skipped is 99"),
+        ("counters", "best_score", math.nan, "best_score is nan"),
+        ("counters", "best_epoch", 2, "best_epoch is 2, not 0 .. 1"),
+        ("counters", "seconds", -3.0, "seconds is -3.0"),
+        ("partial", "batch", -15, "partial.batch is -15"),
+        ("partial", "batch", 10**6, "stopped after batch 1000000, but the epoch has"),
+        ("partial", "epoch", 3, "partial.epoch is 3"),
+        ("partial", "losses", [math.inf], "partial.losses"),
+        ("partial", "data_rng", torch.zeros(3), "partial.data_rng"),
+    ]
     for part, key, value, message in damages:
         state = {**good, part: {**good[part], key: value}}
         runs.atomic_save(state, path)

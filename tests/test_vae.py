@@ -31,11 +31,14 @@ def test_elbo_matches_a_direct_computation():
     q = torch.distributions.Normal(loc, scale)
     kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(-1)
     # Monte Carlo over many single-sample ELBOs for the reconstruction term
-    recon = torch.stack([
-        -torch.nn.functional.binary_cross_entropy_with_logits(
-            model.model.decoder(q.rsample()), x.flatten(1), reduction="none").sum(-1)
-        for _ in range(2000)
-    ]).mean(0)
+    recon = torch.stack(
+        [
+            -torch.nn.functional.binary_cross_entropy_with_logits(
+                model.model.decoder(q.rsample()), x.flatten(1), reduction="none"
+            ).sum(-1)
+            for _ in range(2000)
+        ]
+    ).mean(0)
     elbo = torch.stack([-model.loss(x) for _ in range(2000)]).mean()
     assert torch.allclose(elbo, (recon - kl).sum(), rtol=2e-3)
 
@@ -79,7 +82,9 @@ def test_beta_weights_the_analytic_kl_of_the_training_loss():
     model = VAE(META, VAEOptions(z_dim=2, hidden=[10], beta=4.0))
     x = _x(6)
     loc, scale = model.guide.encode(x)
-    kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)).sum()
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)
+    ).sum()
     torch.manual_seed(1)
     heavy = model(x) * 6
     model.set_beta(1.0)

@@ -87,13 +87,16 @@ def test_flow_moments_are_deterministic_and_agree_across_identical_images():
     # with many base draws they are the moments of independent samples
     mean, var = guide.moments(loc, scale, h, num_samples=20000)
     z = guide.distribution(loc[:1], scale[:1], h[:1]).sample((20000,))
-    assert torch.allclose(z.mean(0)[0], mean[0], atol=0.05) and torch.allclose(z.var(0)[0], var[0], rtol=0.15, atol=0.02)
+    assert torch.allclose(z.mean(0)[0], mean[0], atol=0.05) and torch.allclose(
+        z.var(0)[0], var[0], rtol=0.15, atol=0.02
+    )
 
 
 def test_unknown_z_guide_and_bad_options_are_one_line_errors():
     with pytest.raises(ConfigError, match="unknown z_guide 'flw'"):
         make_z_guide("flw", D, H)
     from pyrossl.models.vae import VAEOptions
+
     for bad, message in (({"z_rank": 0}, "z_rank"), ({"flows": 0}, "flows"), ({"flow_hidden": []}, "flow_hidden")):
         with pytest.raises(ConfigError, match=message):
             VAEOptions(**bad)
@@ -102,9 +105,14 @@ def test_unknown_z_guide_and_bad_options_are_one_line_errors():
 ENTRIES = {
     "vae": {"options": {"z_dim": 3, "hidden": [16], "flow_hidden": [12]}},
     "m2": {"data.labels_per_class": 5, "options": {"z_dim": 3, "hidden": [16], "flow_hidden": [12]}},
-    "gmm-vae": {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [16], "warmup_epochs": 1, "n_init": 1, "flow_hidden": [12]}},
-    "serket-vae-gmm": {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [16], "epochs_per_round": 1, "n_init": 1,
-                                                      "flow_hidden": [12]}},
+    "gmm-vae": {
+        "train.epochs": 2,
+        "options": {"z_dim": 3, "hidden": [16], "warmup_epochs": 1, "n_init": 1, "flow_hidden": [12]},
+    },
+    "serket-vae-gmm": {
+        "train.epochs": 2,
+        "options": {"z_dim": 3, "hidden": [16], "epochs_per_round": 1, "n_init": 1, "flow_hidden": [12]},
+    },
     "ccvae": {"data.labels_per_class": None, "options": {"z_style": 2, "hidden": [16], "k": 2, "flow_hidden": [12]}},
 }
 
@@ -144,11 +152,18 @@ def test_a_run_written_before_the_z_guides_reloads_and_resumes(tmp_path):
 
     train(tiny_config(**{"train.epochs": 1}), tmp_path / "run")
     path = tmp_path / "run" / runs.CONFIG
-    old = [line for line in path.read_text().splitlines()
-           if not line.startswith(("z_guide", "particles", "objective", "z_rank", "flows"))]
+    old = [
+        line
+        for line in path.read_text().splitlines()
+        if not line.startswith(("z_guide", "particles", "objective", "z_rank", "flows"))
+    ]
     path.write_text("\n".join(line.replace('guide = "amortised"', 'guide = "diag-normal"') for line in old) + "\n")
     before = runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["model"]
     run = load_run(tmp_path / "run", which="last")
-    assert run.config.guide == "diag-normal" and run.model.guide_name == "amortised" and run.model.z_guide_name == "diag-normal"
+    assert (
+        run.config.guide == "diag-normal"
+        and run.model.guide_name == "amortised"
+        and run.model.z_guide_name == "diag-normal"
+    )
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
     Trainer(runs.read_config(tmp_path / "run"), tmp_path / "run", resume=True)  # the configs agree once resolved

@@ -20,8 +20,13 @@ ENTRIES = {
     "gmm-vae": {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}},
     "serket-vae-gmm": {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "epochs_per_round": 1, "n_init": 1}},
     "ccvae": {"data.labels_per_class": None, "options": {"z_style": 2, "hidden": [32], "k": 2}},
-    "ccvae-attributes": {"model": "ccvae", "data.name": "shapes", "data.num_examples": 200, "data.labels_per_class": None,
-                         "options": {"z_style": 2, "hidden": [32], "k": 2}},
+    "ccvae-attributes": {
+        "model": "ccvae",
+        "data.name": "shapes",
+        "data.num_examples": 200,
+        "data.labels_per_class": None,
+        "options": {"z_style": 2, "hidden": [32], "k": 2},
+    },
 }
 
 
@@ -112,10 +117,19 @@ def test_register_adds_an_entry_and_refuses_what_is_not_one():
         with pytest.raises(ConfigError, match="taken by Mine"):
             register(Other)
         assert register(Other, replace=True) is Other
-        for bad, message in [(int, "ZooModel subclass"), (type("NoName", (ZooModel,), {}), "needs a class attribute name"),
-                             (type("NoOptions", (ZooModel,), {"name": "x"}), "must be a dataclass"),
-                             (type("NoGuide", (ZooModel,), {"name": "x", "Options": MineOptions, "guides": {"a": ""}, "default_guide": "b"}),
-                              "default_guide")]:
+        for bad, message in [
+            (int, "ZooModel subclass"),
+            (type("NoName", (ZooModel,), {}), "needs a class attribute name"),
+            (type("NoOptions", (ZooModel,), {"name": "x"}), "must be a dataclass"),
+            (
+                type(
+                    "NoGuide",
+                    (ZooModel,),
+                    {"name": "x", "Options": MineOptions, "guides": {"a": ""}, "default_guide": "b"},
+                ),
+                "default_guide",
+            ),
+        ]:
             with pytest.raises(ConfigError, match=message):
                 register(bad)
     finally:
@@ -124,9 +138,12 @@ def test_register_adds_an_entry_and_refuses_what_is_not_one():
 
 # --- the contract: entry.model, entry.guide and entry.elbo are a Pyro model, guide and ELBO -------------
 
-CONTRACT = {**ENTRIES, "gmm-vae": {"options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 0, "n_init": 1}},
-            "m2-dirichlet": {"model": "m2", "guide": "dirichlet", **ENTRIES["m2"]},
-            "m2-gumbel-flow": {"model": "m2", "guide": "gumbel", "z_guide": "flow", **ENTRIES["m2"]}}
+CONTRACT = {
+    **ENTRIES,
+    "gmm-vae": {"options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 0, "n_init": 1}},
+    "m2-dirichlet": {"model": "m2", "guide": "dirichlet", **ENTRIES["m2"]},
+    "m2-gumbel-flow": {"model": "m2", "guide": "gumbel", "z_guide": "flow", **ENTRIES["m2"]},
+}
 
 
 def _entry(name, **extra):
@@ -165,7 +182,10 @@ def test_plain_pyro_svi_trains_every_parameter_of_every_entry(name):
     assert not pyro.settings.get("module_local_params")
     torch.manual_seed(0)
     entry, batches = _entry(name)
-    before = {k: p.detach().clone() for k, p in [*entry.model.named_parameters("model."), *entry.guide.named_parameters("guide.")]}
+    before = {
+        k: p.detach().clone()
+        for k, p in [*entry.model.named_parameters("model."), *entry.guide.named_parameters("guide.")]
+    }
     svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 1e-2}), entry.elbo)
     for _ in range(3):
         for args in batches:
@@ -185,9 +205,13 @@ def test_svi_loss_is_the_trainers_loss_and_the_elbos_three_methods_agree(name):
     svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 0.0}), entry.elbo)
     for args in batches:
         values = []
-        for compute in (lambda args=args: _trainer_loss(entry, args).item(), lambda args=args: svi.evaluate_loss(*args),
-                        lambda args=args: svi.step(*args), lambda args=args: entry.elbo.loss(entry.model, entry.guide, *args),
-                        lambda args=args: entry.elbo.differentiable_loss(entry.model, entry.guide, *args).item()):
+        for compute in (
+            lambda args=args: _trainer_loss(entry, args).item(),
+            lambda args=args: svi.evaluate_loss(*args),
+            lambda args=args: svi.step(*args),
+            lambda args=args: entry.elbo.loss(entry.model, entry.guide, *args),
+            lambda args=args: entry.elbo.differentiable_loss(entry.model, entry.guide, *args).item(),
+        ):
             pyro.set_rng_seed(3)
             values.append(compute())
         assert values == pytest.approx([values[0]] * len(values), rel=1e-5, abs=1e-3), (args[1:] and "labelled", values)
@@ -205,8 +229,14 @@ def test_pyros_tools_work_on_every_entry(name):
     with torch.no_grad():
         guide_trace = poutine.trace(entry.guide).get_trace(*args)
         model_trace = poutine.trace(poutine.replay(entry.model, trace=guide_trace)).get_trace(*args)
-        latents = {k: s["value"] for k, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
-                   and k in guide_trace.nodes and type(s["fn"]).__name__ != "_Subsample"}
+        latents = {
+            k: s["value"]
+            for k, s in model_trace.nodes.items()
+            if s["type"] == "sample"
+            and not s["is_observed"]
+            and k in guide_trace.nodes
+            and type(s["fn"]).__name__ != "_Subsample"
+        }
         observed = {k for k, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]}
         assert "x" in observed or name == "classifier"
         if latents:
@@ -242,10 +272,12 @@ def test_importing_the_zoo_changes_no_pyro_setting_and_no_param():
     import subprocess
     import sys
 
-    code = ("import pyro, json; pyro.param('mine', lambda: __import__('torch').zeros(2)); before = pyro.settings.get(); "
-            "import pyrossl, pyrossl.registry, pyrossl.cli, pyrossl.train, pyrossl.report; "
-            "assert pyro.settings.get() == before, (before, pyro.settings.get()); "
-            "assert list(pyro.get_param_store().keys()) == ['mine']; print('ok')")
+    code = (
+        "import pyro, json; pyro.param('mine', lambda: __import__('torch').zeros(2)); before = pyro.settings.get(); "
+        "import pyrossl, pyrossl.registry, pyrossl.cli, pyrossl.train, pyrossl.report; "
+        "assert pyro.settings.get() == before, (before, pyro.settings.get()); "
+        "assert list(pyro.get_param_store().keys()) == ['mine']; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -314,7 +346,12 @@ def test_an_elbo_that_ignores_particles_or_an_objective_is_refused_with_the_reas
             build_model(tiny_config(**{"model": OneParticle.name, "train.objective": "iwae"}), meta)
     finally:
         MODELS.pop(OneParticle.name, None)
-    for name, reason in [("gmm-vae", "c is enumerated"), ("gae", "point mass"), ("classifier", "no latent variable"),
-                         ("ccvae", "eq. 4"), ("m2", "needs every latent reparameterised")]:
+    for name, reason in [
+        ("gmm-vae", "c is enumerated"),
+        ("gae", "point mass"),
+        ("classifier", "no latent variable"),
+        ("ccvae", "eq. 4"),
+        ("m2", "needs every latent reparameterised"),
+    ]:
         with pytest.raises(ConfigError, match=reason):
             _entry(name, **{"train.objective": "iwae"})

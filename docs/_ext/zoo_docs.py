@@ -90,7 +90,11 @@ class ZooGuides(Directive):
         if cls.z_guides:
             out += [nodes.paragraph(text="z_guide ="), _guides_table(cls.z_guides, next(iter(cls.z_guides)))]
         if cls.guide_aliases:
-            out.append(nodes.paragraph(text="Guide aliases: " + "; ".join(f"{a} is {t}" for a, t in cls.guide_aliases.items()) + "."))
+            out.append(
+                nodes.paragraph(
+                    text="Guide aliases: " + "; ".join(f"{a} is {t}" for a, t in cls.guide_aliases.items()) + "."
+                )
+            )
         out.append(nodes.paragraph(text=f"train.objective: {', '.join(cls.objectives)}."))
         return out
 
@@ -122,7 +126,10 @@ class ZooGuideRequires(Directive):
 
     def run(self):
         family, _ = _family(self.arguments[0])
-        rows = [["description", "a one-line str, the guide tables' text"], *[[k, v] for k, v in family.requires.items()]]
+        rows = [
+            ["description", "a one-line str, the guide tables' text"],
+            *[[k, v] for k, v in family.requires.items()],
+        ]
         return [_table(["attribute", "what it is"], rows, [20, 80], literal=(0,))]
 
 
@@ -160,8 +167,13 @@ class ZooConfig(Directive):
         if section == "top":
             rows = [r for r in rows if r["name"] not in ("data", "train", "options")]
         prefix = "" if section == "top" else f"{section}."
-        return [_table(["key", "type", "default", "what it does"], [[prefix + r["name"], r["type"], r["default"], r["doc"]] for r in rows],
-                       [22, 14, 14, 50])]
+        return [
+            _table(
+                ["key", "type", "default", "what it does"],
+                [[prefix + r["name"], r["type"], r["default"], r["doc"]] for r in rows],
+                [22, 14, 14, 50],
+            )
+        ]
 
 
 class ZooGraph(Directive):
@@ -183,8 +195,14 @@ class ZooGraph(Directive):
 
         name = self.arguments[0]
         cls = _entry(name)
-        meta = {"image_shape": (1, 8, 8), "num_classes": 3, "classes": ("a", "b", "c"), "num_examples": 4,
-                "attributes": (), "multilabel": False}
+        meta = {
+            "image_shape": (1, 8, 8),
+            "num_classes": 3,
+            "classes": ("a", "b", "c"),
+            "num_examples": 4,
+            "attributes": (),
+            "multilabel": False,
+        }
         entry = build_model(config_from_dict({"model": name}), meta)
         x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
         if entry.wants_index:
@@ -195,16 +213,23 @@ class ZooGraph(Directive):
             args, shown = (x,), "(x,)"
         with module_local(), torch.no_grad():
             guide_trace = poutine.trace(entry.guide).get_trace(*args)
-            latents = {k: site["value"] for k, site in guide_trace.nodes.items()
-                       if site["type"] == "sample" and not site["is_observed"] and type(site["fn"]).__name__ != "_Subsample"}
+            latents = {
+                k: site["value"]
+                for k, site in guide_trace.nodes.items()
+                if site["type"] == "sample" and not site["is_observed"] and type(site["fn"]).__name__ != "_Subsample"
+            }
             # a flat prior (gae's) cannot be drawn from: its graph is the model's given the guide's latents
             model = poutine.condition(entry.model, data=latents) if name == "gae" else entry.model
             graph = pyro.render_model(model, model_args=args, render_distributions=True)
-        given = "poutine.condition(entry.model, data=the guide's z) (a flat prior cannot be drawn from), " if name == "gae" else "entry.model, "
+        given = (
+            "poutine.condition(entry.model, data=the guide's z) (a flat prior cannot be drawn from), "
+            if name == "gae"
+            else "entry.model, "
+        )
         caption = nodes.paragraph(text=f"pyro.render_model({given}model_args={shown}, render_distributions=True)")
         if shutil.which("dot"):
             svg = graph.pipe(format="svg").decode()
-            return [nodes.raw("", f'<div class="zoo-graph">{svg[svg.index("<svg"):]}</div>', format="html"), caption]
+            return [nodes.raw("", f'<div class="zoo-graph">{svg[svg.index("<svg") :]}</div>', format="html"), caption]
         return [nodes.literal_block(graph.source, graph.source), caption]
 
 

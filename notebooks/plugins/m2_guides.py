@@ -1,4 +1,5 @@
 """Two guides for M2, from outside the package: q(z|x) that ignores y, and a smoothed q(y|x)."""
+
 import math
 
 import pyro

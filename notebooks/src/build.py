@@ -28,9 +28,13 @@ def notebook(source: str) -> nbformat.NotebookNode:
             cells.append(nbformat.v4.new_code_cell(body))
     for i, cell in enumerate(cells):
         cell["id"] = f"cell-{i}"  # stable ids: a rebuild of an unchanged source is byte-identical
-    return nbformat.v4.new_notebook(cells=cells, metadata={
-        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"}})
+    return nbformat.v4.new_notebook(
+        cells=cells,
+        metadata={
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        },
+    )
 
 
 def main(names: list[str]) -> None:

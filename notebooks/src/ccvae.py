@@ -29,11 +29,15 @@ QUICK = os.environ.get("PYROSSL_QUICK") == "1"
 ROOT = Path(pyrossl.__file__).resolve().parents[1]
 OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("ccvae-quick" if QUICK else "ccvae")
 quick = ["data.num_examples=4800", "data.validation=400", "train.epochs=6", "train.eval_every=6"] if QUICK else []
-summary = train_to_completion(load_config(ROOT / "runs/ccvae-shapes.toml", ["train.progress=false", *quick]), OUT / "shapes")
+summary = train_to_completion(
+    load_config(ROOT / "runs/ccvae-shapes.toml", ["train.progress=false", *quick]), OUT / "shapes"
+)
 run = pyrossl.load_run(OUT / "shapes")
 model, names = run.model, run.dataset.attributes
-print(f"attribute accuracy of q(y|x): {summary['best']['test_accuracy']:.3f} "
-      f"({', '.join(f'{n} {a:.2f}' for n, a in zip(names, summary['best']['test_per_attribute_accuracy']))})")
+print(
+    f"attribute accuracy of q(y|x): {summary['best']['test_accuracy']:.3f} "
+    f"({', '.join(f'{n} {a:.2f}' for n, a in zip(names, summary['best']['test_per_attribute_accuracy']))})"
+)
 
 # %% [markdown]
 # In quick mode (6 epochs on 3,600 images) the walks of `round` and `filled` are still weak; the
@@ -60,7 +64,7 @@ print(f"judge accuracy on real test images: {judge_accuracy(judge, x.cpu(), y.cp
 
 # %%
 for image in (0, 1):
-    frames = torch.stack([model.walk(x[image:image + 1], i)[:, 0] for i in range(len(names))])
+    frames = torch.stack([model.walk(x[image : image + 1], i)[:, 0] for i in range(len(names))])
     plt.figure(figsize=(5, 4))
     plt.imshow(plots.image_grid(frames.reshape(-1, *frames.shape[2:]).cpu(), nrow=frames.shape[1]), cmap="gray")
     plt.yticks([(i + 0.5) * (frames.shape[-1] + 1) for i in range(len(names))], names)
@@ -86,14 +90,24 @@ plt.xlabel("judged attribute")
 plt.ylabel("walked attribute")
 for i in range(len(names)):
     for j in range(len(names)):
-        plt.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="white" if matrix[i, j] < 0.5 else "black", fontsize=8)
+        plt.text(
+            j,
+            i,
+            f"{matrix[i, j]:.2f}",
+            ha="center",
+            va="center",
+            color="white" if matrix[i, j] < 0.5 else "black",
+            fontsize=8,
+        )
 plt.title("walk effects")
 plt.tight_layout()
 plt.show()
 effects = model.walk_effects(x, judge)
 interventions = model.intervention_accuracy(x, judge)
-print(f"intervention accuracy {interventions['intervention_accuracy']:.3f}; walks change their own attribute "
-      f"{effects['walk_own_change']:.3f}, another one {effects['walk_other_change']:.3f}")
+print(
+    f"intervention accuracy {interventions['intervention_accuracy']:.3f}; walks change their own attribute "
+    f"{effects['walk_own_change']:.3f}, another one {effects['walk_other_change']:.3f}"
+)
 
 # %% [markdown]
 # ## Characteristic swaps on Fashion-MNIST

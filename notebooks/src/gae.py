@@ -38,8 +38,10 @@ summary = train_to_completion(load_config(ROOT / "runs/gae-mnist5k.toml", settin
 run = pyrossl.load_run(OUT)
 model = run.model
 x, y = run.tensors("test")
-print(f"test accuracy of the class mixtures: {summary['best']['test_accuracy']:.3f}; "
-      f"{summary['epochs']} epochs in {summary['seconds']:.0f} s")
+print(
+    f"test accuracy of the class mixtures: {summary['best']['test_accuracy']:.3f}; "
+    f"{summary['epochs']} epochs in {summary['seconds']:.0f} s"
+)
 
 
 def show(images, nrow, title, rows=None):
@@ -101,10 +103,15 @@ codes = model.codes(train_x)
 low, high = codes.min(0).values, codes.max(0).values
 uniform = low + (high - low) * torch.rand(20, codes.shape[1], generator=g)
 mixture, _ = model.classifier.sample(20, generator=g)
-show(torch.cat([model.decode(model._unstandardise(uniform)), model.decode(model._unstandardise(mixture))]), 10,
-     "top: uniform over the codes' box; bottom: from the mixtures")
-print(f"mean log p(z): uniform points {model.classifier.score_samples(uniform).mean():.1f}, "
-      f"mixture samples {model.classifier.score_samples(mixture).mean():.1f}")
+show(
+    torch.cat([model.decode(model._unstandardise(uniform)), model.decode(model._unstandardise(mixture))]),
+    10,
+    "top: uniform over the codes' box; bottom: from the mixtures",
+)
+print(
+    f"mean log p(z): uniform points {model.classifier.score_samples(uniform).mean():.1f}, "
+    f"mixture samples {model.classifier.score_samples(mixture).mean():.1f}"
+)
 
 # %% [markdown]
 # ## Per-class mixtures against one mixture for all
@@ -116,10 +123,16 @@ print(f"mean log p(z): uniform points {model.classifier.score_samples(uniform).m
 # %%
 best = summary["best"]
 print(f"per-class mixtures, test accuracy:       {best['test_accuracy']:.3f}")
-print(f"one mixture for all, cluster accuracy:   {best['test_single_mixture_cluster_accuracy']:.3f} "
-      f"(NMI {best['test_single_mixture_nmi']:.3f})")
+print(
+    f"one mixture for all, cluster accuracy:   {best['test_single_mixture_cluster_accuracy']:.3f} "
+    f"(NMI {best['test_single_mixture_nmi']:.3f})"
+)
 table = confusion_matrix(model.predict(x).cpu(), y.cpu(), k)
-display(Image(filename=str(plots.plot_confusion(table, [str(c) for c in range(k)], OUT / "figures" / "confusion_again.png"))))
+display(
+    Image(
+        filename=str(plots.plot_confusion(table, [str(c) for c in range(k)], OUT / "figures" / "confusion_again.png"))
+    )
+)
 
 # %% [markdown]
 # ## Novelty: "none of the classes"

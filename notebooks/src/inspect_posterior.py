@@ -27,7 +27,8 @@ print({k: round(v, 4) for k, v in run.summary["best"].items() if k.startswith("t
 # %% [markdown]
 # ## The posterior of a few test images
 #
-# `run.posterior(x)` gives the guide's beliefs: q(y|x) as class probabilities, q(z|x) as location and scale (M2's q(z|x, y) at the most probable class).
+# `run.posterior(x)` gives the guide's beliefs: q(y|x) as class probabilities, q(z|x) as location and
+# scale (M2's q(z|x, y) at the most probable class).
 
 # %%
 x, y = run.tensors("test")
@@ -60,8 +61,7 @@ x_all, y_all = run.tensors("test")
 z = run.latent(x_all)
 fig, ax = plt.subplots(figsize=(5, 4.5))
 plots.plot_latent_pca(z, y_all, None, classes=classes, ax=ax)
-ax.set_title(f"posterior means, {len(z)} test images");
-
+ax.set_title(f"posterior means, {len(z)} test images")
 # %% [markdown]
 # ## Samples of each class
 #
@@ -74,8 +74,7 @@ fig, ax = plt.subplots(figsize=(5, 0.6 * len(classes)))
 ax.imshow(grid, cmap="gray_r")
 ax.set_yticks([(i + 0.5) * grid.shape[0] / len(classes) for i in range(len(classes))], classes)
 ax.set_xticks([])
-ax.set_title("one class per row");
-
+ax.set_title("one class per row")
 # %% [markdown]
 # ## Learning curves
 #
@@ -90,12 +89,12 @@ for key in ("val_accuracy", "test_accuracy"):
         ax.plot(epochs[: len(values)], values, marker="o", label=key)
 ax.set_xlabel("epoch")
 ax.set_ylabel("accuracy")
-ax.legend();
-
+ax.legend()
 # %% [markdown]
 # ## Posterior predictive
 #
-# `run.predictive(n)` is a `pyro.infer.Predictive` over the run's Pyro model with its trained guide; call it with the model's arguments.
+# `run.predictive(n)` is a `pyro.infer.Predictive` over the run's Pyro model with its trained guide;
+# call it with the model's arguments.
 
 # %%
 draws = run.predictive(num_samples=4)(x)

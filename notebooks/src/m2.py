@@ -41,8 +41,10 @@ def trained(name, *overrides):
 
 
 run, summary = trained("enum")
-print(f"enum: test accuracy {summary['best']['test_accuracy']:.3f} at the best validation epoch "
-      f"({summary['best_epoch']}), {summary['last']['test_accuracy']:.3f} after the last")
+print(
+    f"enum: test accuracy {summary['best']['test_accuracy']:.3f} at the best validation epoch "
+    f"({summary['best_epoch']}), {summary['last']['test_accuracy']:.3f} after the last"
+)
 
 # %% [markdown]
 # ## Swapping guides by name
@@ -59,8 +61,10 @@ for guide, z_guide in [("gumbel", "diag-normal"), ("gumbel", "flow" if not QUICK
     _, s = trained(f"{guide}-{z_guide}", f"guide={guide}", f"z_guide={z_guide}")
     rows.append((guide, z_guide, s))
 table = "| guide | z_guide | test accuracy (best epoch) | last epoch | seconds |\n|---|---|---|---|---|\n"
-table += "\n".join(f"| `{g}` | `{z}` | {s['best']['test_accuracy']:.3f} | {s['last']['test_accuracy']:.3f} | {s['seconds']:.0f} |"
-                   for g, z, s in rows)
+table += "\n".join(
+    f"| `{g}` | `{z}` | {s['best']['test_accuracy']:.3f} | {s['last']['test_accuracy']:.3f} | {s['seconds']:.0f} |"
+    for g, z, s in rows
+)
 display(Markdown(table))
 
 # %% [markdown]
@@ -77,8 +81,12 @@ k = model.meta["num_classes"]
 with torch.no_grad():
     picks = torch.stack([torch.nonzero(y == c)[0, 0] for c in range(0, k, 2)])  # five digits of different classes
     z = model.guide.z_encoder.point(x[picks], model.one_hot(y[picks]))
-    grid = torch.cat([torch.cat([x[i:i + 1].cpu(), model.decode(model.one_hot(torch.arange(k)), z[j].repeat(k, 1)).cpu()])
-                      for j, i in enumerate(picks)])
+    grid = torch.cat(
+        [
+            torch.cat([x[i : i + 1].cpu(), model.decode(model.one_hot(torch.arange(k)), z[j].repeat(k, 1)).cpu()])
+            for j, i in enumerate(picks)
+        ]
+    )
 plt.figure(figsize=(8, 4.5))
 plt.imshow(plots.image_grid(grid, nrow=k + 1), cmap="gray")
 plt.axis("off")
@@ -123,8 +131,13 @@ plt.show()
 
 # %%
 seeds = [0, 1] if QUICK else [0, 1, 2]
-result = ablate(ROOT / "runs/m2-digits.toml", OUT / "ablation", guides=["enum", "gumbel"] if QUICK else ["enum", "gumbel", "logistic-normal"], seeds=seeds,
-                overrides=["train.epochs=10"] if QUICK else [])
+result = ablate(
+    ROOT / "runs/m2-digits.toml",
+    OUT / "ablation",
+    guides=["enum", "gumbel"] if QUICK else ["enum", "gumbel", "logistic-normal"],
+    seeds=seeds,
+    overrides=["train.epochs=10"] if QUICK else [],
+)
 display(Markdown(result["table"]))
 display(Image(filename=str(result["figure"])))
 
@@ -142,10 +155,17 @@ records = [r for r in run.metrics if "val_kl_per_unit" in r]
 kl = torch.tensor([r["val_kl_per_unit"] for r in records])  # [epochs, units]
 order = kl[-1].argsort(descending=True)
 plt.figure(figsize=(8, 3))
-plt.imshow(kl[:, order].T[:20], aspect="auto", cmap="viridis", extent=[records[0]["epoch"] - 0.5, records[-1]["epoch"] + 0.5, 19.5, -0.5])
+plt.imshow(
+    kl[:, order].T[:20],
+    aspect="auto",
+    cmap="viridis",
+    extent=[records[0]["epoch"] - 0.5, records[-1]["epoch"] + 0.5, 19.5, -0.5],
+)
 plt.colorbar(label="KL (nats)")
 plt.xlabel("epoch")
 plt.ylabel("unit (by final KL)")
 plt.yticks(range(0, 20, 5))
-plt.title(f"the 20 units with the largest KL; active units at the end: {records[-1]['val_active_units']} of {kl.shape[1]}")
+plt.title(
+    f"the 20 units with the largest KL; active units at the end: {records[-1]['val_active_units']} of {kl.shape[1]}"
+)
 plt.show()

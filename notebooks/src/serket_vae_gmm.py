@@ -31,9 +31,13 @@ ROOT = Path(pyrossl.__file__).resolve().parents[1]
 OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("serket-quick" if QUICK else "serket")
 # quick: 5 rounds of 25 epochs instead of 200
 serket = ["train.epochs=125", "options.epochs_per_round=25", "train.eval_every=25"] if QUICK else []
-summary = train_to_completion(load_config(ROOT / "runs/serket-vae-gmm-mnist3000.toml", ["train.progress=false", *serket]), OUT / "serket")
-print(f"{summary['epochs']} epochs ({summary['epochs'] // (25 if QUICK else 200)} rounds) in {summary['seconds']:.0f} s; "
-      f"cluster accuracy {summary['last']['train_cluster_accuracy']:.3f}")
+summary = train_to_completion(
+    load_config(ROOT / "runs/serket-vae-gmm-mnist3000.toml", ["train.progress=false", *serket]), OUT / "serket"
+)
+print(
+    f"{summary['epochs']} epochs ({summary['epochs'] // (25 if QUICK else 200)} rounds) in {summary['seconds']:.0f} s; "
+    f"cluster accuracy {summary['last']['train_cluster_accuracy']:.3f}"
+)
 
 # %% [markdown]
 # ## The accuracy of each round
@@ -62,8 +66,14 @@ plt.show()
 # %%
 run = pyrossl.load_run(OUT / "serket")
 kept = run.outputs()  # the tables the entry kept in the run, read and checked
-path = plots.plot_latent_pair(kept["before"], kept["after"], kept["truth"], OUT / "serket" / "figures" / "before_after_again.png",
-                              classes=run.dataset.classes, titles=("round 1: no message yet", f"round {len(rounds)}: after the last"))
+path = plots.plot_latent_pair(
+    kept["before"],
+    kept["after"],
+    kept["truth"],
+    OUT / "serket" / "figures" / "before_after_again.png",
+    classes=run.dataset.classes,
+    titles=("round 1: no message yet", f"round {len(rounds)}: after the last"),
+)
 display(Image(filename=str(path)))
 
 # %% [markdown]
@@ -86,9 +96,13 @@ display(Image(filename=str(OUT / "serket" / "figures" / "cluster_samples.png")))
 
 # %%
 e2e = ["train.epochs=24", "options.warmup_epochs=12", "train.eval_every=12"] if QUICK else []
-gmm = train_to_completion(load_config(ROOT / "runs/gmm-vae-mnist3000.toml", ["train.progress=false", *e2e]), OUT / "gmm-vae")
+gmm = train_to_completion(
+    load_config(ROOT / "runs/gmm-vae-mnist3000.toml", ["train.progress=false", *e2e]), OUT / "gmm-vae"
+)
 for name, s in (("serket-vae-gmm", summary), ("gmm-vae", gmm)):
     last = s["last"]
-    print(f"{name:15s} cluster accuracy {last['train_cluster_accuracy']:.3f}, NMI {last['train_nmi']:.3f}, "
-          f"ARI {last['train_ari']:.3f}, {s['seconds']:.0f} s")
+    print(
+        f"{name:15s} cluster accuracy {last['train_cluster_accuracy']:.3f}, NMI {last['train_nmi']:.3f}, "
+        f"ARI {last['train_ari']:.3f}, {s['seconds']:.0f} s"
+    )
 display(Image(filename=str(OUT / "gmm-vae" / "figures" / "cluster_samples.png")))

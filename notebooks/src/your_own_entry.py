@@ -44,6 +44,7 @@ OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials"))
 # `setting(default, doc)`: a dataclass field whose doc goes into the entry's option table
 # (`LaplaceVAE.option_rows()`, the site's tables).
 
+
 # %%
 @dataclass
 class LaplaceVAEOptions:
@@ -133,8 +134,10 @@ recipe = {
 }
 run_dir = OUT / ("laplace-vae-quick" if QUICK else "laplace-vae")
 summary = train_to_completion(load_config(base=recipe), run_dir)
-print(f"test ELBO {summary['best']['test_elbo']:.2f} nats at epoch {summary['best_epoch']}; files: "
-      + ", ".join(sorted(p.name for p in run_dir.iterdir())))
+print(
+    f"test ELBO {summary['best']['test_elbo']:.2f} nats at epoch {summary['best_epoch']}; files: "
+    + ", ".join(sorted(p.name for p in run_dir.iterdir()))
+)
 
 # %% [markdown]
 # ## Load it back and look
@@ -161,5 +164,10 @@ plt.show()
 # The codes of the test digits, coloured by class (the labels were never used in training):
 
 # %%
-display(Image(filename=str(plots.plot_latent_pca(z, y.cpu(), run_dir / "figures" / "latent_pca_again.png",
-                                                 classes=run.dataset.classes))))
+display(
+    Image(
+        filename=str(
+            plots.plot_latent_pca(z, y.cpu(), run_dir / "figures" / "latent_pca_again.png", classes=run.dataset.classes)
+        )
+    )
+)

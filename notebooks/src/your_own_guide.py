@@ -32,7 +32,9 @@ from pyrossl.runs import load_dataset_for
 
 QUICK = os.environ.get("PYROSSL_QUICK") == "1"
 ROOT = Path(pyrossl.__file__).resolve().parents[1]
-OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")).resolve() / ("own-guide-quick" if QUICK else "own-guide")
+OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")).resolve() / (
+    "own-guide-quick" if QUICK else "own-guide"
+)
 PLUGIN = ROOT / "notebooks/plugins/m2_guides.py"
 
 
@@ -41,6 +43,7 @@ def pyrossl_command(*args):
     done = subprocess.run([sys.executable, "-m", "pyrossl", *map(str, args)], capture_output=True, text=True)
     print(done.stdout[-3000:] + done.stderr[-3000:])
     assert done.returncode == 0, done.returncode
+
 
 # %% [markdown]
 # ## What a label guide of M2 provides
@@ -64,9 +67,15 @@ for name, what in LABEL_GUIDES.requires.items():
 
 # %%
 source = PLUGIN.read_text()
-classes = {n.name: n.end_lineno - n.lineno + 1 + len(n.decorator_list) for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
-print(f"lines: q(z|x) guide {classes['XOnlyEncoder'] + classes['QzxGuide']} (XOnlyEncoder + QzxGuide), "
-      f"label guide {classes['SmoothedEnumGuide']} (SmoothedEnumGuide)")
+classes = {
+    n.name: n.end_lineno - n.lineno + 1 + len(n.decorator_list)
+    for n in ast.parse(source).body
+    if isinstance(n, ast.ClassDef)
+}
+print(
+    f"lines: q(z|x) guide {classes['XOnlyEncoder'] + classes['QzxGuide']} (XOnlyEncoder + QzxGuide), "
+    f"label guide {classes['SmoothedEnumGuide']} (SmoothedEnumGuide)"
+)
 display(Markdown(f"```python\n{source}```"))
 
 # %% [markdown]
@@ -79,8 +88,21 @@ display(Markdown(f"```python\n{source}```"))
 epochs = "2" if QUICK else "30"
 run_dir = OUT / "qzx"
 if not (run_dir / "summary.json").exists():
-    pyrossl_command("train", ROOT / "runs/demo.toml", "--set", "guide=qzx", "--set", f"train.epochs={epochs}",
-                    "--set", "train.iwae_samples=100", "--plugin", PLUGIN, "--out", run_dir, "--quiet")
+    pyrossl_command(
+        "train",
+        ROOT / "runs/demo.toml",
+        "--set",
+        "guide=qzx",
+        "--set",
+        f"train.epochs={epochs}",
+        "--set",
+        "train.iwae_samples=100",
+        "--plugin",
+        PLUGIN,
+        "--out",
+        run_dir,
+        "--quiet",
+    )
 print([line for line in (run_dir / "config.toml").read_text().splitlines() if line.startswith("plugins")])
 pyrossl_command("eval", run_dir)
 
@@ -95,17 +117,34 @@ pyrossl_command("eval", run_dir)
 # %%
 ablation = OUT / "ablation"
 seeds = "0" if QUICK else "0,1,2"
-pyrossl_command("ablate", ROOT / "runs/m2-digits.toml", "--guides", "enum,qzx,smoothed-enum", "--z-guides", "diag-normal",
-                "--seeds", seeds, "--iwae", "100", "--plugin", PLUGIN, "--out", ablation,
-                *(["--set", "train.epochs=3"] if QUICK else []))
+pyrossl_command(
+    "ablate",
+    ROOT / "runs/m2-digits.toml",
+    "--guides",
+    "enum,qzx,smoothed-enum",
+    "--z-guides",
+    "diag-normal",
+    "--seeds",
+    seeds,
+    "--iwae",
+    "100",
+    "--plugin",
+    PLUGIN,
+    "--out",
+    ablation,
+    *(["--set", "train.epochs=3"] if QUICK else []),
+)
 display(Image(filename=str(ablation / "ablation.png")))
 
 # %%
 rows = list(csv.DictReader((ablation / "ablation.csv").open()))
 variants = list(dict.fromkeys(r["variant"] for r in rows))
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-for ax, key, title in zip(axes, ["test_accuracy", "test_guide_elbo", "test_iwae_gap"],
-                          ["test accuracy", "guide's ELBO (nats)", "IWAE(100) - ELBO (nats)"]):
+for ax, key, title in zip(
+    axes,
+    ["test_accuracy", "test_guide_elbo", "test_iwae_gap"],
+    ["test accuracy", "guide's ELBO (nats)", "IWAE(100) - ELBO (nats)"],
+):
     for i, v in enumerate(variants):
         values = [float(r[key]) for r in rows if r["variant"] == v]
         ax.scatter([i] * len(values), values, color=f"C{i}")
@@ -128,8 +167,11 @@ plt.show()
 run = pyrossl.load_run(run_dir)
 print(type(run.model.guide).__name__, "from", type(run.model.guide).__module__)
 x, y = run.tensors("test")
-print(f"test accuracy {(run.predict(x).cpu() == y.cpu()).float().mean():.3f}; "
-      f"guide's ELBO {run.summary['best']['test_guide_elbo']:.2f}, IWAE(100) {run.summary['best']['test_log_likelihood']:.2f} nats")
+print(
+    f"test accuracy {(run.predict(x).cpu() == y.cpu()).float().mean():.3f}; "
+    f"guide's ELBO {run.summary['best']['test_guide_elbo']:.2f}, IWAE(100) "
+    f"{run.summary['best']['test_log_likelihood']:.2f} nats"
+)
 display(Image(filename=str(run_dir / "figures" / "class_samples.png")))
 
 # %% [markdown]
@@ -149,7 +191,10 @@ labelled = torch.arange(0, 1500, 30)  # 50 labelled digits, the rest unlabelled
 pyro.set_rng_seed(0)
 trainer_loss = entry(dataset.x[:100]).item() * 100
 pyro.set_rng_seed(0)
-print(f"one batch: the trainer's loss {trainer_loss:.3f}, SVI's {SVI(entry.model, entry.guide, ClippedAdam({'lr': 0.0}), entry.elbo).evaluate_loss(dataset.x[:100]):.3f}")
+print(
+    f"one batch: the trainer's loss {trainer_loss:.3f}, SVI's "
+    f"{SVI(entry.model, entry.guide, ClippedAdam({'lr': 0.0}), entry.elbo).evaluate_loss(dataset.x[:100]):.3f}"
+)
 
 pyro.clear_param_store()
 svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 3e-3}), entry.elbo)

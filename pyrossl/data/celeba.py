@@ -35,9 +35,24 @@ CROP = 148
 
 #: The 18 attributes Joy et al. (2021) use: the ones a face image shows clearly enough to classify.
 PAPER_ATTRIBUTES = (
-    "Arched_Eyebrows", "Bags_Under_Eyes", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair",
-    "Bushy_Eyebrows", "Chubby", "Eyeglasses", "Heavy_Makeup", "Male", "No_Beard", "Pale_Skin",
-    "Receding_Hairline", "Smiling", "Wavy_Hair", "Wearing_Necktie", "Young",
+    "Arched_Eyebrows",
+    "Bags_Under_Eyes",
+    "Bangs",
+    "Black_Hair",
+    "Blond_Hair",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Eyeglasses",
+    "Heavy_Makeup",
+    "Male",
+    "No_Beard",
+    "Pale_Skin",
+    "Receding_Hairline",
+    "Smiling",
+    "Wavy_Hair",
+    "Wearing_Necktie",
+    "Young",
 )
 
 
@@ -71,7 +86,9 @@ def find_celeba(data_dir=None) -> Path:
 def read_attributes(path: Path) -> tuple[list[str], list[str], np.ndarray]:
     """(image names, the 40 attribute names, int8 [N, 40] of +-1) from ``list_attr_celeba.txt``."""
     if not path.is_file():
-        raise DataError(f"{path.parent}: no attribute file {ATTRIBUTES_FILE}; a CelebA folder needs it beside {IMAGES}/")
+        raise DataError(
+            f"{path.parent}: no attribute file {ATTRIBUTES_FILE}; a CelebA folder needs it beside {IMAGES}/"
+        )
     lines = path.read_text(errors="replace").splitlines()
     if len(lines) < 2:
         raise DataError(f"{path}: expected the image count on line 1 and the attribute names on line 2")
@@ -123,8 +140,13 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise DataError(f"{path}: not a readable image ({exc})") from None
 
 
-def load_celeba(*, data_dir=None, attributes: Sequence[str] | None = None, image_size: int | None = None,
-                max_per_part: int | None = None) -> Dataset:
+def load_celeba(
+    *,
+    data_dir=None,
+    attributes: Sequence[str] | None = None,
+    image_size: int | None = None,
+    max_per_part: int | None = None,
+) -> Dataset:
     """CelebA as a multi-label :class:`Dataset` (see the module docstring for the layout).
 
     ``attributes``: names from ``list_attr_celeba.txt`` (default: :data:`PAPER_ATTRIBUTES`);
@@ -135,7 +157,9 @@ def load_celeba(*, data_dir=None, attributes: Sequence[str] | None = None, image
     size = 64 if image_size is None else image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"celeba: image_size must be a positive integer, not {image_size!r}")
-    if max_per_part is not None and (isinstance(max_per_part, bool) or not isinstance(max_per_part, int) or max_per_part < 1):
+    if max_per_part is not None and (
+        isinstance(max_per_part, bool) or not isinstance(max_per_part, int) or max_per_part < 1
+    ):
         raise ConfigError(f"celeba: max_per_part must be a positive integer, not {max_per_part!r}")
     folder = find_celeba(data_dir)
     files, names, values = read_attributes(folder / ATTRIBUTES_FILE)
@@ -150,7 +174,11 @@ def load_celeba(*, data_dir=None, attributes: Sequence[str] | None = None, image
     for part in (0, 1, 2):
         in_part = [i for i, f in enumerate(files) if partition[f] == part]
         rows += in_part[:max_per_part] if max_per_part else in_part
-    x = np.stack([load_image(folder / IMAGES / files[i], size) for i in rows]) if rows else np.zeros((0, 3, size, size), np.uint8)
+    x = (
+        np.stack([load_image(folder / IMAGES / files[i], size) for i in rows])
+        if rows
+        else np.zeros((0, 3, size, size), np.uint8)
+    )
     y = (values[rows][:, columns] > 0).astype(np.float32)
     is_test = np.array([partition[files[i]] == 2 for i in rows], bool)
     return Dataset(

@@ -127,8 +127,14 @@ def _fetch(url: str, target: Path, expected_md5: str, *, timeout: float, progres
         digest = hashlib.md5(usedforsecurity=False)
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
-                with tqdm(total=response.length, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
-                          disable=not progress) as bar:
+                with tqdm(
+                    total=response.length,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=target.name,
+                    disable=not progress,
+                ) as bar:
                     while chunk := response.read(_CHUNK_SIZE):
                         out.write(chunk)
                         digest.update(chunk)

@@ -63,6 +63,7 @@ def draw_factors(n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str
     y = rng.integers(0, 2, size=(n, len(ATTRIBUTES)))
     round_, large, right, bottom, filled = y.T
     half_width = np.where(large == 1, rng.uniform(0.23, 0.26, n), rng.uniform(0.14, 0.17, n))
+
     # the centre lies inside its half and the whole shape inside the image
     def centre(upper_half):
         offset = rng.uniform(0.0, 1.0, n)
@@ -71,14 +72,24 @@ def draw_factors(n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str
         return np.where(upper_half == 1, 1.0 - position, position)
 
     factors = {
-        "round": round_, "filled": filled, "half_width": half_width,
-        "cx": centre(right), "cy": centre(bottom), "brightness": rng.uniform(0.75, 1.0, n),
+        "round": round_,
+        "filled": filled,
+        "half_width": half_width,
+        "cx": centre(right),
+        "cy": centre(bottom),
+        "brightness": rng.uniform(0.75, 1.0, n),
     }
     return y, factors
 
 
-def load_shapes(*, data_dir=None, attributes: Sequence[str] | None = None, image_size: int | None = None,
-                num_examples: int | None = None, seed: int = 0) -> Dataset:
+def load_shapes(
+    *,
+    data_dir=None,
+    attributes: Sequence[str] | None = None,
+    image_size: int | None = None,
+    num_examples: int | None = None,
+    seed: int = 0,
+) -> Dataset:
     """The ``shapes`` dataset as a multi-label :class:`Dataset` (see the module docstring).
 
     ``attributes``: which of :data:`ATTRIBUTES` are labels (default all five; the others still vary);

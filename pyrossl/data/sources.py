@@ -137,9 +137,7 @@ def load_npz(*, path: PathArg | None = None, data_dir: PathArg | None = None) ->
         images.append(x)
         labels.append(_npz_labels(path, y_key, y))
     if len(images) == 2 and images[0].shape[1:] != images[1].shape[1:]:
-        raise DataError(
-            f"{path}: 'x' images are {images[0].shape[1:]} but 'x_test' images are {images[1].shape[1:]}"
-        )
+        raise DataError(f"{path}: 'x' images are {images[0].shape[1:]} but 'x_test' images are {images[1].shape[1:]}")
 
     x = np.concatenate(images) if len(images) == 2 else images[0]
     y = np.concatenate(labels) if len(labels) == 2 else labels[0]

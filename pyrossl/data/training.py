@@ -36,7 +36,9 @@ class TrainingData:
     binarize: bool
 
     @classmethod
-    def on_device(cls, dataset: Dataset, split: Split, binarized: bool, seed: int, device: torch.device) -> TrainingData:
+    def on_device(
+        cls, dataset: Dataset, split: Split, binarized: bool, seed: int, device: torch.device
+    ) -> TrainingData:
         x = dataset.x
         if binarized:
             held_out = torch.cat([split.validation, split.test])
@@ -82,8 +84,16 @@ class TrainingData:
 class BatchSchedule:
     """The steps of each epoch for one entry and one split (see the module's docstring)."""
 
-    def __init__(self, split: Split, batch_size: int, labelled_batch_size: int | None, labelled_every: int,
-                 uses_labels: bool, uses_unlabelled: bool, model: str):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        labelled_batch_size: int | None,
+        labelled_every: int,
+        uses_labels: bool,
+        uses_unlabelled: bool,
+        model: str,
+    ):
         self.split, self.batch_size = split, batch_size
         self.labelled_batch_size, self.labelled_every = labelled_batch_size or batch_size, labelled_every
         self.uses_labels, self.uses_unlabelled, self.model = uses_labels, uses_unlabelled, model
@@ -98,7 +108,9 @@ class BatchSchedule:
         labelled = batch_indices(split.labelled, self.labelled_batch_size, generator)
         if not unlabelled:
             if not labelled:
-                raise ConfigError(f"model '{self.model}' needs labelled examples: set data.labels_per_class or data.label_fraction")
+                raise ConfigError(
+                    f"model '{self.model}' needs labelled examples: set data.labels_per_class or data.label_fraction"
+                )
             return [(None, b) for b in labelled]
         if not labelled:
             return [(b, None) for b in unlabelled]

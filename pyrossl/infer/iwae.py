@@ -21,15 +21,19 @@ def importance_log_weights(model, guide, *args, num_samples: int, max_plate_nest
     """log p(x, z_i) - log q(z_i | x) for ``num_samples`` samples: a tensor ``[num_samples, batch]``."""
     with pyro.plate("importance_samples", num_samples, dim=-(max_plate_nesting + 1)):
         guide_trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(poutine.block(model, hide_types=["param"]), trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        model_trace = poutine.trace(
+            poutine.replay(poutine.block(model, hide_types=["param"]), trace=guide_trace)
+        ).get_trace(*args, **kwargs)
     log_w = 0.0
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
         for site in trace.nodes.values():
             # an observed guide site (a supervised term of the guide, such as M2's log q(y|x)) is no latent
-            if site["type"] == "sample" and site["name"] != "importance_samples" and not (sign < 0 and site["is_observed"]):
+            if (
+                site["type"] == "sample"
+                and site["name"] != "importance_samples"
+                and not (sign < 0 and site["is_observed"])
+            ):
                 # unscaled: weights such as a beta-VAE's KL scale shape training, not the likelihood
                 log_w = log_w + sign * site["unscaled_log_prob"]
     return torch.as_tensor(log_w).reshape(num_samples, -1)

@@ -61,8 +61,11 @@ class DifferentiableLossELBO(ELBO):
 
 def auxiliary_terms(guide_trace) -> list[str]:
     """The observed guide sites marked ``is_auxiliary``: terms of the objective, not latents."""
-    return [name for name, site in guide_trace.nodes.items()
-            if site["type"] == "sample" and site["is_observed"] and site["infer"].get("is_auxiliary")]
+    return [
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and site["is_observed"] and site["infer"].get("is_auxiliary")
+    ]
 
 
 class AuxiliaryTermsMixin:
@@ -117,8 +120,11 @@ class SemiSupervisedELBO(DispatchingELBO):
     over the batch. The zoo's trainer adds the two per-example means."""
 
     def __init__(self, unlabelled: ELBO, labelled: ELBO):
-        super().__init__(num_particles=unlabelled.num_particles, max_plate_nesting=1,
-                         vectorize_particles=unlabelled.vectorize_particles)
+        super().__init__(
+            num_particles=unlabelled.num_particles,
+            max_plate_nesting=1,
+            vectorize_particles=unlabelled.vectorize_particles,
+        )
         self.unlabelled, self.labelled = unlabelled, labelled
 
     def choose(self, model, guide, x=None, y=None, *args, **kwargs):
@@ -136,8 +142,12 @@ class IWAE_ELBO(DifferentiableLossELBO, RenyiELBO):
     """
 
     def __init__(self, num_particles: int = 2, max_plate_nesting: int = 1):
-        super().__init__(alpha=0, num_particles=num_particles, max_plate_nesting=max_plate_nesting,
-                         vectorize_particles=num_particles > 1)
+        super().__init__(
+            alpha=0,
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=num_particles > 1,
+        )
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         log_weights, auxiliary = [], 0.0

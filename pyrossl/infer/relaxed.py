@@ -98,7 +98,8 @@ class ConcreteLabel(_RelaxedLabel):
         t = self.temperature
         log_y = self._log_value(value)
         return (
-            math.lgamma(k) + (k - 1) * t.log()
+            math.lgamma(k)
+            + (k - 1) * t.log()
             + (self.logits - (t + 1) * log_y).sum(-1)
             - k * (self.logits - t * log_y).logsumexp(-1)
         )
@@ -117,7 +118,11 @@ class LogisticNormalLabel(_RelaxedLabel):
     with (I + 1 1^T)^-1 = I - 1 1^T / K and det(I + 1 1^T) = K.
     """
 
-    arg_constraints = {"logits": constraints.real_vector, "sigma": constraints.positive, "sharpness": constraints.positive}
+    arg_constraints = {
+        "logits": constraints.real_vector,
+        "sigma": constraints.positive,
+        "sharpness": constraints.positive,
+    }
 
     def __init__(self, logits: torch.Tensor, sigma: float = 1.0, sharpness: float = 1.0, validate_args=None):
         self.sigma = torch.as_tensor(sigma, dtype=logits.dtype, device=logits.device)
