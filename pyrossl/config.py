@@ -99,7 +99,7 @@ class DataConfig:
         "digits", "digits | mnist5k | mnist | fashion-mnist | celeba | shapes | npz (pyrossl datasets lists them)"
     )
     data_dir: str | None = setting(None, "folder holding the dataset's files (mnist, fashion-mnist)")
-    path: str | None = setting(None, "the .npz file of the ``npz`` dataset")
+    path: str | None = setting(None, "the .npz file of the npz dataset")
     attributes: list[str] | None = setting(
         None, "celeba, shapes: which attributes (celeba default: the 18 of Joy et al. 2021)"
     )
