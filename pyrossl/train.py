@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -89,88 +88,6 @@ def tune_allocator() -> bool:
 
 def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)  # torch, numpy and random
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    """Every RNG state training draws from, as plain tensors and containers (``weights_only`` loadable)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "data": generator.get_state(),
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_progress(state: dict, epochs: int, path: Path) -> None:
-    """The counters of a checkpoint, and its position inside an epoch (``partial``), checked for type
-    and range against a run of ``epochs`` epochs before a resume uses (or writes) anything: a damaged
-    or foreign file is one line, never steps replayed or skipped."""
-
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise CheckpointError(f"{path}: {what}: the file is damaged or not this run's")
-
-    def whole(value, low: int, high: float = math.inf) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-    def finite(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    def real(value) -> bool:  # a duration
-        return finite(value) and value >= 0
-
-    c = state["counters"]
-    need(isinstance(c, dict), "'counters' is not a table")
-    need(whole(c.get("epoch"), 0, epochs), f"counters.epoch is {c.get('epoch')!r}, not 0 .. {epochs}")
-    need(whole(c.get("step"), 0), f"counters.step is {c.get('step')!r}, not a count")
-    need(whole(c.get("skipped"), 0, c["step"]), f"counters.skipped is {c.get('skipped')!r}, not 0 .. {c['step']}")
-    need(
-        whole(c.get("best_epoch"), 0, c["epoch"]),
-        f"counters.best_epoch is {c.get('best_epoch')!r}, not 0 .. {c['epoch']}",
-    )
-    need(real(c.get("seconds")), f"counters.seconds is {c.get('seconds')!r}, not a duration")
-    score = c.get("best_score")
-    need(
-        isinstance(score, (int, float)) and not isinstance(score, bool) and not math.isnan(score),
-        f"counters.best_score is {score!r}, not a score",
-    )
-    partial = state.get("partial")
-    if partial is None:
-        return
-    need(isinstance(partial, dict), "'partial' is not a table")
-    need(
-        partial.get("epoch") == c["epoch"] + 1 <= epochs and whole(partial.get("epoch"), 1),
-        f"partial.epoch is {partial.get('epoch')!r}, not the epoch after counters.epoch ({c['epoch'] + 1})",
-    )
-    need(whole(partial.get("batch"), 1), f"partial.batch is {partial.get('batch')!r}, not a batch count")
-    losses = partial.get("losses")
-    need(
-        isinstance(losses, list) and len(losses) <= partial["batch"] and all(finite(v) for v in losses),
-        "partial.losses is not a list of at most partial.batch finite numbers",
-    )
-    rng = partial.get("data_rng")
-    need(
-        isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.Generator().get_state().shape,
-        "partial.data_rng is not the state of a torch generator",
-    )
-    need(
-        real(partial.get("train_seconds")), f"partial.train_seconds is {partial.get('train_seconds')!r}, not a duration"
-    )
 
 
 def check_iwae_memory(k: int, images: int, pixels: int, device: torch.device, name: str) -> None:
