@@ -163,6 +163,36 @@ def loss_scale(local: int, total: int) -> float:
     return _context.world_size * local / total
 
 
+def shard_step(unlab: torch.Tensor | None, lab: torch.Tensor | None):
+    """This process's share of one global step's (unlabelled, labelled) index batches and the weight of
+    its loss (:func:`loss_scale`); with one process the whole step, weighted 1."""
+    if not _context.active:
+        return unlab, lab, 1.0
+    main = unlab if unlab is not None else lab
+    local_unlab, local_lab = shard(unlab), shard(lab)
+    local_main = local_unlab if unlab is not None else local_lab
+    scale = loss_scale(local_main.numel(), main.numel())
+    if local_main.numel() == 0:  # fewer examples than processes: compute on the whole batch, weighted 0
+        return unlab, lab, scale
+    if local_lab is not None and local_lab.numel() == 0:
+        local_lab = None
+    return local_unlab, local_lab, scale
+
+
+def has_unused_parameters(module: torch.nn.Module, losses, device: torch.device) -> bool:
+    """Whether some trainable parameter of ``module`` gets no gradient from one of the ``losses`` (each a
+    function computing a trial step's loss): DDP must then look for such parameters every step. The
+    trial steps' side effects on the module's state and on the random streams are undone."""
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    params = [p for p in module.parameters() if p.requires_grad]
+    unused = False
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for loss in losses:
+            unused |= any(g is None for g in torch.autograd.grad(loss(), params, allow_unused=True))
+    module.load_state_dict(saved)
+    return unused
+
+
 def barrier() -> None:
     if _context.active:
         dist.barrier()

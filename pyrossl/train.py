@@ -198,7 +198,11 @@ class Trainer:
         self.loss_module = self.model
         if self.dist.active:
             # gradients averaged over the processes; the entry itself stays what checkpoints hold
-            self.loss_module = distributed.wrap(self.model, self.device, self._has_unused_parameters())
+            steps = self.schedule.first_steps(self.generator)  # one of each kind: with and without labels
+            trials = [lambda step=step: self._loss(self.model, *step) for step in steps]
+            self.loss_module = distributed.wrap(
+                self.model, self.device, distributed.has_unused_parameters(self.model, trials, self.device)
+            )
             # each process draws its own sampling noise; the data generator (the batch order) is shared.
             # A resume on as many processes as wrote the checkpoint takes up each one's streams where they
             # were; on another number of processes the streams start anew (the run goes on, not bit for bit)
@@ -239,35 +243,8 @@ class Trainer:
             return module(x, x_lab, y_lab, index=unlab.to(self.device))
         return module(x, x_lab, y_lab)
 
-    def _has_unused_parameters(self) -> bool:
-        """Whether a step leaves some trainable parameter without a gradient (DDP must then look for them
-        every step): one trial step of each kind on a few training examples, whose side effects are undone."""
-        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        unused = False
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for step in self.schedule.first_steps(self.generator):
-                loss = self._loss(self.model, *(b[:2] if b is not None else None for b in step))
-                unused |= any(g is None for g in torch.autograd.grad(loss, params, allow_unused=True))
-        self.model.load_state_dict(saved)
-        return unused
-
-    def _shard(self, unlab, lab):
-        """This process's share of a global step, and the weight of its loss (see :func:`distributed.loss_scale`)."""
-        if not self.dist.active:
-            return unlab, lab, 1.0
-        main = unlab if unlab is not None else lab
-        local_unlab, local_lab = distributed.shard(unlab), distributed.shard(lab)
-        local_main = local_unlab if unlab is not None else local_lab
-        scale = distributed.loss_scale(local_main.numel(), main.numel())
-        if local_main.numel() == 0:  # fewer examples than processes: compute on the whole batch, weighted 0
-            return unlab, lab, scale
-        if local_lab is not None and local_lab.numel() == 0:
-            local_lab = None
-        return local_unlab, local_lab, scale
-
     def _step(self, unlab, lab) -> float | None:
-        unlab, lab, scale = self._shard(unlab, lab)
+        unlab, lab, scale = distributed.shard_step(unlab, lab)
         loss = self._loss(self.loss_module, unlab, lab)
         self.progress.step += 1
         finite_loss = bool(torch.isfinite(loss))
@@ -435,35 +412,27 @@ class Trainer:
             result["best"] = self.scorer.final(stream=self.progress.epoch + 2)
         else:  # no epoch had a finite validation score
             result["best"] = result["last"]
-        summary = self._write_summary(result) if self.writer else None
+        summary = summary_of(self, result) if self.writer else None
+        if self.writer:
+            runs.atomic_write_text(self.out / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
+            report.draw_run(self.out, self.model, self.dataset, self.split, self.data.tensors, self.config.seed)
         self.model.load_state_dict(last_state)
         return distributed.broadcast_object(summary)
 
-    def _write_summary(self, result: dict) -> dict:
-        c = self.config
-        summary = {
-            "model": c.model,
-            "guide": c.guide,
-            "z_guide": c.z_guide,
-            "dataset": c.data.name,
-            "seed": c.seed,
-            "epochs": self.progress.epoch,
-            "best_epoch": self.progress.best_epoch,
-            "selection_metric": "val_" + self.model.selection_metric,
-            "seconds": round(self.progress.seconds, 3),
-            "steps": self.progress.step,
-            "device": str(self.device),
-            "processes": self.dist.world_size,
-            "split": self.split.sizes(),
-            **result["best"],
-            "best": result["best"],
-            "last": result["last"],
-        }
-        if self.progress.skipped:
-            summary["skipped_steps"] = self.progress.skipped
-        runs.atomic_write_text(self.out / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
-        report.draw_run(self.out, self.model, self.dataset, self.split, self.data.tensors, c.seed)
-        return summary
+
+def summary_of(trainer: Trainer, result: dict) -> dict:
+    """``summary.json``: what ran (config, device, processes, split sizes), how long, and the metrics of
+    the best epoch (at the top level too) and of the last."""
+    c, p = trainer.config, trainer.progress
+    summary = {"model": c.model, "guide": c.guide, "z_guide": c.z_guide, "dataset": c.data.name, "seed": c.seed}
+    summary.update(epochs=p.epoch, best_epoch=p.best_epoch, selection_metric="val_" + trainer.model.selection_metric)
+    summary.update(
+        seconds=round(p.seconds, 3), steps=p.step, device=str(trainer.device), processes=trainer.dist.world_size
+    )
+    summary.update(split=trainer.split.sizes(), **result["best"], best=result["best"], last=result["last"])
+    if p.skipped:
+        summary["skipped_steps"] = p.skipped
+    return summary
 
 
 def train(config: Config, out: str | Path, resume: bool = False) -> dict:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common import DiskFull, tiny_config
-from pyrossl import runs
+from pyrossl import distributed, runs
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from pyrossl.registry import resolve
 from pyrossl.train import Trainer, make_optimizer, train, train_to_completion
@@ -702,14 +702,20 @@ def test_unused_parameters_are_probed_on_each_kind_of_step(tmp_path):
     steps = trainer.schedule.first_steps(trainer.generator)
     assert torch.equal(trainer.generator.get_state(), state)  # peeking does not move the batch order
     assert [lab is None for _, lab in steps] == [False, True]
-    assert trainer._has_unused_parameters() is False  # M2's unlabelled term alone reaches every parameter
+    trials = [lambda step=step: trainer._loss(trainer.model, *step) for step in steps]
+    probe = lambda: distributed.has_unused_parameters(trainer.model, trials, trainer.device)  # noqa: E731
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert probe() is False  # M2's unlabelled term alone reaches every parameter
+    assert all(
+        torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items()
+    )  # the trial steps left no trace
     # a parameter that only the labelled steps reach is found by the step without labels
     trainer.model.guide.classifier.register_parameter("labelled_only", torch.nn.Parameter(torch.zeros(1)))
     forward = trainer.model.forward
     trainer.model.forward = lambda x, x_lab=None, y_lab=None: (
         forward(x, x_lab, y_lab) + (trainer.model.guide.classifier.labelled_only.sum() if x_lab is not None else 0)
     )
-    assert trainer._has_unused_parameters() is True
+    assert probe() is True
 
 
 # A fresh process frees a 16 MiB tensor it has written; prints whether tune_allocator changed malloc and
