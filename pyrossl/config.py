@@ -68,7 +68,10 @@ def option_rows(options_class) -> list[dict[str, str]]:
 
 
 #: what ``train.optimizer`` may name (:func:`pyrossl.train.make_optimizer` builds it)
-OPTIMIZERS = ("adam", "adamw", "sgd")
+#: ``train.optimizer`` -> the ``torch.optim`` class it names
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+#: the values of ``train.precision`` (:mod:`pyrossl.precision`)
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def check_seed(key: str, seed: int | None) -> None:
@@ -160,6 +163,11 @@ class TrainConfig:
     iwae_samples: int = setting(0, "k of the IWAE log-likelihood estimate at the end; 0 turns it off")
     progress: bool = setting(True, "show a progress bar per epoch")
     on_nonfinite: str = setting("stop", "stop | skip: what a non-finite loss or gradient does")
+    precision: str = setting(
+        "fp32",
+        "fp32 | bf16 | auto: bf16 runs the networks' layers in bfloat16, log-densities, KLs and sums stay "
+        "float32; auto: bf16 where the device computes it natively (summary.json says which ran)",
+    )
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -181,6 +189,8 @@ class TrainConfig:
             raise ConfigError(f"train.iwae_samples must be 0 (off) or positive, not {self.iwae_samples}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', not '{self.on_nonfinite}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
         # train.objective and train.particles are the entry's to check (ZooModel.check_objective)
 
 

@@ -40,9 +40,9 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyrossl import distributed, report, runs
+from pyrossl import distributed, precision, report, runs
 from pyrossl.checkpoint import Progress, RunCheckpoints
-from pyrossl.config import Config
+from pyrossl.config import OPTIMIZERS, Config
 from pyrossl.data.training import BatchSchedule, TrainingData
 from pyrossl.distributed import resolve_device
 from pyrossl.errors import (
@@ -114,12 +114,13 @@ def check_iwae_memory(k: int, images: int, pixels: int, device: torch.device, na
 
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
     t = config.train
-    choices = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # config.OPTIMIZERS
     params = list(params)
     # the fused kernels update every tensor in one pass: on CPU, Adam's step on M2's 1.3 M parameters
     # drops from about 5 ms to 0.5 ms (the per-tensor loop is PyTorch's CPU default); same update rule
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return choices[t.optimizer](params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+    return getattr(torch.optim, OPTIMIZERS[t.optimizer])(
+        params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None
+    )
 
 
 class Trainer:
@@ -165,6 +166,7 @@ class Trainer:
         device = resolve_device(c.device)
         self.dist = distributed.setup(device)
         self.device = distributed.device_for(device)
+        self.precision = precision.resolve(t.precision, self.device)
         self.writer = distributed.is_writer()
         if c.threads:
             torch.set_num_threads(c.threads)
@@ -290,6 +292,11 @@ class Trainer:
 
     def _fit(self) -> dict:
         self.setup()
+        # every step, evaluation and figure: the networks' layers in the run's precision (pyrossl.precision)
+        with precision.networks_in(self.model, self.precision, self.device):
+            return self._train()
+
+    def _train(self) -> dict:
         c = self.config
         select = "val_" + self.model.selection_metric
         completed = False
@@ -427,7 +434,11 @@ def summary_of(trainer: Trainer, result: dict) -> dict:
     summary = {"model": c.model, "guide": c.guide, "z_guide": c.z_guide, "dataset": c.data.name, "seed": c.seed}
     summary.update(epochs=p.epoch, best_epoch=p.best_epoch, selection_metric="val_" + trainer.model.selection_metric)
     summary.update(
-        seconds=round(p.seconds, 3), steps=p.step, device=str(trainer.device), processes=trainer.dist.world_size
+        seconds=round(p.seconds, 3),
+        steps=p.step,
+        device=str(trainer.device),
+        precision=trainer.precision,
+        processes=trainer.dist.world_size,
     )
     summary.update(split=trainer.split.sizes(), **result["best"], best=result["best"], last=result["last"])
     if p.skipped:

@@ -22,6 +22,62 @@ def tiny_config(**overrides):
     return config_from_dict(raw)
 
 
+#: tiny settings of each zoo entry (with ``tiny_config``): trains in a second or two
+ENTRIES = {
+    "vae": {"options": {"z_dim": 4, "hidden": [32]}},
+    "m2": {"data.labels_per_class": 5, "options": {"z_dim": 4, "hidden": [32]}},
+    "classifier": {"data.labels_per_class": 5, "options": {"hidden": [32]}},
+    "gae": {"data.labels_per_class": 20, "options": {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}},
+    "gmm-vae": {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}},
+    "serket-vae-gmm": {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "epochs_per_round": 1, "n_init": 1}},
+    "ccvae": {"data.labels_per_class": None, "options": {"z_style": 2, "hidden": [32], "k": 2}},
+    "ccvae-attributes": {
+        "model": "ccvae",
+        "data.name": "shapes",
+        "data.num_examples": 200,
+        "data.labels_per_class": None,
+        "options": {"z_style": 2, "hidden": [32], "k": 2},
+    },
+}
+
+
+#: the entries and the guide variants whose Pyro contract is checked (model, guide, elbo)
+CONTRACT = {
+    **ENTRIES,
+    "gmm-vae": {"options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 0, "n_init": 1}},
+    "m2-dirichlet": {"model": "m2", "guide": "dirichlet", **ENTRIES["m2"]},
+    "m2-gumbel-flow": {"model": "m2", "guide": "gumbel", "z_guide": "flow", **ENTRIES["m2"]},
+}
+
+
+def entry_and_batches(name, **extra):
+    """A zoo entry built as the trainer builds it, and the batches it trains on, as argument tuples
+    of its model and guide: ``(x,)`` unlabelled, ``(x, y)`` labelled, Serket's ``(x, messages)``."""
+    from pyrossl import runs
+    from pyrossl.registry import build_model
+
+    settings = {"model": name, **CONTRACT[name], **extra}
+    config = tiny_config(**settings)
+    dataset = runs.load_dataset_for(config)
+    entry = build_model(config, dataset.meta())
+    x, y = dataset.x[:12], dataset.y[:12]
+    if entry.wants_index:
+        return entry, [(x, entry.prior_loc(entry.assignment[:12]))]
+    batches = [(x,)] if entry.uses_unlabelled else []
+    if entry.uses_labels:
+        batches.append((x[:6], y[:6]))
+    return entry, batches
+
+
+def trainer_loss(entry, args):
+    """What the trainer's loss (``entry.forward``) is on one batch, summed over its examples."""
+    if entry.wants_index:
+        return entry(args[0], index=torch.arange(args[0].shape[0])) * args[0].shape[0]
+    if len(args) == 1:
+        return entry(args[0]) * args[0].shape[0]
+    return entry(None, *args) * args[0].shape[0]
+
+
 def one_checked_step(model, x, x_lab, y_lab):
     """One Adam step of a zoo entry's loss: finite, and every parameter gets a finite gradient."""
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -168,6 +168,10 @@ def test_data_info(capsys):
         (["train", "{recipe}", "--set", "train.lr=nan"], "'train.lr' must be a finite number, not nan"),
         (["train", "{recipe}", "--set", "train.epochs=1e30"], "'train.epochs' = 1e+30 is out of range"),
         (["train", "{recipe}", "--set", "seed=-1"], "seed must be in 0 .. 2**32 - 1"),
+        (
+            ["train", "{recipe}", "--set", "train.precision=fp16"],
+            "train.precision must be one of fp32, bf16, auto, not 'fp16'",
+        ),
         (["train", "{recipe}", "--set", "data.limit_per_class=0"], "data.limit_per_class must be at least 1"),
         (
             ["train", "{recipe}", "--set", "model=gae", "--set", "options={{}}", "--set", "data.labels_per_class=1"],

@@ -6,28 +6,11 @@ import pyro
 import pytest
 import torch
 
-from common import tiny_config
+from common import CONTRACT, ENTRIES, entry_and_batches, tiny_config, trainer_loss
 from pyrossl import runs
 from pyrossl.run import load_run
 from pyrossl.train import train
 from pyrossl.zoo import ZooModel
-
-ENTRIES = {
-    "vae": {"options": {"z_dim": 4, "hidden": [32]}},
-    "m2": {"data.labels_per_class": 5, "options": {"z_dim": 4, "hidden": [32]}},
-    "classifier": {"data.labels_per_class": 5, "options": {"hidden": [32]}},
-    "gae": {"data.labels_per_class": 20, "options": {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}},
-    "gmm-vae": {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}},
-    "serket-vae-gmm": {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "epochs_per_round": 1, "n_init": 1}},
-    "ccvae": {"data.labels_per_class": None, "options": {"z_style": 2, "hidden": [32], "k": 2}},
-    "ccvae-attributes": {
-        "model": "ccvae",
-        "data.name": "shapes",
-        "data.num_examples": 200,
-        "data.labels_per_class": None,
-        "options": {"z_style": 2, "hidden": [32], "k": 2},
-    },
-}
 
 
 def _same(a, b):
@@ -138,50 +121,16 @@ def test_register_adds_an_entry_and_refuses_what_is_not_one():
 
 # --- the contract: entry.model, entry.guide and entry.elbo are a Pyro model, guide and ELBO -------------
 
-CONTRACT = {
-    **ENTRIES,
-    "gmm-vae": {"options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 0, "n_init": 1}},
-    "m2-dirichlet": {"model": "m2", "guide": "dirichlet", **ENTRIES["m2"]},
-    "m2-gumbel-flow": {"model": "m2", "guide": "gumbel", "z_guide": "flow", **ENTRIES["m2"]},
-}
-
-
-def _entry(name, **extra):
-    """A zoo entry built as the trainer builds it, and the batches it trains on, as argument tuples
-    of its model and guide: ``(x,)`` unlabelled, ``(x, y)`` labelled, Serket's ``(x, messages)``."""
-    from pyrossl.registry import build_model
-
-    settings = {"model": name, **CONTRACT[name], **extra}
-    config = tiny_config(**settings)
-    dataset = runs.load_dataset_for(config)
-    entry = build_model(config, dataset.meta())
-    x, y = dataset.x[:12], dataset.y[:12]
-    if entry.wants_index:
-        return entry, [(x, entry.prior_loc(entry.assignment[:12]))]
-    batches = [(x,)] if entry.uses_unlabelled else []
-    if entry.uses_labels:
-        batches.append((x[:6], y[:6]))
-    return entry, batches
-
-
-def _trainer_loss(entry, args):
-    """What the trainer's loss (``entry.forward``) is on one batch, summed over its examples."""
-    if entry.wants_index:
-        return entry(args[0], index=torch.arange(args[0].shape[0])) * args[0].shape[0]
-    if len(args) == 1:
-        return entry(args[0]) * args[0].shape[0]
-    return entry(None, *args) * args[0].shape[0]
-
 
 @pytest.mark.parametrize("name", sorted(CONTRACT))
-def test_plain_pyro_svi_trains_every_parameter_of_every_entry(name):
+def test_plain_pyro_svi_trains_every_parameter_of_everyentry_and_batches(name):
     """pyro.infer.SVI with Pyro's own optimiser and the entry's ELBO, in Pyro's default (global) mode."""
     from pyro.infer import SVI
     from pyro.optim import ClippedAdam
 
     assert not pyro.settings.get("module_local_params")
     torch.manual_seed(0)
-    entry, batches = _entry(name)
+    entry, batches = entry_and_batches(name)
     before = {
         k: p.detach().clone()
         for k, p in [*entry.model.named_parameters("model."), *entry.guide.named_parameters("guide.")]
@@ -201,12 +150,12 @@ def test_svi_loss_is_the_trainers_loss_and_the_elbos_three_methods_agree(name):
     from pyro.optim import ClippedAdam
 
     torch.manual_seed(0)
-    entry, batches = _entry(name)
+    entry, batches = entry_and_batches(name)
     svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 0.0}), entry.elbo)
     for args in batches:
         values = []
         for compute in (
-            lambda args=args: _trainer_loss(entry, args).item(),
+            lambda args=args: trainer_loss(entry, args).item(),
             lambda args=args: svi.evaluate_loss(*args),
             lambda args=args: svi.step(*args),
             lambda args=args: entry.elbo.loss(entry.model, entry.guide, *args),
@@ -218,13 +167,13 @@ def test_svi_loss_is_the_trainers_loss_and_the_elbos_three_methods_agree(name):
 
 
 @pytest.mark.parametrize("name", ["vae", "m2", "ccvae", "gmm-vae", "classifier", "gae", "serket-vae-gmm"])
-def test_pyros_tools_work_on_every_entry(name):
+def test_pyros_tools_work_on_everyentry_and_batches(name):
     """poutine.trace / condition / do, Predictive, infer_discrete where a site is discrete, render_model."""
     from pyro import poutine
     from pyro.infer import Predictive, config_enumerate, infer_discrete
 
     torch.manual_seed(0)
-    entry, batches = _entry(name)
+    entry, batches = entry_and_batches(name)
     args = batches[-1]
     with torch.no_grad():
         guide_trace = poutine.trace(entry.guide).get_trace(*args)
@@ -306,9 +255,9 @@ def test_the_posterior_predictive_draws_images_not_the_data(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACT))
-def test_train_particles_is_honoured_by_every_entry(name):
+def test_train_particles_is_honoured_by_everyentry_and_batches(name):
     torch.manual_seed(0)
-    entry, batches = _entry(name, **{"train.particles": 3})
+    entry, batches = entry_and_batches(name, **{"train.particles": 3})
     assert entry.elbo.num_particles == 3
     for args in batches:
         assert math.isfinite(entry.elbo.loss(entry.model, entry.guide, *args))
@@ -354,4 +303,4 @@ def test_an_elbo_that_ignores_particles_or_an_objective_is_refused_with_the_reas
         ("m2", "needs every latent reparameterised"),
     ]:
         with pytest.raises(ConfigError, match=reason):
-            _entry(name, **{"train.objective": "iwae"})
+            entry_and_batches(name, **{"train.objective": "iwae"})
