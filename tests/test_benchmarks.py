@@ -292,3 +292,17 @@ def test_guides_benchmark_gives_the_labels_alone_as_many_labelled_steps_as_m2(tm
     assert [r["epoch"] for r in evaluated] == [steps_per_epoch, 2 * steps_per_epoch]
     saved = json.loads(out.read_text())["results"]["labels alone (classifier)"]["runs"][0]
     assert saved["best_epoch"] in (1, 2)  # counted in M2 epochs
+
+
+def test_precision_benchmark_runs_both_precisions_side_by_side_and_writes_json(tmp_path, capsys):
+    bench = _load("precision")
+    out = tmp_path / "precision.json"
+    settings = ["--set", "train.epochs=1", "--set", "options.hidden=[32]", "--set", "data.test=200"]
+    report = bench.main(
+        ["--workloads", "m2-enum-mnist5k", "--seeds", "0", *settings, "--runs", str(tmp_path / "r"), "--out", str(out)]
+    )
+    assert json.loads(out.read_text())["results"].keys() == {"m2-enum-mnist5k"}
+    result = report["results"]["m2-enum-mnist5k"]
+    assert [r["precision"] for r in result["fp32"]["runs"] + result["bf16"]["runs"]] == ["fp32", "bf16"]
+    assert result["ratio"][0] > 0 and set(result["meets"]) == {"ratio", "test_accuracy"}
+    assert report["machine"]["cpu"] and "| m2-enum-mnist5k |" in capsys.readouterr().out

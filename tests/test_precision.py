@@ -16,8 +16,14 @@ from pyrossl.train import train
 LOSS_TOLERANCE = 1e-3
 
 
+@pytest.fixture
+def every_layer(monkeypatch):
+    """Every layer in bf16, however small (the tiny test networks are far below MIN_BF16_MACS)."""
+    monkeypatch.setattr(precision, "MIN_BF16_MACS", 0)
+
+
 @pytest.mark.parametrize("name", sorted(CONTRACT))
-def test_bf16_and_fp32_losses_of_every_entry_agree_on_a_batch(name):
+def test_bf16_and_fp32_losses_of_every_entry_agree_on_a_batch(name, every_layer):
     torch.manual_seed(0)
     entry, batches = entry_and_batches(name)
     for args in batches:
@@ -36,7 +42,7 @@ def test_bf16_and_fp32_losses_of_every_entry_agree_on_a_batch(name):
         assert losses["bf16"] != losses["fp32"]  # the layers did run in bfloat16
 
 
-def test_a_layer_computes_in_bf16_and_hands_back_fp32_and_the_module_is_left_as_it_was():
+def test_a_layer_computes_in_bf16_and_hands_back_fp32_and_the_module_is_left_as_it_was(every_layer):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(7, 5), nn.Softplus(), nn.Linear(5, 3))
     x = torch.randn(4, 7)
@@ -57,7 +63,7 @@ def test_a_layer_computes_in_bf16_and_hands_back_fp32_and_the_module_is_left_as_
         assert torch.equal(net(x), net(x.clone()))
 
 
-def test_autocast_is_switched_off_whatever_ends_a_layer():
+def test_autocast_is_switched_off_whatever_ends_a_layer(every_layer):
     class Fails(nn.Linear):
         error = RuntimeError
 
@@ -74,6 +80,19 @@ def test_autocast_is_switched_off_whatever_ends_a_layer():
         with networks_in(layer, "bf16"):
             layer(torch.randn(2, 3))
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_product_too_small_to_gain_stays_fp32():
+    big, small = nn.Linear(512, 256), nn.Linear(16, 32)
+    rows = precision.MIN_BF16_MACS // (512 * 256)
+    assert precision.worth_bf16(big, (torch.randn(rows, 512),))
+    assert not precision.worth_bf16(big, (torch.randn(rows - 1, 512),))
+    assert precision.worth_bf16(big, (torch.randn(2, rows // 2, 512),))  # rows over every leading dimension
+    assert precision.worth_bf16(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 2, 2),))  # convolutions always
+    x = torch.randn(8, 16)
+    with networks_in(small, "bf16"):
+        assert torch.equal(small(x), nn.functional.linear(x, small.weight, small.bias))  # float32 throughout
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_layers_are_the_parameterised_leaves_and_keep_fp32_exempts_a_subtree():
@@ -116,7 +135,7 @@ def test_the_cpu_flags_are_read_from_proc_cpuinfo():
     assert flags == frozenset(line.partition(":")[2].split()) and "fpu" in flags
 
 
-def test_a_bf16_run_records_its_precision_and_resumes_to_the_same_numbers(tmp_path):
+def test_a_bf16_run_records_its_precision_and_resumes_to_the_same_numbers(tmp_path, every_layer):
     config = tiny_config(**{"train.precision": "bf16", "train.epochs": 3, "data.binarize": True})
     assert train(config, tmp_path / "full")["precision"] == "bf16"
     # stopped after two epochs, then resumed to three (the same recipe: bf16 again)
