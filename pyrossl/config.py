@@ -155,6 +155,16 @@ class TrainConfig:
     clip_norm: float | None = setting(None, "clip the gradients' global norm to this; None: no clipping")
     eval_batch_size: int = setting(1000, "examples per batch when evaluating")
     eval_every: int = setting(1, "evaluate (and select the best epoch) every n epochs, and after the last")
+    eval_test: bool = setting(
+        False,
+        "score the test part after every evaluated epoch too (test curves); the summary's test metrics of the "
+        "best and the last epoch are computed at the end either way",
+    )
+    diagnose_every: int = setting(
+        5,
+        "the code's KL per unit and active units (Monte Carlo for a flow) on evaluated epochs that are multiples "
+        "of n, and after the last; 0: after the last only",
+    )
     checkpoint_every: int = setting(1, "write checkpoint.pt every n epochs, after every evaluation, and after the last")
     particles: int = setting(1, "samples of the latents per example and step in the ELBO (or the IWAE bound)")
     objective: str = setting(
@@ -175,6 +185,10 @@ class TrainConfig:
         for key in ("batch_size", "eval_batch_size", "eval_every", "checkpoint_every", "labelled_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, not {getattr(self, key)}")
+        if self.diagnose_every < 0:
+            raise ConfigError(
+                f"train.diagnose_every must be 0 (after the last epoch only) or more, not {self.diagnose_every}"
+            )
         if self.labelled_batch_size is not None and self.labelled_batch_size < 1:
             raise ConfigError(f"train.labelled_batch_size must be at least 1, not {self.labelled_batch_size}")
         if not self.lr > 0:

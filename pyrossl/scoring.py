@@ -50,18 +50,19 @@ class Scorer:
         self.model, self.data, self.dist, self.device = model, data, dist, device
         self.seed, self.batch_size, self.iwae_samples = seed, batch_size, iwae_samples
 
-    def parts(self, parts=("validation", "test"), stream: int = 0) -> dict:
+    def parts(self, parts=("validation", "test"), stream: int = 0, code: bool = True) -> dict:
         """Metrics of the held-out parts (and of the training set for entries that score it), on every
-        process; ``stream`` (the epoch) seeds the evaluation's own noise. An entry without counts is
-        scored by rank 0 alone and its metrics sent to the others."""
+        process; ``stream`` (the epoch) seeds the evaluation's own noise; ``code``: the code's KL per unit
+        and active units too, on the first part. An entry without counts is scored by rank 0 alone and
+        its metrics sent to the others."""
         with separate_randomness([self.seed, stream, self.dist.rank, 0x5EA1], self.device):
             if self.dist.active and not self.model.splits_evaluation():
                 return distributed.broadcast_object(
-                    self._parts(parts, split=False) if distributed.is_writer() else None
+                    self._parts(parts, split=False, code=code) if distributed.is_writer() else None
                 )
-            return self._parts(parts, split=self.dist.active)
+            return self._parts(parts, split=self.dist.active, code=code)
 
-    def _parts(self, parts, split: bool) -> dict:
+    def _parts(self, parts, split: bool, code: bool) -> dict:
         self.model.eval()
         metrics = {}
         if self.model.evaluate_on_train:
@@ -78,7 +79,7 @@ class Scorer:
                 values = self.model.metrics_from_counts(counts)
             else:
                 values = self.model.evaluate(x, y, self.batch_size)
-            if part == parts[0] and self.model.z_guides:
+            if code and part == parts[0] and self.model.z_guides:
                 # the code's use per unit, on the first part (validation, or the scored training set)
                 code = self.model.code_counts(x, self.batch_size) if x.shape[0] else None
                 values.update(self.model.code_metrics(distributed.sum_counts(code) if split else code))

@@ -369,7 +369,9 @@ class Trainer:
                 total, count = distributed.sum_over_processes([sum(losses), len(losses)])
                 losses = [total / count] if count else []
             train_seconds = earlier + time.perf_counter() - start
-            metrics = self.scorer.parts(stream=epoch) if evaluate else {}
+            scored = time.perf_counter()
+            metrics = self._score(epoch) if evaluate else {}
+            eval_seconds = time.perf_counter() - scored
             if self.writer:  # an entry's files of the epoch (Serket's round tables), whether evaluated or not
                 runs.write_tables(
                     self.out, self.model.epoch_outputs(epoch, lambda index: self.data.y[index.to(self.device)])
@@ -379,6 +381,7 @@ class Trainer:
                 "epoch": epoch,
                 "loss": float(np.mean(losses)) if losses else math.nan,
                 "train_seconds": train_seconds,
+                **({"eval_seconds": eval_seconds} if evaluate else {}),
                 **logs,
                 **metrics,
             }
@@ -400,6 +403,15 @@ class Trainer:
             if self.stop and epoch < c.train.epochs:
                 raise self.stop.error(f"after epoch {epoch}", self.checkpoints.path, self.out)
             bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
+
+    def _score(self, epoch: int) -> dict:
+        """An evaluated epoch's metrics: the validation part (what selects the best epoch), the test part
+        only with ``train.eval_test``, the code's diagnostics every ``train.diagnose_every`` epochs and
+        after the last (the best and the last epoch are scored on everything by :meth:`finish`)."""
+        t = self.config.train
+        parts = ("validation", "test") if t.eval_test else ("validation",)
+        code = epoch == t.epochs or bool(t.diagnose_every and epoch % t.diagnose_every == 0)
+        return self.scorer.parts(parts, stream=epoch, code=code)
 
     def _end_epoch(self, epoch: int, evaluate: bool) -> dict:
         """The entry's non-gradient stage: with several processes it runs once, on rank 0, on every

@@ -306,3 +306,14 @@ def test_precision_benchmark_runs_both_precisions_side_by_side_and_writes_json(t
     assert [r["precision"] for r in result["fp32"]["runs"] + result["bf16"]["runs"]] == ["fp32", "bf16"]
     assert result["ratio"][0] > 0 and set(result["meets"]) == {"ratio", "test_accuracy"}
     assert report["machine"]["cpu"] and "| m2-enum-mnist5k |" in capsys.readouterr().out
+
+
+def test_evaluation_benchmark_measures_the_share_of_each_evaluated_epoch(tmp_path, capsys):
+    bench = _load("evaluation")
+    out = tmp_path / "evaluation.json"
+    settings = ["--set", "train.epochs=2", "--set", "options.hidden=[32]", "--set", "train.iwae_samples=0"]
+    report = bench.main(["--workloads", "vae", *settings, "--runs", str(tmp_path / "r"), "--out", str(out)])
+    (row,) = json.loads(out.read_text())["results"].values()
+    assert row == report["results"]["vae"] and row["epochs"] == row["evaluated_epochs"] == 2
+    assert 0 < row["eval_fraction"] < 1 and row["loop_over_training"] >= 1
+    assert "| vae | 2 (2) |" in capsys.readouterr().out

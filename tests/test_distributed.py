@@ -109,7 +109,12 @@ def test_shards_cover_a_batch_once_and_weights_make_the_global_mean(monkeypatch)
 def test_two_processes_end_identical_and_write_one_run_directory(tmp_path):
     out = tmp_path / "run"
     config = _config(
-        **{"model": "gae", "data.labels_per_class": None, "options": {"z_dim": 3, "hidden": [16], "components": 2}}
+        **{
+            "model": "gae",
+            "data.labels_per_class": None,
+            "train.eval_test": True,  # every evaluation counts the validation and the test part
+            "options": {"z_dim": 3, "hidden": [16], "components": 2},
+        }
     )
     states = _launch(tmp_path, config, out)
     assert states[0].keys() == states[1].keys()

@@ -136,10 +136,11 @@ def test_the_cpu_flags_are_read_from_proc_cpuinfo():
 
 
 def test_a_bf16_run_records_its_precision_and_resumes_to_the_same_numbers(tmp_path, every_layer):
-    config = tiny_config(**{"train.precision": "bf16", "train.epochs": 3, "data.binarize": True})
+    same = {"train.precision": "bf16", "data.binarize": True, "train.diagnose_every": 1}
+    config = tiny_config(**same, **{"train.epochs": 3})
     assert train(config, tmp_path / "full")["precision"] == "bf16"
     # stopped after two epochs, then resumed to three (the same recipe: bf16 again)
-    train(tiny_config(**{"train.precision": "bf16", "train.epochs": 2, "data.binarize": True}), tmp_path / "part")
+    train(tiny_config(**same, **{"train.epochs": 2}), tmp_path / "part")
     (tmp_path / "part" / runs.CONFIG).write_text((tmp_path / "full" / runs.CONFIG).read_text())
     assert train(config, tmp_path / "part", resume=True)["precision"] == "bf16"
     full, part = (runs.load_checkpoint(tmp_path / d / runs.CHECKPOINT)["model"] for d in ("full", "part"))

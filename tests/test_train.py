@@ -58,7 +58,9 @@ def test_run_directory_is_complete(tmp_path):
     assert summary["last"]["test_elbo"] == saved["last"]["test_elbo"]
     records = runs.read_metrics(run)
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert all(math.isfinite(r["loss"]) and "val_elbo" in r and "test_elbo" in r for r in records)
+    assert all(math.isfinite(r["loss"]) and "val_elbo" in r and r["eval_seconds"] > 0 for r in records)
+    assert not any("test_elbo" in r for r in records)  # the test part is scored at the end (train.eval_test)
+    assert [r["epoch"] for r in records if "val_kl_per_unit" in r] == [3]  # train.diagnose_every = 5: the last
     # the IWAE bound with 5 samples is at least the ELBO (up to Monte Carlo noise)
     assert saved["test_log_likelihood"] > saved["test_elbo"] - 1.0
     # training improves the ELBO
@@ -74,10 +76,11 @@ def test_best_epoch_is_the_best_validation_score(tmp_path):
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
-    config = tiny_config(**{"train.epochs": 4, "data.binarize": True})
+    # the code's diagnostics every epoch: by default the last epoch has them, and "part" ends at 2
+    config = tiny_config(**{"train.epochs": 4, "data.binarize": True, "train.diagnose_every": 1})
     train(config, tmp_path / "full")
     # stop after two epochs, then resume to four
-    train(tiny_config(**{"train.epochs": 2, "data.binarize": True}), tmp_path / "part")
+    train(tiny_config(**{"train.epochs": 2, "data.binarize": True, "train.diagnose_every": 1}), tmp_path / "part")
     (tmp_path / "part" / runs.CONFIG).write_text((tmp_path / "full" / runs.CONFIG).read_text())
     train(config, tmp_path / "part", resume=True)
     full, part = _params(tmp_path / "full"), _params(tmp_path / "part")
@@ -152,6 +155,7 @@ def test_non_finite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
         ("train.optimizer", "adagrad", "unknown optimizer"),
         ("device", "tpu", "unknown device"),
         ("train.labelled_every", 0, "labelled_every must be at least 1"),
+        ("train.diagnose_every", -1, "diagnose_every must be 0 .after the last epoch only. or more"),
     ],
 )
 def test_bad_training_settings(tmp_path, key, value, message):
@@ -164,6 +168,19 @@ def test_cuda_requested_without_cuda(tmp_path):
         pytest.skip("CUDA is available here")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         train(tiny_config(device="cuda"), tmp_path / "run")
+
+
+def test_the_test_part_and_the_codes_diagnostics_are_scored_when_the_recipe_asks(tmp_path):
+    settings = {"train.epochs": 4, "train.eval_test": True, "train.diagnose_every": 2}
+    train(tiny_config(**settings), tmp_path / "a")
+    records = runs.read_metrics(tmp_path / "a")
+    assert all("test_elbo" in r and "val_elbo" in r for r in records)
+    assert [r["epoch"] for r in records if "val_kl_per_unit" in r] == [2, 4]
+    train(tiny_config(**{"train.epochs": 3, "train.diagnose_every": 0}), tmp_path / "b")
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "b") if "val_active_units" in r] == [3]
+    # the summary's best and last epoch are scored on everything
+    summary = runs.read_summary(tmp_path / "b")
+    assert "test_elbo" in summary["last"] and "val_kl_per_unit" in summary["best"]
 
 
 def test_eval_every_evaluates_every_n_epochs_and_the_last(tmp_path):

@@ -39,10 +39,12 @@ def test_counts_of_parts_add_up_to_the_metrics_of_the_whole_set(tmp_path, name):
 
 @pytest.mark.parametrize("name", sorted(ENTRIES))
 def test_evaluation_never_changes_what_is_trained(tmp_path, name):
-    """Evaluated after every epoch with the IWAE bound, or only after the last without it: the same
-    parameters, optimiser state and training random state at the end, bit for bit."""
+    """Evaluated after every epoch on every part with the code's diagnostics and the IWAE bound, or only
+    after the last without them: the same parameters, optimiser state and training random state at the
+    end, bit for bit."""
     settings = {"model": name, **ENTRIES[name], "train.epochs": 2}
-    train(tiny_config(**settings, **{"train.eval_every": 1, "train.iwae_samples": 3}), tmp_path / "often")
+    often = {"train.eval_every": 1, "train.iwae_samples": 3, "train.eval_test": True, "train.diagnose_every": 1}
+    train(tiny_config(**settings, **often), tmp_path / "often")
     train(tiny_config(**settings, **{"train.eval_every": 2, "train.eval_batch_size": 7}), tmp_path / "once")
     often, once = (runs.load_checkpoint(tmp_path / d / runs.CHECKPOINT) for d in ("often", "once"))
     for part in ("model", "optimizer", "rng"):
