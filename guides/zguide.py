@@ -92,7 +92,7 @@ class ZGuide(nn.Module):
         return loc
 
     def moments(
-        self, loc: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, num_samples: int = 256
+        self, loc: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, num_samples: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean and the variance of each coordinate of z under q(z|h) (exact for a Gaussian)."""
         return loc, scale**2
@@ -134,7 +134,7 @@ class LowRankNormalZ(ZGuide):
         factor = factor.expand(*loc.shape[:-1], *factor.shape[-2:])
         return dist.LowRankMultivariateNormal(loc, factor, scale**2)
 
-    def moments(self, loc, scale, h, num_samples=256):
+    def moments(self, loc, scale, h, num_samples=64):
         return loc, scale**2 + self.cov_factor(h).pow(2).sum(-1)
 
 
@@ -173,10 +173,15 @@ class FlowZ(ZGuide):
             z = t(z)
         return z
 
-    def moments(self, loc, scale, h, num_samples=256):
+    def moments(self, loc, scale, h, num_samples=64):
         """Monte Carlo moments from the same ``num_samples`` base draws for every image (a fixed seed):
         where q(z_u|x) does not depend on x the estimated means agree across images, so their spread
-        (the active-unit statistic) is not the estimator's own noise, and nothing of the global RNG is used."""
+        (the active-unit statistic) is not the estimator's own noise, and nothing of the global RNG is used.
+
+        64 draws: a unit's variance is then estimated within sqrt(2/63) = 18 % per image, and the KL per
+        unit made of it (averaged over the images) is biased by about 1/(2 * 63) = 0.008 nats; Pyro's
+        conditional IAF runs its network on every draw with the context h repeated, so 256 draws on 500
+        validation images took 0.46 s, longer than a training epoch of the flow VAE on mnist5k (0.39 s)."""
         generator = torch.Generator(device=loc.device).manual_seed(0)
         eps = torch.randn(
             (num_samples, *(1,) * (loc.dim() - 1), loc.shape[-1]),

@@ -44,6 +44,7 @@ def test_m2_benchmark_runs_and_writes_json(tmp_path, capsys):
     )
     assert json.loads(out.read_text())["rows"][0]["method"] == "m2 / enum"
     assert len(result["rows"]) == 3 and result["timing"]["enum_over_plain"] > 0
+    assert result["timing"]["enum_over_plain_bf16"] > 0 and result["timing"]["ms_per_step_bf16"]["plain"] > 0
     printed = capsys.readouterr().out
     assert "| m2 / gumbel |" in printed and "enum / plain" in printed
     (check,) = result["rows"][0]["generative_agreement"]  # enum only, by default
