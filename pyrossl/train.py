@@ -40,7 +40,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyrossl import distributed, precision, report, runs
+from pyrossl import distributed, precision, runs
 from pyrossl.checkpoint import Progress, RunCheckpoints
 from pyrossl.config import OPTIMIZERS, Config
 from pyrossl.data.training import BatchSchedule, TrainingData
@@ -434,6 +434,8 @@ class Trainer:
         summary = summary_of(self, result) if self.writer else None
         if self.writer:
             runs.atomic_write_text(self.out / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
+            from pyrossl import report  # matplotlib, imported when the figures are drawn
+
             report.draw_run(self.out, self.model, self.dataset, self.split, self.data.tensors, self.config.seed)
         self.model.load_state_dict(last_state)
         return distributed.broadcast_object(summary)

@@ -55,9 +55,9 @@ def test_every_notebook_is_the_build_of_its_source():
 
 
 @pytest.mark.parametrize("name", sorted(TUTORIALS))
-def test_tutorial_runs_in_quick_mode_and_shows_its_figures(name, tmp_path, monkeypatch):
+def test_tutorial_runs_every_cell_and_shows_its_figures(name, tmp_path, monkeypatch):
     nb = nbformat.read(ROOT / f"notebooks/{name}.ipynb", as_version=4)
-    monkeypatch.setenv("PYROSSL_QUICK", "1")
+    monkeypatch.setenv("PYROSSL_QUICK", "smoke")  # every cell on the least work; the site runs PYROSSL_QUICK=1
     monkeypatch.setenv("PYROSSL_TUTORIALS", str(tmp_path / "runs"))
     client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()

@@ -25,10 +25,17 @@ from pyrossl.config import load_config
 from pyrossl.judge import fit_judge, judge_accuracy
 from pyrossl.train import train_to_completion
 
-QUICK = os.environ.get("PYROSSL_QUICK") == "1"
+MODE = os.environ.get("PYROSSL_QUICK", "")  # "1": quick; "smoke": the test suite's, every cell on the least work
+QUICK, SMOKE = MODE in ("1", "smoke"), MODE == "smoke"
 ROOT = Path(pyrossl.__file__).resolve().parents[1]
-OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("ccvae-quick" if QUICK else "ccvae")
-quick = ["data.num_examples=4800", "data.validation=400", "train.epochs=6", "train.eval_every=6"] if QUICK else []
+OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("ccvae-" + MODE if QUICK else "ccvae")
+epochs = 2 if SMOKE else 6
+quick = (
+    [f"data.num_examples={2400 if SMOKE else 4800}", "data.validation=400", f"train.epochs={epochs}"]
+    + [f"train.eval_every={epochs}"]
+    if QUICK
+    else []
+)
 summary = train_to_completion(
     load_config(ROOT / "runs/ccvae-shapes.toml", ["train.progress=false", *quick]), OUT / "shapes"
 )
@@ -53,7 +60,7 @@ print(
 x_train, y_train = run.tensors("train")
 x, y = run.tensors("test")
 x, y = x[:1000], y[:1000]
-judge = fit_judge(x_train[:6000].cpu(), y_train[:6000].cpu(), "conv", seed=0, epochs=2 if QUICK else 5)
+judge = fit_judge(x_train[:6000].cpu(), y_train[:6000].cpu(), "conv", seed=0, epochs=1 if SMOKE else 2 if QUICK else 5)
 print(f"judge accuracy on real test images: {judge_accuracy(judge, x.cpu(), y.cpu()):.3f}")
 
 # %% [markdown]
@@ -117,7 +124,11 @@ print(
 # (row $k$), in the image's own style where the classes allow it.
 
 # %%
-fmnist = ["data.limit_per_class=400", "data.validation=400", "train.epochs=3", "train.eval_every=3"] if QUICK else []
+fmnist = (
+    [f"data.limit_per_class={100 if SMOKE else 400}", "data.validation=400", "train.epochs=3", "train.eval_every=3"]
+    if QUICK
+    else []
+)
 try:
     train_to_completion(load_config(ROOT / "runs/ccvae-fmnist.toml", ["train.progress=false", *fmnist]), OUT / "fmnist")
     fm = pyrossl.load_run(OUT / "fmnist")

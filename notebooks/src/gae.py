@@ -30,10 +30,12 @@ from pyrossl.errors import DataError
 from pyrossl.evaluate import confusion_matrix
 from pyrossl.train import train_to_completion
 
-QUICK = os.environ.get("PYROSSL_QUICK") == "1"
+MODE = os.environ.get("PYROSSL_QUICK", "")  # "1": quick; "smoke": the test suite's, every cell on the least work
+QUICK, SMOKE = MODE in ("1", "smoke"), MODE == "smoke"
 ROOT = Path(pyrossl.__file__).resolve().parents[1]
-OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("gae-quick" if QUICK else "gae")
-settings = ["train.progress=false"] + (["train.epochs=20", "train.eval_every=20"] if QUICK else [])
+OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("gae-" + MODE if QUICK else "gae")
+epochs = 5 if SMOKE else 20
+settings = ["train.progress=false"] + ([f"train.epochs={epochs}", f"train.eval_every={epochs}"] if QUICK else [])
 summary = train_to_completion(load_config(ROOT / "runs/gae-mnist5k.toml", settings), OUT)
 run = pyrossl.load_run(OUT)
 model = run.model

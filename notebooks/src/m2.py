@@ -25,13 +25,17 @@ from pyrossl.ablate import ablate
 from pyrossl.config import load_config
 from pyrossl.train import train_to_completion
 
-QUICK = os.environ.get("PYROSSL_QUICK") == "1"
+MODE = os.environ.get("PYROSSL_QUICK", "")  # "1": quick; "smoke": the test suite's, every cell on the least work
+QUICK, SMOKE = MODE in ("1", "smoke"), MODE == "smoke"
 ROOT = Path(pyrossl.__file__).resolve().parents[1]
-OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("m2-quick" if QUICK else "m2")
+OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("m2-" + MODE if QUICK else "m2")
 # the demo recipe: mnist5k, 100 labels, beta = 4 on z so that the decoder takes the class from y
 RECIPE = ROOT / "runs/demo.toml"
-# quick: the demo as it is (15 epochs, seconds); the real settings: 30 epochs on 3,500 digits with 100 labels
-settings = ["train.progress=false"] + ([] if QUICK else ["train.epochs=30", "data.validation=1000", "data.test=500"])
+# quick: the demo as it is (15 epochs, seconds); the real settings: 30 epochs on 3,500 digits with 100 labels;
+# the KL of each unit of z after every epoch (the last section's figure)
+settings = ["train.progress=false", "train.diagnose_every=1"] + (
+    ["train.epochs=3"] if SMOKE else [] if QUICK else ["train.epochs=30", "data.validation=1000", "data.test=500"]
+)
 
 
 def trained(name, *overrides):
@@ -136,7 +140,7 @@ result = ablate(
     OUT / "ablation",
     guides=["enum", "gumbel"] if QUICK else ["enum", "gumbel", "logistic-normal"],
     seeds=seeds,
-    overrides=["train.epochs=10"] if QUICK else [],
+    overrides=[f"train.epochs={2 if SMOKE else 10}"] if QUICK else [],
 )
 display(Markdown(result["table"]))
 display(Image(filename=str(result["figure"])))
@@ -144,9 +148,10 @@ display(Image(filename=str(result["figure"])))
 # %% [markdown]
 # ## KL per unit of z
 #
-# After each evaluated epoch the trainer writes the KL of each unit of $z$ (averaged over the
-# validation images) to `metrics.jsonl`. With $\beta = 4$ on the z term every unit stays cheap
-# (a fraction of a nat): the class is carried by $y$, and a few units take most of the style. The
+# The trainer writes the KL of each unit of $z$ (averaged over the validation images) to
+# `metrics.jsonl` every `train.diagnose_every` epochs (here 1) and after the last. With $\beta = 4$
+# on the z term every unit stays cheap (a fraction of a nat): the class is carried by $y$, and a few
+# units take most of the style. The
 # active-unit count (Burda et al. 2016: $\mathrm{Cov}_x\,\mathbb E_q[z_u] > 0.01$) still counts most
 # units, since it asks only whether a unit's mean moves at all.
 

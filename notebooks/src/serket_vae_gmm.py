@@ -26,16 +26,21 @@ from pyrossl import plots, runs
 from pyrossl.config import load_config
 from pyrossl.train import train_to_completion
 
-QUICK = os.environ.get("PYROSSL_QUICK") == "1"
+MODE = os.environ.get("PYROSSL_QUICK", "")  # "1": quick; "smoke": the test suite's, every cell on the least work
+QUICK, SMOKE = MODE in ("1", "smoke"), MODE == "smoke"
 ROOT = Path(pyrossl.__file__).resolve().parents[1]
-OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("serket-quick" if QUICK else "serket")
-# quick: 5 rounds of 25 epochs instead of 200
-serket = ["train.epochs=125", "options.epochs_per_round=25", "train.eval_every=25"] if QUICK else []
+OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("serket-" + MODE if QUICK else "serket")
+# quick: 5 rounds of 25 epochs instead of 200 (smoke: of 2)
+PER_ROUND = 2 if SMOKE else 25 if QUICK else 200
+serket = [f"train.epochs={5 * PER_ROUND}", f"options.epochs_per_round={PER_ROUND}", f"train.eval_every={PER_ROUND}"]
+# smoke: one EM start per mixture fit instead of ten (the fits are most of a round's time)
+FITS = ["options.n_init=1"] if SMOKE else []
+serket += FITS
 summary = train_to_completion(
     load_config(ROOT / "runs/serket-vae-gmm-mnist3000.toml", ["train.progress=false", *serket]), OUT / "serket"
 )
 print(
-    f"{summary['epochs']} epochs ({summary['epochs'] // (25 if QUICK else 200)} rounds) in {summary['seconds']:.0f} s; "
+    f"{summary['epochs']} epochs ({summary['epochs'] // PER_ROUND} rounds) in {summary['seconds']:.0f} s; "
     f"cluster accuracy {summary['last']['train_cluster_accuracy']:.3f}"
 )
 
@@ -95,7 +100,8 @@ display(Image(filename=str(OUT / "serket" / "figures" / "cluster_samples.png")))
 # seeds, the benchmark on the `gmm-vae` page).
 
 # %%
-e2e = ["train.epochs=24", "options.warmup_epochs=12", "train.eval_every=12"] if QUICK else []
+half = 2 if SMOKE else 12  # plain epochs, then as many joint ones
+e2e = [f"train.epochs={2 * half}", f"options.warmup_epochs={half}", f"train.eval_every={half}", *FITS] if QUICK else []
 gmm = train_to_completion(
     load_config(ROOT / "runs/gmm-vae-mnist3000.toml", ["train.progress=false", *e2e]), OUT / "gmm-vae"
 )

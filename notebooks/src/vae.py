@@ -27,15 +27,21 @@ from pyrossl import plots
 from pyrossl.config import load_config
 from pyrossl.train import train_to_completion
 
-QUICK = os.environ.get("PYROSSL_QUICK") == "1"
+MODE = os.environ.get("PYROSSL_QUICK", "")  # "1": quick; "smoke": the test suite's, every cell on the least work
+QUICK, SMOKE = MODE in ("1", "smoke"), MODE == "smoke"
 ROOT = Path(pyrossl.__file__).resolve().parents[1]  # the repository: recipes live in runs/
 OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials"))
 
 settings = ["data.binarize=true", "train.progress=false"]
 if QUICK:
-    settings += ["train.epochs=20", "data.limit_per_class=200", "data.validation=200", "data.test=300"]
+    settings += [
+        f"train.epochs={5 if SMOKE else 20}",
+        "data.limit_per_class=200",
+        "data.validation=200",
+        "data.test=300",
+    ]
 config = load_config(ROOT / "runs/vae-mnist5k.toml", settings)
-summary = train_to_completion(config, OUT / ("vae-quick" if QUICK else "vae"))
+summary = train_to_completion(config, OUT / ("vae-" + MODE if QUICK else "vae"))
 print(f"{summary['epochs']} epochs in {summary['seconds']:.1f} s; best epoch {summary['best_epoch']}")
 
 # %% [markdown]
@@ -47,7 +53,7 @@ print(f"{summary['epochs']} epochs in {summary['seconds']:.1f} s; best epoch {su
 # is a one-sample ELBO, and it rises towards $\log p(x)$ as $k$ grows.
 
 # %%
-run = pyrossl.load_run(OUT / ("vae-quick" if QUICK else "vae"))
+run = pyrossl.load_run(OUT / ("vae-" + MODE if QUICK else "vae"))
 x, y = run.tensors("test")
 x = x[:300] if QUICK else x
 torch.manual_seed(0)

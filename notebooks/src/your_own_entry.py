@@ -30,7 +30,8 @@ from pyrossl.registry import register
 from pyrossl.train import train_to_completion
 from pyrossl.zoo import ZooModel
 
-QUICK = os.environ.get("PYROSSL_QUICK") == "1"
+MODE = os.environ.get("PYROSSL_QUICK", "")  # "1": quick; "smoke": the test suite's, every cell on the least work
+QUICK, SMOKE = MODE in ("1", "smoke"), MODE == "smoke"
 OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials"))
 
 # %% [markdown]
@@ -129,10 +130,10 @@ recipe = {
     "model": "laplace-vae",
     "seed": 0,
     "data": {"name": "mnist5k", "labels_per_class": 0, "validation": 500, "test": 500, "binarize": True},
-    "train": {"epochs": 8 if QUICK else 40, "batch_size": 100, "lr": 1e-3, "progress": False},
+    "train": {"epochs": 3 if SMOKE else 8 if QUICK else 40, "batch_size": 100, "lr": 1e-3, "progress": False},
     "options": {"z_dim": 8, "hidden": 256},
 }
-run_dir = OUT / ("laplace-vae-quick" if QUICK else "laplace-vae")
+run_dir = OUT / ("laplace-vae-" + MODE if QUICK else "laplace-vae")
 summary = train_to_completion(load_config(base=recipe), run_dir)
 print(
     f"test ELBO {summary['best']['test_elbo']:.2f} nats at epoch {summary['best_epoch']}; files: "

@@ -30,10 +30,11 @@ from pyrossl.guides.label import LABEL_GUIDES
 from pyrossl.registry import build_model
 from pyrossl.runs import load_dataset_for
 
-QUICK = os.environ.get("PYROSSL_QUICK") == "1"
+MODE = os.environ.get("PYROSSL_QUICK", "")  # "1": quick; "smoke": the test suite's, every cell on the least work
+QUICK, SMOKE = MODE in ("1", "smoke"), MODE == "smoke"
 ROOT = Path(pyrossl.__file__).resolve().parents[1]
 OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")).resolve() / (
-    "own-guide-quick" if QUICK else "own-guide"
+    "own-guide-" + MODE if QUICK else "own-guide"
 )
 PLUGIN = ROOT / "notebooks/plugins/m2_guides.py"
 
@@ -85,7 +86,8 @@ display(Markdown(f"```python\n{source}```"))
 # absolute path), so `eval`, `report`, `train --resume` and `load_run` find it again in any process.
 
 # %%
-epochs = "2" if QUICK else "30"
+epochs = "1" if SMOKE else "2" if QUICK else "30"
+IWAE = "10" if SMOKE else "100"  # samples of the IWAE bound (smoke: a tenth, the same code)
 run_dir = OUT / "qzx"
 if not (run_dir / "summary.json").exists():
     pyrossl_command(
@@ -96,7 +98,7 @@ if not (run_dir / "summary.json").exists():
         "--set",
         f"train.epochs={epochs}",
         "--set",
-        "train.iwae_samples=100",
+        f"train.iwae_samples={IWAE}",
         "--plugin",
         PLUGIN,
         "--out",
@@ -127,12 +129,12 @@ pyrossl_command(
     "--seeds",
     seeds,
     "--iwae",
-    "100",
+    IWAE,
     "--plugin",
     PLUGIN,
     "--out",
     ablation,
-    *(["--set", "train.epochs=3"] if QUICK else []),
+    *(["--set", f"train.epochs={1 if SMOKE else 3}"] if QUICK else []),
 )
 display(Image(filename=str(ablation / "ablation.png")))
 
@@ -143,7 +145,7 @@ fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
 for ax, key, title in zip(
     axes,
     ["test_accuracy", "test_guide_elbo", "test_iwae_gap"],
-    ["test accuracy", "guide's ELBO (nats)", "IWAE(100) - ELBO (nats)"],
+    ["test accuracy", "guide's ELBO (nats)", f"IWAE({IWAE}) - ELBO (nats)"],
 ):
     for i, v in enumerate(variants):
         values = [float(r[key]) for r in rows if r["variant"] == v]
@@ -169,7 +171,7 @@ print(type(run.model.guide).__name__, "from", type(run.model.guide).__module__)
 x, y = run.tensors("test")
 print(
     f"test accuracy {(run.predict(x).cpu() == y.cpu()).float().mean():.3f}; "
-    f"guide's ELBO {run.summary['best']['test_guide_elbo']:.2f}, IWAE(100) "
+    f"guide's ELBO {run.summary['best']['test_guide_elbo']:.2f}, IWAE({IWAE}) "
     f"{run.summary['best']['test_log_likelihood']:.2f} nats"
 )
 display(Image(filename=str(run_dir / "figures" / "class_samples.png")))
@@ -199,7 +201,7 @@ print(
 pyro.clear_param_store()
 svi = SVI(entry.model, entry.guide, ClippedAdam({"lr": 3e-3}), entry.elbo)
 losses = []
-for _ in range(100 if QUICK else 1500):
+for _ in range(30 if SMOKE else 100 if QUICK else 1500):
     batch = torch.randint(0, 1500, (100,))
     losses.append(svi.step(dataset.x[batch]) / 100 + svi.step(dataset.x[labelled], dataset.y[labelled]) / len(labelled))
 test = torch.arange(1500, len(dataset.x))
