@@ -38,6 +38,8 @@ RUNTIME_KEYS = {
     "train.checkpoint_every",
     "plugins",
     "train.eval_every",
+    "train.eval_test",
+    "train.diagnose_every",
     "train.iwae_samples",
 }
 

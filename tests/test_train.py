@@ -98,6 +98,14 @@ def test_resume_truncates_metrics_written_after_the_checkpoint(tmp_path):
     assert [r["epoch"] for r in runs.read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
+def test_how_much_is_evaluated_may_change_on_resume(tmp_path):
+    train(tiny_config(**{"train.epochs": 2}), tmp_path / "run")
+    changed = {"train.epochs": 2, "train.eval_test": True, "train.diagnose_every": 1, "train.eval_every": 2}
+    assert train(tiny_config(**changed), tmp_path / "run", resume=True)["epochs"] == 2
+    with pytest.raises(CheckpointError, match="differs in train.precision"):
+        train(tiny_config(**{"train.epochs": 2, "train.precision": "bf16"}), tmp_path / "run", resume=True)
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     train(tiny_config(), tmp_path / "run")
     with pytest.raises(CheckpointError, match="differs in train.lr"):
