@@ -81,8 +81,8 @@ class Scorer:
                 values = self.model.evaluate(x, y, self.batch_size)
             if code and part == parts[0] and self.model.z_guides:
                 # the code's use per unit, on the first part (validation, or the scored training set)
-                code = self.model.code_counts(x, self.batch_size) if x.shape[0] else None
-                values.update(self.model.code_metrics(distributed.sum_counts(code) if split else code))
+                sums = self.model.code_counts(x, self.batch_size) if x.shape[0] else None
+                values.update(self.model.code_metrics(distributed.sum_counts(sums) if split else sums))
             metrics.update({self.PREFIX[part] + k: v for k, v in values.items()})
         return metrics
 
