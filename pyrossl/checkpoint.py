@@ -34,6 +34,7 @@ RUNTIME_KEYS = {
     "device",
     "threads",
     "train.progress",
+    "train.figures",
     "train.eval_batch_size",
     "train.checkpoint_every",
     "plugins",

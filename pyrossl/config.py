@@ -172,6 +172,9 @@ class TrainConfig:
     )
     iwae_samples: int = setting(0, "k of the IWAE log-likelihood estimate at the end; 0 turns it off")
     progress: bool = setting(True, "show a progress bar per epoch")
+    figures: bool = setting(
+        True, "draw the run's figures (figures/*.png, index.html) when it ends; `pyrossl report` draws them later"
+    )
     on_nonfinite: str = setting("stop", "stop | skip: what a non-finite loss or gradient does")
     precision: str = setting(
         "fp32",

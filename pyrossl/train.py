@@ -422,7 +422,7 @@ class Trainer:
 
     def finish(self) -> dict:
         """Evaluate the best and the last epoch on the test set (every process takes its share); write
-        summary.json and the figures (rank 0). Every process returns the summary."""
+        summary.json and, unless ``train.figures`` is off, the figures (rank 0). Every process returns the summary."""
         self.checkpoints.record()  # a resume with no epoch left to train: the records up to its checkpoint
         last_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         result = {"last": self.scorer.final(stream=self.progress.epoch + 1)}
@@ -434,6 +434,7 @@ class Trainer:
         summary = summary_of(self, result) if self.writer else None
         if self.writer:
             runs.atomic_write_text(self.out / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
+        if self.writer and self.config.train.figures:
             from pyrossl import report  # matplotlib, imported when the figures are drawn
 
             report.draw_run(self.out, self.model, self.dataset, self.split, self.data.tensors, self.config.seed)

@@ -4,14 +4,15 @@ import torch
 
 
 def tiny_config(**overrides):
-    """A VAE on sklearn's digits that trains in about a second."""
+    """A VAE on sklearn's digits that trains in about a second (and draws no figures unless asked)."""
     from pyrossl.config import config_from_dict
 
     raw = {
         "model": "vae",
         "seed": 0,
         "data": {"name": "digits", "labels_per_class": 0, "validation": 0.1, "test": 0.2},
-        "train": {"epochs": 3, "batch_size": 128, "lr": 3e-3, "progress": False},
+        # no figures unless a test asks for them ("train.figures": True): drawing them is most of a tiny run's time
+        "train": {"epochs": 3, "batch_size": 128, "lr": 3e-3, "progress": False, "figures": False},
         "options": {"z_dim": 4, "hidden": [32]},
     }
     for key, value in overrides.items():

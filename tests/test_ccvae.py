@@ -160,6 +160,7 @@ def test_digits_with_10_labels_per_class_learns_to_classify(tmp_path):
                 "data.labels_per_class": 10,
                 "train.epochs": 8,
                 "train.batch_size": 64,
+                "train.figures": True,
                 "options": {"z_style": 8, "hidden": [128], "k": 20},
             },
         ),
@@ -188,6 +189,7 @@ def test_attributes_train_end_to_end_on_a_celeba_folder(tmp_path):
             "data.validation": 2,
             "train.epochs": 2,
             "train.batch_size": 4,
+            "train.figures": True,
             "options": {"z_style": 3, "hidden": [32], "k": 4, "likelihood": "laplace"},
         },
     )
@@ -268,6 +270,7 @@ def test_shapes_attributes_train_end_to_end(tmp_path):
             "data.validation": 50,
             "train.epochs": 2,
             "train.batch_size": 50,
+            "train.figures": True,
             "options": {"z_style": 3, "hidden": [32], "k": 4, "net": "conv"},
         },
     )

@@ -173,6 +173,7 @@ def test_data_info(capsys):
             "train.precision must be one of fp32, bf16, auto, not 'fp16'",
         ),
         (["train", "{recipe}", "--set", "data.limit_per_class=0"], "data.limit_per_class must be at least 1"),
+        (["train", "{recipe}", "--set", "train.figures=maybe"], "'train.figures' must be true or false, not 'maybe'"),
         (
             ["train", "{recipe}", "--set", "model=gae", "--set", "options={{}}", "--set", "data.labels_per_class=1"],
             "every class needs at least 2 labelled examples",

@@ -113,6 +113,7 @@ def test_two_processes_end_identical_and_write_one_run_directory(tmp_path):
             "model": "gae",
             "data.labels_per_class": None,
             "train.eval_test": True,  # every evaluation counts the validation and the test part
+            "train.figures": True,  # rank 0 alone draws them
             "options": {"z_dim": 3, "hidden": [16], "components": 2},
         }
     )

@@ -31,7 +31,7 @@ def _gae_config(**overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("gae")
-    summary = train(_gae_config(), out)
+    summary = train(_gae_config(**{"train.figures": True}), out)
     return out, summary
 
 

@@ -73,7 +73,7 @@ def _digits_config(model, guide, **extra):
 
 def test_m2_beats_the_supervised_only_baseline_on_digits(tmp_path):
     """Same 30 labels, same classifier network: the unlabelled digits must help."""
-    m2 = train(_digits_config("m2", "enum"), tmp_path / "m2")
+    m2 = train(_digits_config("m2", "enum", **{"train.figures": True}), tmp_path / "m2")
     # the baseline sees only labelled batches: give it the same number of steps and more
     baseline = train(_digits_config("classifier", "none", **{"train.epochs": 1000}), tmp_path / "clf")
     assert m2["steps"] <= baseline["steps"]

@@ -15,7 +15,13 @@ def m2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "m2"
     train(
         tiny_config(
-            model="m2", **{"data.labels_per_class": 5, "train.epochs": 2, "options": {"z_dim": 4, "hidden": [32]}}
+            model="m2",
+            **{
+                "data.labels_per_class": 5,
+                "train.epochs": 2,
+                "train.figures": True,
+                "options": {"z_dim": 4, "hidden": [32]},
+            },
         ),
         out,
     )

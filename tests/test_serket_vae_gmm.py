@@ -38,7 +38,7 @@ def _serket_config(**overrides):
 @pytest.fixture(scope="module")
 def serket_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("serket")
-    return out, train(_serket_config(), out)
+    return out, train(_serket_config(**{"train.figures": True}), out)
 
 
 def _fake_encode_data(x, index):

@@ -5,6 +5,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from common import DiskFull, tiny_config
-from pyrossl import distributed, runs
+from pyrossl import distributed, load_run, runs
 from pyrossl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from pyrossl.registry import resolve
 from pyrossl.train import Trainer, make_optimizer, train, train_to_completion
@@ -26,7 +27,7 @@ def _params(run_dir, name=runs.CHECKPOINT):
 
 
 def test_run_directory_is_complete(tmp_path):
-    summary = train(tiny_config(**{"train.iwae_samples": 5}), tmp_path / "run")
+    summary = train(tiny_config(**{"train.iwae_samples": 5, "train.figures": True}), tmp_path / "run")
     run = tmp_path / "run"
     for name in (runs.CONFIG, runs.METRICS, runs.SUMMARY, runs.CHECKPOINT, runs.BEST):
         assert (run / name).is_file(), name
@@ -104,6 +105,21 @@ def test_how_much_is_evaluated_may_change_on_resume(tmp_path):
     assert train(tiny_config(**changed), tmp_path / "run", resume=True)["epochs"] == 2
     with pytest.raises(CheckpointError, match="differs in train.precision"):
         train(tiny_config(**{"train.epochs": 2, "train.precision": "bf16"}), tmp_path / "run", resume=True)
+
+
+def test_a_run_without_figures_draws_them_on_a_resume_that_asks_or_with_report(tmp_path):
+    from pyrossl.report import write_report
+
+    run = tmp_path / "run"
+    summary = train(tiny_config(**{"train.epochs": 2}), run)  # tiny_config: train.figures = false
+    assert not (run / runs.FIGURES).exists() and runs.read_summary(run) == summary
+    assert load_run(run).model is not None  # a run without figures is whole
+    train(tiny_config(**{"train.epochs": 2, "train.figures": True}), run, resume=True)
+    drawn = {p.name for p in (run / runs.FIGURES).iterdir()}
+    assert {"index.html", "loss.png", "latent_pca.png"} <= drawn
+    shutil.rmtree(run / runs.FIGURES)
+    index, figures = write_report(run)
+    assert index.exists() and {p.name for p in figures} == drawn - {"index.html"}
 
 
 def test_resume_refuses_a_different_config(tmp_path):
