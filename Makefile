@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/pyrossl train runs/demo.toml --out outputs/demo-$$(date +%Y%m%d-%H%M%S) --threads 2
 
+# the suite in one pytest-xdist worker per core (at most 4: each holds torch and the data it loads), each
+# module whole to the next free worker, the longest modules first (tests/conftest.py); every process a test
+# starts runs one thread (tests/conftest.py too), so the workers share the cores without waiting on each other
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 # ruff's lint rules of pyproject.toml ([tool.ruff]) over the code, tests, benchmarks and tutorial sources
 lint: $(STAMP)

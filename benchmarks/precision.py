@@ -94,7 +94,7 @@ def _cpuinfo() -> str:
 
 def run_one(recipe: str, overrides: list[str], out: Path) -> dict:
     """Train (or finish, or read) one run: its best-epoch metrics and the median training epoch."""
-    config = load_config(ROOT / recipe, overrides + ["train.progress=false"])
+    config = load_config(ROOT / recipe, overrides + ["train.progress=false", "train.figures=false"])  # timed runs
     summary = train_to_completion(config, out)
     seconds = [r["train_seconds"] for r in runs.read_metrics(out) if "train_seconds" in r]
     row = {k: v for k, v in summary["best"].items() if isinstance(v, (int, float))}

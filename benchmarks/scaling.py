@@ -54,6 +54,8 @@ def _one_epoch_command(recipe: str, out: Path, device: str, threads: int, overri
         device,
         "--set",
         "train.epochs=1",
+        "--set",
+        "train.figures=false",  # the runs are timed, not looked at
         "--threads",
         str(threads),
         *[a for o in overrides for a in ("--set", o)],

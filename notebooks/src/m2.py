@@ -32,9 +32,14 @@ OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("m2-" + 
 # the demo recipe: mnist5k, 100 labels, beta = 4 on z so that the decoder takes the class from y
 RECIPE = ROOT / "runs/demo.toml"
 # quick: the demo as it is (15 epochs, seconds); the real settings: 30 epochs on 3,500 digits with 100 labels;
-# the KL of each unit of z after every epoch (the last section's figure)
+# smoke: 3 epochs on 1,000 of the digits; the KL of each unit of z after every epoch (the last section's figure)
+SMOKE_DATA = ["data.limit_per_class=150", "data.validation=200", "data.test=300"]
 settings = ["train.progress=false", "train.diagnose_every=1"] + (
-    ["train.epochs=3"] if SMOKE else [] if QUICK else ["train.epochs=30", "data.validation=1000", "data.test=500"]
+    ["train.epochs=3", *SMOKE_DATA]
+    if SMOKE
+    else []
+    if QUICK
+    else ["train.epochs=30", "data.validation=1000", "data.test=500"]
 )
 
 

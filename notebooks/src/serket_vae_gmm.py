@@ -33,8 +33,8 @@ OUT = Path(os.environ.get("PYROSSL_TUTORIALS", "outputs/tutorials")) / ("serket-
 # quick: 5 rounds of 25 epochs instead of 200 (smoke: of 2)
 PER_ROUND = 2 if SMOKE else 25 if QUICK else 200
 serket = [f"train.epochs={5 * PER_ROUND}", f"options.epochs_per_round={PER_ROUND}", f"train.eval_every={PER_ROUND}"]
-# smoke: one EM start per mixture fit instead of ten (the fits are most of a round's time)
-FITS = ["options.n_init=1"] if SMOKE else []
+# smoke: one EM start per mixture fit instead of ten (the fits are most of a round's time), 1,000 digits
+FITS = ["options.n_init=1", "data.limit_per_class=100"] if SMOKE else []
 serket += FITS
 summary = train_to_completion(
     load_config(ROOT / "runs/serket-vae-gmm-mnist3000.toml", ["train.progress=false", *serket]), OUT / "serket"

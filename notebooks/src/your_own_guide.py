@@ -99,6 +99,11 @@ if not (run_dir / "summary.json").exists():
         f"train.epochs={epochs}",
         "--set",
         f"train.iwae_samples={IWAE}",
+        *(
+            ["--set", "data.limit_per_class=150", "--set", "data.validation=200", "--set", "data.test=300"]
+            if SMOKE
+            else []
+        ),
         "--plugin",
         PLUGIN,
         "--out",
