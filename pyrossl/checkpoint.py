@@ -15,7 +15,7 @@ import errno
 import math
 import random
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +173,7 @@ class RunCheckpoints:
         self.saved_epoch: int | None = None  # the epoch of the last checkpoint this process wrote or read
         self.records_kept: list[dict] | None = None  # on a resume: the metrics records up to the checkpoint's epoch
         self._state = None  # checkpoint.pt as check_resumable read it, for restore
+        self.extended_from: int | None = None  # a resume asking more epochs than the run's: the run's count
 
     def check_resumable(self) -> None:
         """Before any data is loaded: the config equals the run's (but for :data:`RUNTIME_KEYS`), and every
@@ -180,6 +181,15 @@ class RunCheckpoints:
         # resolved, so a run written before a key existed compares equal with that key's default
         saved, new = _flat(resolve(runs.read_config(self.out)).to_dict()), _flat(self.config.to_dict())
         diff = [k for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k) and k not in RUNTIME_KEYS]
+        if "train.epochs" in diff:  # a run may be extended, never shortened
+            before, after = saved["train.epochs"], new["train.epochs"]
+            if after < before:
+                raise CheckpointError(
+                    f"cannot resume {self.out} with train.epochs = {after}: the run has {before} epochs, and a "
+                    "resume may only add epochs"
+                )
+            diff.remove("train.epochs")
+            self.extended_from = before
         if diff:
             raise CheckpointError(f"cannot resume {self.out}: its config differs in {', '.join(diff)}")
         runs.read_metrics(self.out)
@@ -199,6 +209,10 @@ class RunCheckpoints:
         its config and an empty metrics file. True when there is a checkpoint to :meth:`restore`."""
         if resume and self.writer:
             runs.remove_stale_temporaries(self.out)
+            if self.extended_from is not None:  # the recorded config, with only its epochs changed
+                recorded = runs.read_config(self.out)
+                epochs = self.config.train.epochs
+                runs.write_config(self.out, replace(recorded, train=replace(recorded.train, epochs=epochs)))
         if resume and self.path.exists():
             return True
         if self.writer:

@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set train.epochs=5 --set guide=enum",
     )
     t.add_argument("--out", help="run directory (default: outputs/<recipe>-seed<seed>)")
-    t.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR")
+    t.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the stopped run in DIR; with --set train.epochs=N (more than it has) extend it",
+    )
     t.add_argument("--device", help="auto | cpu | cuda (overrides the recipe)")
     t.add_argument("--seed", type=int, help="random seed (overrides the recipe)")
     t.add_argument("--threads", type=int, help="CPU threads for torch")

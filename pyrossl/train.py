@@ -387,6 +387,9 @@ class Trainer:
             }
             if self.progress.skipped:
                 record["skipped_steps"] = self.progress.skipped
+            if self.checkpoints.extended_from is not None:  # the first epoch trained since the extension says so
+                record["extended_from_epochs"] = self.checkpoints.extended_from
+                self.checkpoints.extended_from = None
             score = metrics.get(select, -math.inf if self.split.validation.numel() else 0.0)
             if math.isnan(score):
                 score = -math.inf

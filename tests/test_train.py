@@ -99,6 +99,34 @@ def test_resume_truncates_metrics_written_after_the_checkpoint(tmp_path):
     assert [r["epoch"] for r in runs.read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
+def test_a_finished_run_extended_by_a_resume_ends_as_the_longer_run(tmp_path):
+    from pyrossl.cli import main
+
+    train(tiny_config(**{"train.epochs": 2}), tmp_path / "short")
+    config_before = (tmp_path / "short" / runs.CONFIG).read_text()
+    for settings, refused in (
+        ({"train.epochs": 1}, "with train.epochs = 1: the run has 2 epochs, and a resume may only add epochs"),
+        ({"train.epochs": 4, "train.lr": 0.5}, "its config differs in train.lr"),  # the rest is still compared
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(refused)):
+            train(tiny_config(**settings), tmp_path / "short", resume=True)
+        assert (tmp_path / "short" / runs.CONFIG).read_text() == config_before  # refused: nothing changed
+    # from the command line, as a user extends a run
+    assert main(["train", "--resume", str(tmp_path / "short"), "--set", "train.epochs=4", "--quiet"]) == 0
+    summary = train(tiny_config(**{"train.epochs": 4}), tmp_path / "long")
+    extended = runs.read_summary(tmp_path / "short")
+    assert extended["epochs"] == summary["epochs"] == 4 and runs.read_config(tmp_path / "short").train.epochs == 4
+    records = runs.read_metrics(tmp_path / "short")
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r.get("extended_from_epochs") for r in records] == [None, None, 2, None]  # where the run grew
+    for key in ("loss", "val_elbo"):  # every epoch evaluated (train.eval_every = 1): the same numbers
+        assert [r[key] for r in records] == [r[key] for r in runs.read_metrics(tmp_path / "long")]
+    short = runs.load_checkpoint(tmp_path / "short" / runs.CHECKPOINT, keys=("model",))["model"]
+    long = runs.load_checkpoint(tmp_path / "long" / runs.CHECKPOINT, keys=("model",))["model"]
+    assert short.keys() == long.keys() and all(torch.equal(short[k], long[k]) for k in short)
+    assert main(["train", "--resume", str(tmp_path / "short"), "--set", "train.epochs=3", "--quiet"]) == 2
+
+
 def test_how_much_is_evaluated_may_change_on_resume(tmp_path):
     train(tiny_config(**{"train.epochs": 2}), tmp_path / "run")
     changed = {"train.epochs": 2, "train.eval_test": True, "train.diagnose_every": 1, "train.eval_every": 2}
