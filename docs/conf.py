@@ -18,6 +18,9 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",  # the docstrings' "Raises:" / "Returns:" sections
     "sphinx.ext.mathjax",
+    # MathJax 3 from the site itself (copied into _static/mathjax, mathjax_path set): the equations are
+    # typeset without a network, where the default would load it from a CDN
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "myst_nb",
     "zoo_docs",
@@ -39,3 +42,9 @@ exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute"]
 html_theme = "furo"
 html_title = "pyrossl"
 html_static_path = []
+
+
+def setup(app):
+    # MathJax on every page, not only on those with equations of their own: the sidebar shows tutorial
+    # headings with math ("What $q(y \\mid x)$ is unsure of") on every page
+    app.set_html_assets_policy("always")

@@ -1,11 +1,12 @@
 """The documentation site: it builds without a warning, its API reference covers every public name,
-and the tables it generates come from the code."""
+the tables it generates come from the code, and a reader without a network sees its equations typeset."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,46 @@ def test_option_rows_come_from_the_fields_and_document_every_setting():
     undocumented = [(s.__name__, r["name"]) for s in sections for r in config.option_rows(s) if not r["doc"]]
     assert undocumented + [r["name"] for r in top if not r["doc"]] == []
     assert list(rows) == [f.name for f in __import__("dataclasses").fields(MODELS["m2"].Options)]
+
+
+def _site_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_site", ROOT / "docs" / "check_site.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_site_typesets_its_equations_and_loads_its_images_offline(site, tmp_path):
+    check = _site_check()
+    browser = check.chromium()
+    if browser is None:
+        pytest.skip("no Chromium on PATH (.ci/run installs Debian's chromium when it runs as root)")
+    for page in ("zoo/m2.html", "tutorials/vae.html", "guide/contract.html"):
+        report = check.inspect_page(browser, site / page)
+        assert check.problems(report) == [], (page, report)
+        assert report["typeset"] == report["equations"] >= 2, (page, report)
+        assert report["mathjax_src"].startswith("file:") and report["mathjax_version"].startswith("3."), report
+    assert not list(site.rglob("*.check.html"))  # the probes are gone
+    # a page of equations only in the sidebar gets MathJax too; its image loads
+    report = check.inspect_page(browser, site / "py-modindex.html")
+    assert check.problems(report) == [] and report["images"] and report["typeset"] == report["equations"] >= 1
+
+    # what the check catches: MathJax from a CDN (offline), an image that is not there
+    page = (site / "zoo" / "vae.html").read_text(encoding="utf-8")
+    src = re.search(r'<script[^>]*src="([^"]*tex-chtml\.js)"', page).group(1)
+    broken = site / "zoo" / "broken.html"
+    broken.write_text(
+        page.replace(src, "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js").replace(
+            "</body>", '<img src="missing.png" alt="gone"></body>', 1
+        ),
+        encoding="utf-8",
+    )
+    try:
+        found = check.problems(check.inspect_page(browser, broken))
+    finally:
+        broken.unlink()
+    assert found[0].startswith("MathJax is not served by the site: https://cdn.jsdelivr.net")
+    assert "equations left as raw TeX" in found[1] and found[2] == "image did not load: missing.png"
+    assert check.main([str(site), "nowhere.html"]) == 2
