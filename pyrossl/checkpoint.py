@@ -34,7 +34,6 @@ RUNTIME_KEYS = {
     "device",
     "threads",
     "train.progress",
-    "train.figures",
     "train.eval_batch_size",
     "train.checkpoint_every",
     "plugins",
@@ -42,6 +41,8 @@ RUNTIME_KEYS = {
     "train.eval_test",
     "train.diagnose_every",
     "train.iwae_samples",
+    "train.figures",
+    "train.patience",  # when to stop, not what an epoch computes: a run stopped early goes on with a larger one
 }
 
 #: what a torch or Python error reading a damaged state raises
@@ -58,6 +59,7 @@ class Progress:
     seconds: float = 0.0  # training time so far, resumed runs included
     best_epoch: int = 0  # the epoch of best.pt
     best_score: float = -math.inf  # its validation score
+    stale: int = 0  # evaluated epochs since the best one (train.patience stops the run at that many)
 
     @classmethod
     def from_counters(cls, counters: dict) -> Progress:
@@ -68,6 +70,7 @@ class Progress:
             float(counters["seconds"]),
             int(counters["best_epoch"]),
             float(counters["best_score"]),
+            int(counters.get("stale", 0)),  # a checkpoint from before early stopping: no count
         )
 
 
@@ -124,6 +127,7 @@ def check_progress(state: dict, epochs: int, path: Path) -> None:
         f"counters.best_epoch is {c.get('best_epoch')!r}, not 0 .. {c['epoch']}",
     )
     need(real(c.get("seconds")), f"counters.seconds is {c.get('seconds')!r}, not a duration")
+    need(whole(c.get("stale", 0), 0, c["epoch"]), f"counters.stale is {c.get('stale')!r}, not 0 .. {c['epoch']}")
     score = c.get("best_score")
     need(
         isinstance(score, (int, float)) and not isinstance(score, bool) and not math.isnan(score),
@@ -180,7 +184,9 @@ class RunCheckpoints:
         file the resumed run reads is read now, so that a damaged one is named at once."""
         # resolved, so a run written before a key existed compares equal with that key's default
         saved, new = _flat(resolve(runs.read_config(self.out)).to_dict()), _flat(self.config.to_dict())
-        diff = [k for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k) and k not in RUNTIME_KEYS]
+        # under the plateau schedule the evaluated epochs step the learning rate: how often is part of training
+        runtime = RUNTIME_KEYS - ({"train.eval_every"} if self.config.train.lr_schedule == "plateau" else set())
+        diff = [k for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k) and k not in runtime]
         if "train.epochs" in diff:  # a run may be extended, never shortened
             before, after = saved["train.epochs"], new["train.epochs"]
             if after < before:
@@ -221,14 +227,19 @@ class RunCheckpoints:
             runs.write_metrics(self.out, [])
         return False
 
-    def restore(self, model, optimizer, generator: torch.Generator) -> tuple[Progress, dict | None, list | None]:
-        """Load ``checkpoint.pt`` into the entry, the optimiser and the random states: its counters, where a
-        mid-epoch checkpoint stopped (``partial``) and every process's random state (``rng_ranks``)."""
+    def restore(
+        self, model, optimizer, generator: torch.Generator, scheduler=None
+    ) -> tuple[Progress, dict | None, list | None]:
+        """Load ``checkpoint.pt`` into the entry, the optimiser, the learning-rate schedule and the random
+        states: its counters, where a mid-epoch checkpoint stopped (``partial``) and every process's random
+        state (``rng_ranks``)."""
         # RNG states must stay CPU tensors; load_state_dict moves parameters and optimiser state
         state, self._state = self._state, None
         state = runs.load_parameters(model, self.path, map_location="cpu", state=state)
         try:
             optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and "scheduler" in state:
+                scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"], generator)
             progress = Progress.from_counters(state["counters"])
         except DAMAGED as exc:
@@ -257,7 +268,14 @@ class RunCheckpoints:
         return True
 
     def save(
-        self, model, optimizer, generator: torch.Generator, progress: Progress, dist, partial: dict | None = None
+        self,
+        model,
+        optimizer,
+        generator: torch.Generator,
+        progress: Progress,
+        dist,
+        partial: dict | None = None,
+        scheduler=None,
     ) -> None:
         """Write ``checkpoint.pt`` (``partial``: the position inside an unfinished epoch). Every process
         calls it: each one's random state is gathered for an exact resume; rank 0 writes."""
@@ -270,6 +288,8 @@ class RunCheckpoints:
             "rng": rng_state(generator),
             "counters": asdict(progress),
         }
+        if scheduler is not None:  # the learning-rate schedule's position (train.lr_schedule)
+            state["scheduler"] = scheduler.state_dict()
         if partial is not None:
             state["partial"] = partial
         if ranks is not None:

@@ -72,6 +72,8 @@ def option_rows(options_class) -> list[dict[str, str]]:
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 #: the values of ``train.precision`` (:mod:`pyrossl.precision`)
 PRECISIONS = ("fp32", "bf16", "auto")
+#: ``train.lr_schedule``: the name of each schedule and its ``torch.optim.lr_scheduler`` class (``constant``: none)
+LR_SCHEDULES = {"constant": None, "cosine": "CosineAnnealingLR", "step": "StepLR", "plateau": "ReduceLROnPlateau"}
 
 
 def check_seed(key: str, seed: int | None) -> None:
@@ -153,6 +155,20 @@ class TrainConfig:
     optimizer: str = setting("adam", "adam | adamw | sgd")
     weight_decay: float = setting(0.0, "the optimizer's weight decay (adamw: decoupled)")
     clip_norm: float | None = setting(None, "clip the gradients' global norm to this; None: no clipping")
+    lr_schedule: str = setting(
+        "constant",
+        "constant | cosine | step | plateau: the learning rate over the epochs (torch.optim.lr_scheduler: cosine "
+        "from lr to lr_min over train.epochs, step: times lr_factor every lr_step_epochs, plateau: times lr_factor "
+        "after lr_step_epochs evaluated epochs without a better selection metric)",
+    )
+    lr_step_epochs: int = setting(10, "step: epochs between decays; plateau: evaluated epochs without improvement")
+    lr_factor: float = setting(0.1, "step, plateau: what each decay multiplies the learning rate by")
+    lr_min: float = setting(0.0, "cosine, plateau: the lowest learning rate")
+    patience: int | None = setting(
+        None,
+        "stop early after this many evaluated epochs without a better selection metric (the summary says why); "
+        "None: train every epoch",
+    )
     eval_batch_size: int = setting(1000, "examples per batch when evaluating")
     eval_every: int = setting(1, "evaluate (and select the best epoch) every n epochs, and after the last")
     eval_test: bool = setting(
@@ -202,6 +218,16 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be 0 or positive, not {self.weight_decay}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"train.clip_norm must be positive (or left out), not {self.clip_norm}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown train.lr_schedule '{self.lr_schedule}' (valid: {', '.join(LR_SCHEDULES)})")
+        if self.lr_step_epochs < 1:
+            raise ConfigError(f"train.lr_step_epochs must be at least 1, not {self.lr_step_epochs}")
+        if not 0 < self.lr_factor < 1:
+            raise ConfigError(f"train.lr_factor must be in (0, 1), not {self.lr_factor}")
+        if not 0 <= self.lr_min < self.lr:
+            raise ConfigError(f"train.lr_min must be at least 0 and below train.lr ({self.lr}), not {self.lr_min}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"train.patience must be at least 1 (or left out), not {self.patience}")
         if self.iwae_samples < 0:
             raise ConfigError(f"train.iwae_samples must be 0 (off) or positive, not {self.iwae_samples}")
         if self.on_nonfinite not in ("stop", "skip"):

@@ -412,6 +412,13 @@ def read_summary(run_dir: Path) -> dict:
         value = summary.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise CheckpointError(f"{path}: '{key}' is missing or not a {getattr(kind, '__name__', 'number')}")
+    stopped = summary.get("stopped_early")
+    if stopped is not None and not (
+        isinstance(stopped, dict)
+        and all(type(stopped.get(k)) is int for k in ("epoch", "best_epoch", "patience"))
+        and isinstance(stopped.get("reason"), str)
+    ):
+        raise CheckpointError(f"{path}: 'stopped_early' is not a table of epoch, best_epoch, patience and reason")
     for part in ("best", "last"):
         bad = next(
             (k for k, v in summary[part].items() if not (v is None or _is_number(v) or isinstance(v, (str, list)))),

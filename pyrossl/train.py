@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from pyrossl import distributed, precision, runs
 from pyrossl.checkpoint import Progress, RunCheckpoints
-from pyrossl.config import OPTIMIZERS, Config
+from pyrossl.config import LR_SCHEDULES, OPTIMIZERS, Config
 from pyrossl.data.training import BatchSchedule, TrainingData
 from pyrossl.distributed import resolve_device
 from pyrossl.errors import (
@@ -110,6 +110,22 @@ def check_iwae_memory(k: int, images: int, pixels: int, device: torch.device, na
             f"{name} = {k} needs about {need / 2**30:.0f} GiB for the IWAE bound ({images} images x {k} "
             f"samples x {pixels} pixels), more than the {have / 2**30:.0f} GiB of this {device.type}: lower it"
         )
+
+
+def make_scheduler(config: Config, optimizer: torch.optim.Optimizer):
+    """``train.lr_schedule`` as a ``torch.optim.lr_scheduler`` object stepped once per epoch (``plateau``: per
+    evaluated epoch, with the selection metric, which is better when higher); None for ``constant``."""
+    t = config.train
+    name = LR_SCHEDULES[t.lr_schedule]
+    if name is None:
+        return None
+    cls = getattr(torch.optim.lr_scheduler, name)
+    if t.lr_schedule == "cosine":  # lr_e = lr_min + (lr - lr_min) (1 + cos(pi e / epochs)) / 2
+        return cls(optimizer, T_max=t.epochs, eta_min=t.lr_min)
+    if t.lr_schedule == "step":  # lr_e = lr * lr_factor ** floor(e / lr_step_epochs)
+        return cls(optimizer, step_size=t.lr_step_epochs, gamma=t.lr_factor)
+    # torch's patience counts the bad epochs tolerated: the decay comes at the lr_step_epochs-th
+    return cls(optimizer, mode="max", factor=t.lr_factor, patience=t.lr_step_epochs - 1, min_lr=t.lr_min)
 
 
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -190,13 +206,19 @@ class Trainer:
         self.scorer = Scorer(self.model, self.data, self.dist, self.device, c.seed, t.eval_batch_size, t.iwae_samples)
         self.model.prepare(self.data.training_tensors)
         self.optimizer = make_optimizer(c, self.model.parameters())
+        self.scheduler = make_scheduler(c, self.optimizer)
+        self.stopped_early = False
         self.generator = torch.Generator().manual_seed(c.seed)
         self.progress = Progress()
         self.partial = None  # where a mid-epoch checkpoint stopped: {"epoch", "batch", "losses", "data_rng", ...}
         self.stop = StopRequest()  # a signal asking training to stop after the current step
         ranks = None  # every process's random state at the checkpoint resumed from
         if self.checkpoints.start(self.resume):
-            self.progress, self.partial, ranks = self.checkpoints.restore(self.model, self.optimizer, self.generator)
+            self.progress, self.partial, ranks = self.checkpoints.restore(
+                self.model, self.optimizer, self.generator, self.scheduler
+            )
+            if t.lr_schedule == "cosine":  # an extended run (more epochs) anneals from here to its new end
+                self.scheduler.T_max = t.epochs
         self.loss_module = self.model
         if self.dist.active:
             # gradients averaged over the processes; the entry itself stays what checkpoints hold
@@ -224,6 +246,12 @@ class Trainer:
             ):  # 0 turns it off; the latent figure projects a part onto 2 components
                 raise ConfigError(f"{key} leaves 1 {part} example: at least 2 are needed (or 0 for none)")
         self.model.check_split(self.split, self.dataset)
+        t = self.config.train
+        if not self.split.validation.numel() and (t.patience is not None or t.lr_schedule == "plateau"):
+            raise ConfigError(
+                f"{'train.patience' if t.patience is not None else 'train.lr_schedule = plateau'} watches the "
+                "selection metric on the validation part, and the split has none: set data.validation"
+            )
         check_iwae_memory(
             self.config.train.iwae_samples,
             self.split.test.numel(),
@@ -233,7 +261,9 @@ class Trainer:
         )
 
     def _checkpoint(self, partial: dict | None = None) -> None:
-        self.checkpoints.save(self.model, self.optimizer, self.generator, self.progress, self.dist, partial)
+        self.checkpoints.save(
+            self.model, self.optimizer, self.generator, self.progress, self.dist, partial, self.scheduler
+        )
 
     # ------------------------------------------------------------------------------------
     def _loss(self, module: torch.nn.Module, unlab: torch.Tensor | None, lab: torch.Tensor | None) -> torch.Tensor:
@@ -324,10 +354,20 @@ class Trainer:
             self.loss_module = self.model  # no DDP wrapper once the process group is gone
             distributed.teardown(completed)  # see distributed.end_process for how a job's process ends
 
+    def _patience_spent(self) -> bool:
+        """``train.patience`` evaluated epochs in a row without a better selection metric (on a resume too,
+        where a larger patience lets a run that stopped early go on)."""
+        patience = self.config.train.patience
+        self.stopped_early = patience is not None and self.progress.stale >= patience
+        return self.stopped_early
+
     def _epochs(self, bar, select: str) -> None:
         c = self.config
+        if self._patience_spent():
+            return
         for epoch in bar:
             start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]  # this epoch's, before the schedule's step at its end
             self.model.train()
             logs = dict(self.model.start_epoch(epoch))  # a function of the epoch: called again on a mid-epoch resume
             partial, self.partial = self.partial, None
@@ -387,6 +427,8 @@ class Trainer:
             }
             if self.progress.skipped:
                 record["skipped_steps"] = self.progress.skipped
+            if self.scheduler is not None:
+                record["lr"] = lr
             if self.checkpoints.extended_from is not None:  # the first epoch trained since the extension says so
                 record["extended_from_epochs"] = self.checkpoints.extended_from
                 self.checkpoints.extended_from = None
@@ -394,8 +436,15 @@ class Trainer:
             if math.isnan(score):
                 score = -math.inf
             if evaluate and (score > self.progress.best_score or not self.split.validation.numel()):
-                self.progress.best_epoch, self.progress.best_score = epoch, score
+                self.progress.best_epoch, self.progress.best_score, self.progress.stale = epoch, score, 0
                 self.checkpoints.save_best(self.model, epoch)
+            elif evaluate:
+                self.progress.stale += 1
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if evaluate:
+                    self.scheduler.step(score)
+            elif self.scheduler is not None:
+                self.scheduler.step()
             self.checkpoints.record(record)
             if evaluate or epoch % c.train.checkpoint_every == 0 or self.stop:
                 start = time.perf_counter()
@@ -405,6 +454,8 @@ class Trainer:
                 )  # counted from the next checkpoint and in the summary
             if self.stop and epoch < c.train.epochs:
                 raise self.stop.error(f"after epoch {epoch}", self.checkpoints.path, self.out)
+            if self._patience_spent():
+                break
             bar.set_postfix(loss=f"{record['loss']:.4g}", **({select: f"{score:.4g}"} if select in metrics else {}))
 
     def _score(self, epoch: int) -> dict:
@@ -461,6 +512,13 @@ def summary_of(trainer: Trainer, result: dict) -> dict:
     summary.update(split=trainer.split.sizes(), **result["best"], best=result["best"], last=result["last"])
     if p.skipped:
         summary["skipped_steps"] = p.skipped
+    if trainer.stopped_early:
+        summary["stopped_early"] = {
+            "epoch": p.epoch,
+            "best_epoch": p.best_epoch,
+            "patience": c.train.patience,
+            "reason": f"no better {summary['selection_metric']} in {c.train.patience} evaluated epochs",
+        }
     return summary
 
 
@@ -476,6 +534,7 @@ def train_to_completion(config: Config, out: str | Path) -> dict:
     """
     out = Path(out)
     summary = runs.read_summary(out)
-    if summary.get("epochs") == config.train.epochs:
+    stopped = summary.get("stopped_early")
+    if summary.get("epochs") == config.train.epochs or (stopped and stopped["patience"] == config.train.patience):
         return summary
     return train(config, out, resume=(out / runs.CHECKPOINT).exists())

@@ -174,6 +174,12 @@ def test_data_info(capsys):
         ),
         (["train", "{recipe}", "--set", "data.limit_per_class=0"], "data.limit_per_class must be at least 1"),
         (["train", "{recipe}", "--set", "train.figures=maybe"], "'train.figures' must be true or false, not 'maybe'"),
+        (["train", "{recipe}", "--set", "train.lr_schedule=linear"], "unknown train.lr_schedule 'linear'"),
+        (["train", "{recipe}", "--set", "train.patience=0"], "train.patience must be at least 1"),
+        (
+            ["train", "{recipe}", "--set", "train.patience=3", "--set", "data.validation=0"],
+            "train.patience watches the selection metric on the validation part, and the split has none",
+        ),
         (
             ["train", "{recipe}", "--set", "model=gae", "--set", "options={{}}", "--set", "data.labels_per_class=1"],
             "every class needs at least 2 labelled examples",

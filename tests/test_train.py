@@ -875,3 +875,95 @@ def test_resume_reads_every_run_file_before_loading_data(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="best.pt is not a readable checkpoint.*delete it to resume"):
         train(tiny_config(**{"train.epochs": 1}), tmp_path / "run", resume=True)
     assert before == _run_files(tmp_path / "run")
+
+
+# --- learning-rate schedules and early stopping -------------------------------------------------------
+def test_the_cosine_and_step_schedules_set_each_epochs_learning_rate(tmp_path):
+    lr, low = 3e-3, 1e-4
+    for schedule, expected in (
+        ("cosine", [low + (lr - low) * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]),
+        ("step", [lr, lr, lr * 0.5, lr * 0.5]),
+        ("constant", [None] * 4),  # no schedule: no lr in the records
+    ):
+        config = tiny_config(
+            **{
+                "train.epochs": 4,
+                "train.lr": lr,
+                "train.lr_schedule": schedule,
+                "train.lr_min": low,
+                "train.lr_step_epochs": 2,
+                "train.lr_factor": 0.5,
+            }
+        )
+        out = tmp_path / schedule
+        train(config, out)
+        got = [r.get("lr") for r in runs.read_metrics(out)]
+        assert got == pytest.approx(expected, rel=1e-12) if expected[0] else got == expected, schedule
+
+
+def test_a_stepped_schedule_resumes_where_it_was(tmp_path):
+    settings = {"train.lr_schedule": "step", "train.lr_step_epochs": 1, "train.lr_factor": 0.5}
+    train(tiny_config(**{**settings, "train.epochs": 2}), tmp_path / "short")
+    train(tiny_config(**{**settings, "train.epochs": 4}), tmp_path / "short", resume=True)  # extended
+    train(tiny_config(**{**settings, "train.epochs": 4}), tmp_path / "long")
+    short, long = (runs.read_metrics(tmp_path / name) for name in ("short", "long"))
+    assert [r["lr"] for r in short] == [r["lr"] for r in long] == [3e-3, 1.5e-3, 7.5e-4, 3.75e-4]
+    a, b = (runs.load_checkpoint(tmp_path / n / runs.CHECKPOINT) for n in ("short", "long"))
+    assert a["scheduler"] == b["scheduler"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def _scores(monkeypatch, values):
+    """Make every evaluated epoch's validation ELBO ``values[epoch - 1]`` (the selection metric of the VAE)."""
+    monkeypatch.setattr(Trainer, "_score", lambda self, epoch: {"val_elbo": float(values[epoch - 1])})
+
+
+def test_plateau_decays_after_lr_step_epochs_evaluated_epochs_without_a_better_metric(tmp_path, monkeypatch):
+    _scores(monkeypatch, [1, 2, 2, 2, 3, 3, 3, 3])  # better at epochs 1, 2 and 5
+    settings = {"train.lr_schedule": "plateau", "train.lr_step_epochs": 2, "train.lr_factor": 0.5}
+    train(tiny_config(**{**settings, "train.epochs": 8, "train.lr": 0.004}), tmp_path / "run")
+    lrs = [r["lr"] for r in runs.read_metrics(tmp_path / "run")]
+    # epochs 3 and 4 not better: the decay after epoch 4; 6 and 7: after epoch 7
+    assert lrs == pytest.approx([0.004] * 4 + [0.002] * 3 + [0.001], rel=1e-12)
+    # the evaluated epochs step it: how often they come is part of training under plateau
+    with pytest.raises(CheckpointError, match="differs in train.eval_every"):
+        train(tiny_config(**{**settings, "train.epochs": 8, "train.eval_every": 2}), tmp_path / "run", resume=True)
+
+
+def test_patience_stops_early_says_why_and_a_larger_one_goes_on(tmp_path, monkeypatch):
+    _scores(monkeypatch, [1, 2, 2, 2, 2, 2, 2, 2, 2, 2])  # the best at epoch 2
+    out = tmp_path / "run"
+    summary = train(tiny_config(**{"train.epochs": 10, "train.patience": 3}), out)
+    assert summary["epochs"] == 5 and summary["best_epoch"] == 2  # epochs 3, 4, 5 were not better
+    assert summary["stopped_early"] == {
+        "epoch": 5,
+        "best_epoch": 2,
+        "patience": 3,
+        "reason": "no better val_elbo in 3 evaluated epochs",
+    }
+    assert runs.read_summary(out) == summary and [r["epoch"] for r in runs.read_metrics(out)][-1] == 5
+    before = (out / runs.CHECKPOINT).read_bytes()
+    assert train_to_completion(tiny_config(**{"train.epochs": 10, "train.patience": 3}), out) == summary  # done
+    assert (out / runs.CHECKPOINT).read_bytes() == before
+    # a larger patience is a resume that goes on (patience may change on resume): two more epochs
+    summary = train(tiny_config(**{"train.epochs": 10, "train.patience": 5}), out, resume=True)
+    assert summary["epochs"] == 7 and summary["stopped_early"]["patience"] == 5
+    # none at all: to the last epoch
+    assert "stopped_early" not in train(tiny_config(**{"train.epochs": 10}), out, resume=True)
+
+
+def test_a_schedule_or_patience_that_watches_a_missing_validation_part_is_refused(tmp_path):
+    for settings, key in (
+        ({"train.patience": 2}, "train.patience"),
+        ({"train.lr_schedule": "plateau"}, "train.lr_schedule = plateau"),
+    ):
+        with pytest.raises(ConfigError, match=f"{re.escape(key)} watches the selection metric .* set data.validation"):
+            train(tiny_config(**{**settings, "data.validation": 0}), tmp_path / key)
+    for key, value, message in (
+        ("train.lr_schedule", "linear", "unknown train.lr_schedule 'linear' .valid: constant, cosine, step, plateau."),
+        ("train.lr_factor", 1.5, "train.lr_factor must be in .0, 1., not 1.5"),
+        ("train.lr_min", 0.5, "train.lr_min must be at least 0 and below train.lr"),
+        ("train.lr_step_epochs", 0, "train.lr_step_epochs must be at least 1"),
+        ("train.patience", 0, "train.patience must be at least 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(**{key: value})
