@@ -164,6 +164,11 @@ class TrainConfig:
     lr_step_epochs: int = setting(10, "step: epochs between decays; plateau: evaluated epochs without improvement")
     lr_factor: float = setting(0.1, "step, plateau: what each decay multiplies the learning rate by")
     lr_min: float = setting(0.0, "cosine, plateau: the lowest learning rate")
+    kl_warmup_epochs: int = setting(
+        0,
+        "the weight of every latent term log p(z) - log q(z) (the KLs) rises linearly from 0 to 1 over this many "
+        "epochs, in every entry (pyrossl.infer.anneal); the loss is not a bound until it ends. 0: none",
+    )
     patience: int | None = setting(
         None,
         "stop early after this many evaluated epochs without a better selection metric (the summary says why); "
@@ -226,6 +231,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr_factor must be in (0, 1), not {self.lr_factor}")
         if not 0 <= self.lr_min < self.lr:
             raise ConfigError(f"train.lr_min must be at least 0 and below train.lr ({self.lr}), not {self.lr_min}")
+        if self.kl_warmup_epochs < 0:
+            raise ConfigError(f"train.kl_warmup_epochs must be 0 (none) or more, not {self.kl_warmup_epochs}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"train.patience must be at least 1 (or left out), not {self.patience}")
         if self.iwae_samples < 0:

@@ -26,6 +26,7 @@ settings are checked where they are declared (:mod:`pyrossl.config`). The :class
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -51,6 +52,7 @@ from pyrossl.errors import (
     TrainingError,
     WriteError,
 )
+from pyrossl.infer.anneal import LatentScaleMessenger, warmup_weight
 from pyrossl.infer.params import module_local
 from pyrossl.interrupt import StopRequest
 from pyrossl.registry import build_model, resolve
@@ -207,6 +209,7 @@ class Trainer:
         self.model.prepare(self.data.training_tensors)
         self.optimizer = make_optimizer(c, self.model.parameters())
         self.scheduler = make_scheduler(c, self.optimizer)
+        self.kl_weight = 1.0  # the latent terms' weight in the step being taken (train.kl_warmup_epochs)
         self.stopped_early = False
         self.generator = torch.Generator().manual_seed(c.seed)
         self.progress = Progress()
@@ -277,7 +280,9 @@ class Trainer:
 
     def _step(self, unlab, lab) -> float | None:
         unlab, lab, scale = distributed.shard_step(unlab, lab)
-        loss = self._loss(self.loss_module, unlab, lab)
+        # the KL warm-up weights the latent terms of whatever model and guide run inside (pyrossl.infer.anneal)
+        with LatentScaleMessenger(self.kl_weight) if self.kl_weight < 1 else contextlib.nullcontext():
+            loss = self._loss(self.loss_module, unlab, lab)
         self.progress.step += 1
         finite_loss = bool(torch.isfinite(loss))
         if not finite_loss and not self.dist.active:
@@ -384,6 +389,7 @@ class Trainer:
             losses = [float(v) for v in partial["losses"]] if partial else []
             earlier = float(partial["train_seconds"]) if partial else 0.0
             for i in range(first, len(batches)):
+                self.kl_weight = warmup_weight(epoch - 1 + (i + 1) / len(batches), c.train.kl_warmup_epochs)
                 loss = self._step(*batches[i])
                 if loss is not None:
                     losses.append(loss)
@@ -429,6 +435,8 @@ class Trainer:
                 record["skipped_steps"] = self.progress.skipped
             if self.scheduler is not None:
                 record["lr"] = lr
+            if c.train.kl_warmup_epochs:
+                record["kl_weight"] = self.kl_weight  # at the epoch's last step
             if self.checkpoints.extended_from is not None:  # the first epoch trained since the extension says so
                 record["extended_from_epochs"] = self.checkpoints.extended_from
                 self.checkpoints.extended_from = None

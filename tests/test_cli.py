@@ -177,6 +177,10 @@ def test_data_info(capsys):
         (["train", "{recipe}", "--set", "train.lr_schedule=linear"], "unknown train.lr_schedule 'linear'"),
         (["train", "{recipe}", "--set", "train.patience=0"], "train.patience must be at least 1"),
         (
+            ["train", "{recipe}", "--set", "train.kl_warmup_epochs=-1"],
+            "train.kl_warmup_epochs must be 0 (none) or more",
+        ),
+        (
             ["train", "{recipe}", "--set", "train.patience=3", "--set", "data.validation=0"],
             "train.patience watches the selection metric on the validation part, and the split has none",
         ),
