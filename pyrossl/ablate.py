@@ -12,6 +12,14 @@ re-running an ablation only trains what is missing) and writes into ``OUT``:
   training points, the ``train_`` one) against epoch, the mean with a band of ± one sd per variant;
   ``ablation-elbo.png`` the same of the validation ELBO, for entries that report one each epoch.
 
+The cells are independent runs: ``--jobs N`` trains N of them at a time, each in a fresh process with
+its share of the cores (``threads``: the cores over N, unless the recipe sets it), each one's numbers
+those of the serial ablation with as many threads; a killed ablation, run again, reads the cells that
+finished and resumes the others from their checkpoints. Past one machine, ``--commands`` prints one
+``pyrossl train`` command line per cell (what a cluster's job array runs, one line per task) and
+``--collect`` writes the tables once they have all finished, checking that each cell was trained
+with its config.
+
 Beside the task metric, every run of an entry with a likelihood reports on the test set the guide's
 ELBO (``test_guide_elbo``), the IWAE bound with ``iwae`` samples (``test_log_likelihood``, default
 k = 100; 0 turns both off) and their gap (``test_iwae_gap``, nats): how much tighter the posterior
@@ -23,8 +31,10 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import os
 import re
-from dataclasses import dataclass
+import shlex
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pyrossl import plots, runs
@@ -106,9 +116,15 @@ def ablate(
     device: str | None = None,
     z_guides: list[str] = (),
     iwae: int = 100,
+    jobs: int = 1,
+    collect: bool = False,
+    commands: bool = False,
 ) -> dict:
     """Train every variant (guides × z-guides × varied values) × seed (finishing only what is missing)
-    and write the summaries; ``iwae`` is k of the held-out IWAE bound (``train.iwae_samples``; 0: off)."""
+    and write the summaries; ``iwae`` is k of the held-out IWAE bound (``train.iwae_samples``; 0: off);
+    ``jobs``: cells trained at a time, each in its own process; ``collect``: train nothing, summarise
+    cells trained elsewhere (each must have finished, with its config); ``commands``: train nothing,
+    return ``{"commands": [...]}``, the ``pyrossl train`` line of each cell (:func:`cell_commands`)."""
     from pyrossl.registry import resolve
 
     parsed = [parse_vary(v) for v in vary]
@@ -119,9 +135,9 @@ def ablate(
         raise ConfigError("--seeds needs at least one seed")
     if isinstance(iwae, bool) or not isinstance(iwae, int) or iwae < 0:
         raise ConfigError(f"--iwae takes 0 (off) or a number of importance samples, not {iwae!r}")
-    extra = [f"train.iwae_samples={iwae}", *overrides, "train.progress=false"] + (
-        [f"device={device!r}"] if device else []
-    )
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs takes a number of processes, at least 1, not {jobs!r}")
+    extra = cell_settings(overrides, iwae, device)
     all_variants = variants(list(guides), parsed, list(z_guides))
     # every config is built before anything trains: a bad key or value fails at once
     configs = {
@@ -136,10 +152,100 @@ def ablate(
         )
     for config in configs.values():  # every run's settings, checked before the first one trains
         resolve(config)
+    if commands:
+        return {"commands": cell_commands(recipe, out, all_variants, seeds, extra)}
     runs.prepare_output(out)  # before any data is loaded
     # one ablation at a time in OUT (its tables are its own); each run folder is locked by its trainer too
     with runs.RunLock(out, "pyrossl ablate"):
+        cells = {(v.label, s): runs.child(out, f"{v.slug}-seed{s}") for v in all_variants for s in seeds}
+        if collect:
+            _check_collected(cells, configs)
+        elif jobs > 1:
+            _train_in_processes(cells, configs, jobs)
         return _train_and_summarise(recipe, out, all_variants, seeds, configs)
+
+
+def cell_settings(overrides: list[str], iwae: int, device: str | None) -> list[str]:
+    """What every cell adds to the recipe, before its variant's overrides and its seed."""
+    settings = [f"train.iwae_samples={iwae}", *overrides, "train.progress=false"]
+    return settings + ([f"device={device!r}"] if device else [])
+
+
+def cell_commands(
+    recipe: str | Path, out: str | Path, all_variants: list[Variant], seeds, settings: list[str]
+) -> list[str]:
+    """One ``pyrossl train`` command line per cell (shell-quoted), training what :func:`ablate` would
+    into the folder where it looks for it: a cluster's job array runs one line per task."""
+    lines = []
+    for v in all_variants:
+        for s in seeds:
+            sets = [a for o in [*settings, *v.overrides, f"seed={s}"] for a in ("--set", o)]
+            folder = runs.child(Path(out), f"{v.slug}-seed{s}")
+            lines.append(shlex.join(["pyrossl", "train", str(recipe), *sets, "--out", str(folder)]))
+    return lines
+
+
+def _check_collected(cells: dict, configs: dict) -> None:
+    """Every cell has finished, with the config the ablation gives it (runtime settings aside)."""
+    from pyrossl.checkpoint import config_differences
+    from pyrossl.registry import resolve
+
+    missing = []
+    for key, run_dir in cells.items():
+        summary = runs.read_summary(run_dir) if runs.is_run(run_dir) else {}
+        config = resolve(configs[key])
+        stopped = summary.get("stopped_early")
+        if not summary or not (
+            summary["epochs"] == config.train.epochs or (stopped and stopped["patience"] == config.train.patience)
+        ):
+            missing.append(run_dir.name)
+            continue
+        diff = config_differences(runs.read_config(run_dir), config)
+        if diff:
+            raise ConfigError(f"{run_dir} was trained with another config (it differs in {', '.join(diff)})")
+    if missing:
+        raise ConfigError(
+            f"--collect: {len(missing)} of {len(cells)} cells have not finished ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}): train them (--commands lists them) or drop --collect"
+        )
+
+
+def _train_cell(config, run_dir: str) -> str | None:
+    """One cell, in a process of its own: None once it has finished, else its error's one line."""
+    from pyrossl.errors import PyrosslError
+    from pyrossl.train import train_to_completion, tune_allocator
+
+    tune_allocator()
+    try:
+        train_to_completion(config, run_dir)
+    except PyrosslError as exc:
+        return str(exc)
+    return None
+
+
+def _train_in_processes(cells: dict, configs: dict, jobs: int) -> None:
+    """Train the cells ``jobs`` at a time, each in a fresh process (spawned: nothing of this one's state
+    is inherited), the cores shared between them; the first failure stops what has not started."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {
+            key: pool.submit(
+                _train_cell,
+                configs[key] if configs[key].threads else replace(configs[key], threads=threads),
+                str(run_dir),
+            )
+            for key, run_dir in cells.items()
+        }
+        for key, future in futures.items():
+            error = future.result()
+            if error is not None:
+                for other in futures.values():
+                    other.cancel()
+                raise ConfigError(f"ablation cell {cells[key].name}: {error}")
 
 
 def _train_and_summarise(recipe, out: Path, all_variants: list[Variant], seeds, configs: dict) -> dict:

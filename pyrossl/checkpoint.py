@@ -157,6 +157,16 @@ def check_progress(state: dict, epochs: int, path: Path) -> None:
     )
 
 
+def config_differences(saved: Config, new: Config) -> list[str]:
+    """The keys in which ``new`` (resolved) computes something else than the run's ``saved`` config:
+    every key but :data:`RUNTIME_KEYS` (and, under the plateau schedule, ``train.eval_every`` counts:
+    the evaluated epochs step the learning rate)."""
+    # resolved, so a run written before a key existed compares equal with that key's default
+    a, b = _flat(resolve(saved).to_dict()), _flat(new.to_dict())
+    runtime = RUNTIME_KEYS - ({"train.eval_every"} if new.train.lr_schedule == "plateau" else set())
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in runtime]
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -182,13 +192,10 @@ class RunCheckpoints:
     def check_resumable(self) -> None:
         """Before any data is loaded: the config equals the run's (but for :data:`RUNTIME_KEYS`), and every
         file the resumed run reads is read now, so that a damaged one is named at once."""
-        # resolved, so a run written before a key existed compares equal with that key's default
-        saved, new = _flat(resolve(runs.read_config(self.out)).to_dict()), _flat(self.config.to_dict())
-        # under the plateau schedule the evaluated epochs step the learning rate: how often is part of training
-        runtime = RUNTIME_KEYS - ({"train.eval_every"} if self.config.train.lr_schedule == "plateau" else set())
-        diff = [k for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k) and k not in runtime]
+        saved_config = runs.read_config(self.out)
+        diff = config_differences(saved_config, self.config)
         if "train.epochs" in diff:  # a run may be extended, never shortened
-            before, after = saved["train.epochs"], new["train.epochs"]
+            before, after = saved_config.train.epochs, self.config.train.epochs
             if after < before:
                 raise CheckpointError(
                     f"cannot resume {self.out} with train.epochs = {after}: the run has {before} epochs, and a "

@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="K",
         help="importance samples of the held-out IWAE bound beside the guide's ELBO (default 100; 0: off)",
     )
+    a.add_argument(
+        "--jobs", type=int, default=1, metavar="N", help="train N cells at a time, each in its own process (default 1)"
+    )
+    a.add_argument(
+        "--commands", action="store_true", help="print each cell's `pyrossl train` line (a job array's), train nothing"
+    )
+    a.add_argument("--collect", action="store_true", help="train nothing: write the tables of cells trained elsewhere")
 
     r = sub.add_parser("report", help="redraw a run's figures from its checkpoint and write figures/index.html")
     r.add_argument("run", help="run directory")
@@ -311,7 +318,13 @@ def cmd_ablate(args) -> int:
         device=args.device,
         z_guides=z_guides,
         iwae=args.iwae,
+        jobs=args.jobs,
+        collect=args.collect,
+        commands=args.commands,
     )
+    if args.commands:
+        print("\n".join(result["commands"]))
+        return 0
     print(result["table"])
     written = [
         result["csv"],

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyrossl import distributed, precision, runs
-from pyrossl.checkpoint import Progress, RunCheckpoints
+from pyrossl.checkpoint import Progress, RunCheckpoints, config_differences
 from pyrossl.config import LR_SCHEDULES, OPTIMIZERS, Config
 from pyrossl.data.training import BatchSchedule, TrainingData
 from pyrossl.distributed import resolve_device
@@ -544,5 +544,8 @@ def train_to_completion(config: Config, out: str | Path) -> dict:
     summary = runs.read_summary(out)
     stopped = summary.get("stopped_early")
     if summary.get("epochs") == config.train.epochs or (stopped and stopped["patience"] == config.train.patience):
+        diff = config_differences(runs.read_config(out), resolve(config))
+        if diff:  # a finished run is the answer only for its own config
+            raise CheckpointError(f"{out} holds a finished run of another config (it differs in {', '.join(diff)})")
         return summary
     return train(config, out, resume=(out / runs.CHECKPOINT).exists())

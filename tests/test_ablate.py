@@ -2,6 +2,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyrossl import cli
 from pyrossl.ablate import ablate, parse_vary, variants
@@ -158,3 +159,65 @@ def test_an_ablation_of_an_entry_with_a_validation_elbo_draws_its_curve(tmp_path
         ],
     )
     assert result["elbo_figure"].stat().st_size > 5000
+
+
+# --- cells in parallel, and on a cluster -------------------------------------------------------------------
+CELLS = [*TINY, "threads=1", "train.figures=false"]  # one thread: what each of two jobs gets on two cores
+
+
+def _numbers(result):
+    """The ablation's rows without the wall-clock seconds."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in result["rows"]]
+
+
+def test_cells_in_two_processes_end_as_the_serial_ones_and_a_stopped_cell_resumes(tmp_path):
+    import shutil
+
+    from pyrossl import runs
+    from pyrossl.config import load_config
+    from pyrossl.train import train
+
+    serial = ablate(RECIPE, tmp_path / "serial", guides=["enum", "gumbel"], overrides=CELLS, iwae=5)
+    # a cell stopped after its first epoch (as a killed ablation leaves it), the other never started
+    stopped = tmp_path / "parallel" / "guide-enum-seed0"
+    config = load_config(RECIPE, [*CELLS, "train.epochs=1", "train.iwae_samples=5", "train.progress=false"])
+    train(config, stopped)
+    parallel = ablate(RECIPE, tmp_path / "parallel", guides=["enum", "gumbel"], overrides=CELLS, iwae=5, jobs=2)
+    assert _numbers(parallel) == _numbers(serial)
+    assert [r["extended_from_epochs"] for r in runs.read_metrics(stopped) if "extended_from_epochs" in r] == [1]
+    for cell in ("guide-enum-seed0", "guide-gumbel-seed0"):
+        a, b = (runs.load_checkpoint(tmp_path / f / cell / runs.CHECKPOINT) for f in ("serial", "parallel"))
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # run again: every cell has finished, nothing trains
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "parallel").rglob("checkpoint.pt")}
+    ablate(RECIPE, tmp_path / "parallel", guides=["enum", "gumbel"], overrides=CELLS, iwae=5, jobs=2)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "parallel").rglob("checkpoint.pt")} == before
+    # a cell that fails is one line naming it
+    shutil.rmtree(tmp_path / "parallel" / "guide-gumbel-seed0")
+    with pytest.raises(ConfigError, match="ablation cell guide-enum-seed0: .*differs in train.lr"):
+        ablate(RECIPE, tmp_path / "parallel", guides=["enum", "gumbel"], overrides=[*CELLS, "train.lr=0.5"], jobs=2)
+
+
+def test_the_cells_commands_trained_one_by_one_are_collected_into_the_same_table(tmp_path, capsys):
+    import shlex
+
+    args = ["ablate", RECIPE, "--guides", "enum,gumbel", "--iwae", "5", *[a for s in CELLS for a in ("--set", s)]]
+    assert cli.main([*args, "--out", str(tmp_path / "cluster"), "--collect"]) == 2
+    assert "--collect: 2 of 2 cells have not finished (guide-enum-seed0, guide-gumbel-seed0)" in capsys.readouterr().err
+    assert cli.main([*args, "--out", str(tmp_path / "cluster"), "--commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("pyrossl train ") for line in lines)
+    for line in lines:  # what each task of a job array runs
+        assert cli.main(shlex.split(line)[1:] + ["--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main([*args, "--out", str(tmp_path / "cluster"), "--collect"]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "serial")]) == 0
+    tables = [list(csv.DictReader((tmp_path / f / "ablation.csv").open())) for f in ("cluster", "serial")]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in tables[0]] == [
+        {k: v for k, v in row.items() if k != "seconds"} for row in tables[1]
+    ]
+    # a cell trained with another config is not collected
+    assert cli.main([*args, "--set", "train.lr=0.5", "--out", str(tmp_path / "cluster"), "--collect"]) == 2
+    assert "was trained with another config (it differs in train.lr)" in capsys.readouterr().err
+    assert cli.main([*args, "--jobs", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--jobs takes a number of processes, at least 1, not 0" in capsys.readouterr().err

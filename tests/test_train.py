@@ -127,6 +127,13 @@ def test_a_finished_run_extended_by_a_resume_ends_as_the_longer_run(tmp_path):
     assert main(["train", "--resume", str(tmp_path / "short"), "--set", "train.epochs=3", "--quiet"]) == 2
 
 
+def test_train_to_completion_reads_a_finished_run_only_for_its_own_config(tmp_path):
+    summary = train(tiny_config(**{"train.epochs": 2}), tmp_path / "run")
+    assert train_to_completion(tiny_config(**{"train.epochs": 2, "train.progress": True}), tmp_path / "run") == summary
+    with pytest.raises(CheckpointError, match="holds a finished run of another config .it differs in train.lr."):
+        train_to_completion(tiny_config(**{"train.epochs": 2, "train.lr": 0.5}), tmp_path / "run")
+
+
 def test_how_much_is_evaluated_may_change_on_resume(tmp_path):
     train(tiny_config(**{"train.epochs": 2}), tmp_path / "run")
     changed = {"train.epochs": 2, "train.eval_test": True, "train.diagnose_every": 1, "train.eval_every": 2}
