@@ -42,6 +42,7 @@ RUNTIME_KEYS = {
     "train.diagnose_every",
     "train.iwae_samples",
     "train.figures",
+    "train.loggers",  # where the numbers are mirrored, not what they are
     "train.patience",  # when to stop, not what an epoch computes: a run stopped early goes on with a larger one
 }
 

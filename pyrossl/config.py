@@ -193,6 +193,11 @@ class TrainConfig:
     )
     iwae_samples: int = setting(0, "k of the IWAE log-likelihood estimate at the end; 0 turns it off")
     progress: bool = setting(True, "show a progress bar per epoch")
+    loggers: list[str] = setting(
+        [],
+        "experiment trackers beside metrics.jsonl: csv (metrics.csv), tensorboard (<run>/tensorboard; the "
+        "pyrossl[tensorboard] extra); see pyrossl.trackers",
+    )
     figures: bool = setting(
         True, "draw the run's figures (figures/*.png, index.html) when it ends; `pyrossl report` draws them later"
     )
@@ -223,6 +228,13 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be 0 or positive, not {self.weight_decay}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"train.clip_norm must be positive (or left out), not {self.clip_norm}")
+        from pyrossl.trackers import TRACKERS
+
+        for name in self.loggers:
+            if name not in TRACKERS:
+                raise ConfigError(f"unknown tracker '{name}' in train.loggers (valid: {', '.join(TRACKERS)})")
+        if len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(f"train.loggers names a tracker twice: {self.loggers}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"unknown train.lr_schedule '{self.lr_schedule}' (valid: {', '.join(LR_SCHEDULES)})")
         if self.lr_step_epochs < 1:

@@ -57,6 +57,7 @@ from pyrossl.infer.params import module_local
 from pyrossl.interrupt import StopRequest
 from pyrossl.registry import build_model, resolve
 from pyrossl.scoring import Scorer
+from pyrossl.trackers import Trackers
 
 #: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`tune_allocator` sets
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -210,18 +211,21 @@ class Trainer:
         self.optimizer = make_optimizer(c, self.model.parameters())
         self.scheduler = make_scheduler(c, self.optimizer)
         self.kl_weight = 1.0  # the latent terms' weight in the step being taken (train.kl_warmup_epochs)
+        self.trackers = Trackers(t.loggers if self.writer else [])
         self.stopped_early = False
         self.generator = torch.Generator().manual_seed(c.seed)
         self.progress = Progress()
         self.partial = None  # where a mid-epoch checkpoint stopped: {"epoch", "batch", "losses", "data_rng", ...}
         self.stop = StopRequest()  # a signal asking training to stop after the current step
         ranks = None  # every process's random state at the checkpoint resumed from
-        if self.checkpoints.start(self.resume):
+        resumed = self.checkpoints.start(self.resume)
+        if resumed:
             self.progress, self.partial, ranks = self.checkpoints.restore(
                 self.model, self.optimizer, self.generator, self.scheduler
             )
             if t.lr_schedule == "cosine":  # an extended run (more epochs) anneals from here to its new end
                 self.scheduler.T_max = t.epochs
+        self.trackers.start(self.out, c, self.progress.step if resumed else None)
         self.loss_module = self.model
         if self.dist.active:
             # gradients averaged over the processes; the entry itself stays what checkpoints hold
@@ -323,6 +327,8 @@ class Trainer:
             with module_local():
                 return self._fit()
         finally:
+            if hasattr(self, "trackers"):  # set up: close what they hold open (event files)
+                self.trackers.close()
             self.release()
 
     def _fit(self) -> dict:
@@ -393,6 +399,7 @@ class Trainer:
                 loss = self._step(*batches[i])
                 if loss is not None:
                     losses.append(loss)
+                    self.trackers.step(self.progress.step, loss)
                 if self.stop and i + 1 < len(batches):
                     spent = time.perf_counter() - start
                     self.progress.seconds += spent
@@ -454,6 +461,7 @@ class Trainer:
             elif self.scheduler is not None:
                 self.scheduler.step()
             self.checkpoints.record(record)
+            self.trackers.epoch(self.progress.step, record)
             if evaluate or epoch % c.train.checkpoint_every == 0 or self.stop:
                 start = time.perf_counter()
                 self._checkpoint()
@@ -499,7 +507,11 @@ class Trainer:
         if self.writer and self.config.train.figures:
             from pyrossl import report  # matplotlib, imported when the figures are drawn
 
-            report.draw_run(self.out, self.model, self.dataset, self.split, self.data.tensors, self.config.seed)
+            _, figures = report.draw_run(
+                self.out, self.model, self.dataset, self.split, self.data.tensors, self.config.seed
+            )
+        if self.writer:
+            self.trackers.finish(summary, figures if self.config.train.figures else [])
         self.model.load_state_dict(last_state)
         return distributed.broadcast_object(summary)
 

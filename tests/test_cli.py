@@ -176,6 +176,7 @@ def test_data_info(capsys):
         (["train", "{recipe}", "--set", "train.figures=maybe"], "'train.figures' must be true or false, not 'maybe'"),
         (["train", "{recipe}", "--set", "train.lr_schedule=linear"], "unknown train.lr_schedule 'linear'"),
         (["train", "{recipe}", "--set", "train.patience=0"], "train.patience must be at least 1"),
+        (["train", "{recipe}", "--set", 'train.loggers=["wandb"]'], "unknown tracker 'wandb' in train.loggers"),
         (
             ["train", "{recipe}", "--set", "train.kl_warmup_epochs=-1"],
             "train.kl_warmup_epochs must be 0 (none) or more",

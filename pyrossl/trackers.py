@@ -1,0 +1,195 @@
+"""Experiment trackers: a run's losses, metrics, figures and recipe, beside ``metrics.jsonl``.
+
+``train.loggers = ["csv", "tensorboard"]`` names the trackers a run writes to, each with the real
+package (the optional extras ``pyrossl[tensorboard]``):
+
+- ``csv``: ``metrics.csv`` in the run directory, one row per epoch, a column per numeric key of
+  ``metrics.jsonl`` (what a spreadsheet or ``pandas.read_csv`` opens);
+- ``tensorboard``: event files in ``<run>/tensorboard`` (``tensorboard --logdir <run>``): the loss of
+  every step (``loss/step``), each epoch's record (the loss, the learning rate, the validation metrics,
+  ``train_seconds``...) at the step count that ends the epoch, the figures as images and the recipe as
+  hyper-parameters (TensorBoard's HParams tab, with the best epoch's metrics) when the run ends.
+
+``metrics.jsonl`` stays the record the zoo reads; a tracker only mirrors it. A tracker that fails
+(a full disk, a package that raises) is one warning line and is dropped: training goes on. A resumed
+run writes to the same tracker run: the CSV is rewritten from the records a resume keeps, and
+TensorBoard hides what was logged after the checkpoint (``purge_step``), so each step and epoch
+appears once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+
+from pyrossl import runs
+from pyrossl.errors import ConfigError
+
+#: the trackers ``train.loggers`` may name
+TRACKERS = ("csv", "tensorboard")
+#: the package each tracker needs (an optional extra of pyrossl)
+PACKAGES = {"tensorboard": "tensorboard"}
+#: where each tracker writes inside the run directory
+CSV_FILE = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class Tracker:
+    """What a tracker is told: the run starts (or resumes at ``step``), a step's loss, an epoch's record
+    (logged at ``step``, the steps taken when the epoch ended), the figures and summary at the end."""
+
+    name = ""
+
+    def start(self, run_dir: Path, config, resumed_at_step: int | None) -> None:
+        pass
+
+    def step(self, step: int, loss: float) -> None:
+        pass
+
+    def epoch(self, step: int, record: dict) -> None:
+        pass
+
+    def finish(self, summary: dict, figures: list[Path]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class CSVTracker(Tracker):
+    """``metrics.csv``: every numeric key of ``metrics.jsonl``'s records, one row per epoch."""
+
+    name = "csv"
+
+    def start(self, run_dir, config, resumed_at_step):
+        self.run_dir = Path(run_dir)
+        self._write()  # a resume: the rows of the records it keeps
+
+    def epoch(self, step, record):
+        self._write()
+
+    def _write(self) -> None:
+        records = runs.read_metrics(self.run_dir)
+        keys = list(dict.fromkeys(k for r in records for k, v in r.items() if _scalar(v)))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: v for k, v in r.items() if _scalar(v)} for r in records)
+        runs.atomic_write_text(self.run_dir / CSV_FILE, buf.getvalue())
+
+
+class TensorBoardTracker(Tracker):
+    """Event files in ``<run>/tensorboard`` through ``torch.utils.tensorboard`` (the ``tensorboard`` package)."""
+
+    name = "tensorboard"
+
+    def start(self, run_dir, config, resumed_at_step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.config = config
+        # a resume hides every event at or after the checkpoint's step: those steps are trained again
+        self.writer = SummaryWriter(
+            log_dir=str(Path(run_dir) / TENSORBOARD_DIR),
+            purge_step=None if resumed_at_step is None else resumed_at_step + 1,
+        )
+
+    def step(self, step, loss):
+        if math.isfinite(loss):
+            self.writer.add_scalar("loss/step", loss, step)
+
+    def epoch(self, step, record):
+        for key, value in record.items():
+            if key != "epoch" and _scalar(value):
+                self.writer.add_scalar(f"epoch/{key}", value, step)
+        self.writer.add_scalar("epoch/epoch", record["epoch"], step)
+        self.writer.flush()
+
+    def finish(self, summary, figures):
+        import numpy as np
+        from PIL import Image
+        from torch.utils.tensorboard.summary import hparams
+
+        for path in figures:
+            if path.suffix == ".png":
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+                self.writer.add_image(f"figures/{path.stem}", pixels, summary["steps"], dataformats="HWC")
+        recipe = _flat(self.config.to_dict())  # TensorBoard's hyper-parameters are numbers, strings or booleans
+        params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in recipe.items()}
+        metrics = {f"best/{k}": v for k, v in summary["best"].items() if _scalar(v)}
+        for summary_proto in hparams(params, metrics):
+            self.writer.file_writer.add_summary(summary_proto)
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, summary["steps"])
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def make_tracker(name: str) -> Tracker:
+    return {"csv": CSVTracker, "tensorboard": TensorBoardTracker}[name]()
+
+
+class Trackers:
+    """The run's trackers (rank 0 alone writes); a tracker that raises is one warning line on stderr and
+    is dropped, so a tracker never stops training."""
+
+    def __init__(self, names: list[str]):
+        import importlib.util
+
+        for name in names:
+            package = PACKAGES.get(name)
+            if package and importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    f"train.loggers names {name}, which needs the {package} package: pip install 'pyrossl[{name}]'"
+                )
+        self.trackers = [make_tracker(n) for n in names]
+
+    def _each(self, what: str, *args) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, what)(*args)
+            except Exception as exc:  # noqa: BLE001 - any failure of a tracker is only a warning
+                self.trackers.remove(tracker)
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                print(
+                    f"pyrossl: warning: the {tracker.name} tracker failed ({message}); training goes on without it",
+                    file=sys.stderr,
+                )
+                try:
+                    tracker.close()
+                except Exception:  # noqa: BLE001, S110 - it failed already; closing is best effort
+                    pass
+
+    def start(self, run_dir: Path, config, resumed_at_step: int | None) -> None:
+        self._each("start", run_dir, config, resumed_at_step)
+
+    def step(self, step: int, loss: float) -> None:
+        self._each("step", step, loss)
+
+    def epoch(self, step: int, record: dict) -> None:
+        self._each("epoch", step, record)
+
+    def finish(self, summary: dict, figures: list[Path]) -> None:
+        self._each("finish", summary, figures)
+
+    def close(self) -> None:
+        self._each("close")
