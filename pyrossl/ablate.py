@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import os
 import re
 import shlex
@@ -137,7 +138,8 @@ def ablate(
         raise ConfigError(f"--iwae takes 0 (off) or a number of importance samples, not {iwae!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs takes a number of processes, at least 1, not {jobs!r}")
-    extra = cell_settings(overrides, iwae, device)
+    # an ablation is one MLflow experiment (train.loggers = ["mlflow"]), named after its folder
+    extra = [f"train.experiment={json.dumps(Path(out).name)}", *cell_settings(overrides, iwae, device)]
     all_variants = variants(list(guides), parsed, list(z_guides))
     # every config is built before anything trains: a bad key or value fails at once
     configs = {

@@ -43,6 +43,8 @@ RUNTIME_KEYS = {
     "train.iwae_samples",
     "train.figures",
     "train.loggers",  # where the numbers are mirrored, not what they are
+    "train.tracking_uri",
+    "train.experiment",
     "train.patience",  # when to stop, not what an epoch computes: a run stopped early goes on with a larger one
 }
 

@@ -195,9 +195,13 @@ class TrainConfig:
     progress: bool = setting(True, "show a progress bar per epoch")
     loggers: list[str] = setting(
         [],
-        "experiment trackers beside metrics.jsonl: csv (metrics.csv), tensorboard (<run>/tensorboard; the "
-        "pyrossl[tensorboard] extra); see pyrossl.trackers",
+        "experiment trackers beside metrics.jsonl: csv (metrics.csv), tensorboard (<run>/tensorboard), mlflow "
+        "(a run per zoo run; extras pyrossl[tensorboard], pyrossl[mlflow]); see pyrossl.trackers",
     )
+    tracking_uri: str | None = setting(
+        None, "mlflow: the tracking store; None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder"
+    )
+    experiment: str | None = setting(None, "mlflow: the experiment's name; None: pyrossl (an ablation: its folder)")
     figures: bool = setting(
         True, "draw the run's figures (figures/*.png, index.html) when it ends; `pyrossl report` draws them later"
     )

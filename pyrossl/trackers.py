@@ -1,14 +1,20 @@
 """Experiment trackers: a run's losses, metrics, figures and recipe, beside ``metrics.jsonl``.
 
-``train.loggers = ["csv", "tensorboard"]`` names the trackers a run writes to, each with the real
-package (the optional extras ``pyrossl[tensorboard]``):
+``train.loggers = ["csv", "tensorboard", "mlflow"]`` names the trackers a run writes to, each with the
+real package (the optional extras ``pyrossl[tensorboard]``, ``pyrossl[mlflow]``):
 
 - ``csv``: ``metrics.csv`` in the run directory, one row per epoch, a column per numeric key of
   ``metrics.jsonl`` (what a spreadsheet or ``pandas.read_csv`` opens);
 - ``tensorboard``: event files in ``<run>/tensorboard`` (``tensorboard --logdir <run>``): the loss of
   every step (``loss/step``), each epoch's record (the loss, the learning rate, the validation metrics,
   ``train_seconds``...) at the step count that ends the epoch, the figures as images and the recipe as
-  hyper-parameters (TensorBoard's HParams tab, with the best epoch's metrics) when the run ends.
+  hyper-parameters (TensorBoard's HParams tab, with the best epoch's metrics) when the run ends;
+- ``mlflow``: one MLflow run per zoo run (named after its folder) in the experiment
+  ``train.experiment`` (default ``pyrossl``; an ablation's cells: the ablation's folder name), at
+  ``train.tracking_uri`` (default ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working
+  folder, its artifacts in ``mlartifacts/`` beside it: ``mlflow ui`` there shows them): the recipe as
+  parameters, each epoch's record as metrics at step = epoch, the best epoch's as ``best_<key>``, the
+  figures as artifacts. Its run id is kept in ``<run>/mlflow.json``, so a resume logs to the same run.
 
 ``metrics.jsonl`` stays the record the zoo reads; a tracker only mirrors it. A tracker that fails
 (a full disk, a package that raises) is one warning line and is dropped: training goes on. A resumed
@@ -29,12 +35,13 @@ from pyrossl import runs
 from pyrossl.errors import ConfigError
 
 #: the trackers ``train.loggers`` may name
-TRACKERS = ("csv", "tensorboard")
+TRACKERS = ("csv", "tensorboard", "mlflow")
 #: the package each tracker needs (an optional extra of pyrossl)
-PACKAGES = {"tensorboard": "tensorboard"}
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 #: where each tracker writes inside the run directory
 CSV_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
+MLFLOW_FILE = "mlflow.json"
 
 
 def _scalar(value) -> bool:
@@ -144,8 +151,74 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
+class MLflowTracker(Tracker):
+    """One MLflow run per zoo run, through ``mlflow.tracking.MlflowClient`` (no global MLflow state)."""
+
+    name = "mlflow"
+
+    def start(self, run_dir, config, resumed_at_step):
+        import json
+        import os
+
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        t = config.train
+        uri = t.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri)
+        self.finished = False
+        kept = Path(run_dir) / MLFLOW_FILE
+        saved = json.loads(kept.read_text()) if kept.exists() else {}
+        if saved.get("tracking_uri") == uri:  # a resume: the same MLflow run goes on
+            self.run_id = saved["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        name = t.experiment or "pyrossl"
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:  # a sqlite store keeps its artifacts beside the database file, not in the working folder
+            store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+            location = (Path(store).parent / "mlartifacts" / name).as_uri() if store else None
+            experiment_id = self.client.create_experiment(name, artifact_location=location)
+        run = self.client.create_run(
+            experiment_id, run_name=Path(run_dir).name, tags={"pyrossl.run_dir": str(Path(run_dir).absolute())}
+        )
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(_flat(config.to_dict()).items())]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a batch
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        runs.atomic_write_text(kept, json.dumps({"tracking_uri": uri, "run_id": self.run_id}) + "\n")
+
+    def epoch(self, step, record):
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, record["epoch"]) for k, v in record.items() if k != "epoch" and _scalar(v)]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def finish(self, summary, figures):
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        best = [Metric(f"best_{k}", float(v), now, summary["epochs"]) for k, v in summary["best"].items() if _scalar(v)]
+        self.client.log_batch(self.run_id, metrics=best)
+        for path in figures:
+            self.client.log_artifact(self.run_id, str(path), artifact_path="figures")
+        self.client.set_terminated(self.run_id, "FINISHED")
+        self.finished = True
+
+    def close(self):
+        if hasattr(self, "run_id") and not self.finished:  # stopped or failed: a resume sets it running again
+            self.client.set_terminated(self.run_id, "KILLED")
+
+
 def make_tracker(name: str) -> Tracker:
-    return {"csv": CSVTracker, "tensorboard": TensorBoardTracker}[name]()
+    return {"csv": CSVTracker, "tensorboard": TensorBoardTracker, "mlflow": MLflowTracker}[name]()
 
 
 class Trackers:

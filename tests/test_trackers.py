@@ -91,7 +91,7 @@ def test_a_failing_tracker_is_one_warning_and_training_goes_on(tmp_path, monkeyp
 
 
 def test_trackers_are_checked_before_training(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="unknown tracker 'wandb' in train.loggers .valid: csv, tensorboard."):
+    with pytest.raises(ConfigError, match="unknown tracker 'wandb' in train.loggers .valid: csv, tensorboard, mlflow."):
         tiny_config(**{"train.loggers": ["wandb"]})
     with pytest.raises(ConfigError, match="names a tracker twice"):
         tiny_config(**{"train.loggers": ["csv", "csv"]})
@@ -102,3 +102,56 @@ def test_trackers_are_checked_before_training(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"needs the tensorboard package: pip install 'pyrossl\[tensorboard\]'"):
         train(tiny_config(**LOGGERS), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # said before a step
+
+
+def _mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, MlflowClient(tracking_uri=uri)
+
+
+def test_mlflow_holds_one_run_per_zoo_run_with_its_recipe_metrics_and_figures(tmp_path):
+    uri, client = _mlflow(tmp_path)
+    settings = {"train.loggers": ["mlflow"], "train.tracking_uri": uri, "train.figures": True}
+    run = tmp_path / "run"
+    train(tiny_config(**{**settings, "train.epochs": 2}), run)
+    train(tiny_config(**{**settings, "train.epochs": 3}), run, resume=True)  # extended: the same MLflow run
+    experiment = client.get_experiment_by_name("pyrossl")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_name == "run" and found.info.status == "FINISHED"
+    assert found.data.params["train.lr"] == "0.003" and found.data.params["model"] == "vae"
+    records = runs.read_metrics(run)
+    history = client.get_metric_history(found.info.run_id, "val_elbo")
+    assert [(m.step, m.value) for m in history] == [(r["epoch"], pytest.approx(r["val_elbo"])) for r in records]
+    summary = runs.read_summary(run)
+    assert found.data.metrics["best_test_elbo"] == pytest.approx(summary["best"]["test_elbo"])
+    artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "figures")}
+    assert "figures/latent_pca.png" in artifacts and (tmp_path / "mlartifacts" / "pyrossl").is_dir()
+
+
+def test_an_ablation_is_one_mlflow_experiment_with_a_run_per_cell(tmp_path):
+    from test_ablate import RECIPE, TINY
+
+    from pyrossl.ablate import ablate
+
+    uri, client = _mlflow(tmp_path)
+    settings = [*TINY, 'train.loggers=["mlflow"]', f"train.tracking_uri={uri!r}", "train.figures=false"]
+    ablate(RECIPE, tmp_path / "guides-abl", guides=["enum", "gumbel"], overrides=settings, iwae=0)
+    experiment = client.get_experiment_by_name("guides-abl")
+    found = client.search_runs([experiment.experiment_id], order_by=["attributes.run_name"])
+    assert [(r.info.run_name, r.data.params["guide"]) for r in found] == [
+        ("guide-enum-seed0", "enum"),
+        ("guide-gumbel-seed0", "gumbel"),
+    ]
+    assert all("val_accuracy" in r.data.metrics for r in found)
+
+
+def test_an_unreachable_mlflow_server_is_one_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    settings = {"train.loggers": ["csv", "mlflow"], "train.tracking_uri": "http://127.0.0.1:9", "train.epochs": 2}
+    assert train(tiny_config(**settings), tmp_path / "run")["epochs"] == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("pyrossl: warning: the mlflow tracker failed (")
+    assert (tmp_path / "run" / CSV_FILE).exists()
