@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pyrossl import distributed, runs
-from pyrossl.config import Config
+from pyrossl.config import Config, dotted
 from pyrossl.errors import CheckpointError, ProcessLost, PyrosslError, WriteError
 from pyrossl.registry import model_class, resolve
 
@@ -165,19 +165,9 @@ def config_differences(saved: Config, new: Config) -> list[str]:
     every key but :data:`RUNTIME_KEYS` (and, under the plateau schedule, ``train.eval_every`` counts:
     the evaluated epochs step the learning rate)."""
     # resolved, so a run written before a key existed compares equal with that key's default
-    a, b = _flat(resolve(saved).to_dict()), _flat(new.to_dict())
+    a, b = dotted(resolve(saved).to_dict()), dotted(new.to_dict())
     runtime = RUNTIME_KEYS - ({"train.eval_every"} if new.train.lr_schedule == "plateau" else set())
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in runtime]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class RunCheckpoints:

@@ -72,8 +72,22 @@ def option_rows(options_class) -> list[dict[str, str]]:
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 #: the values of ``train.precision`` (:mod:`pyrossl.precision`)
 PRECISIONS = ("fp32", "bf16", "auto")
+#: the experiment trackers ``train.loggers`` may name (:mod:`pyrossl.trackers`)
+TRACKERS = ("csv", "tensorboard", "mlflow")
 #: ``train.lr_schedule``: the name of each schedule and its ``torch.optim.lr_scheduler`` class (``constant``: none)
 LR_SCHEDULES = {"constant": None, "cosine": "CosineAnnealingLR", "step": "StepLR", "plateau": "ReduceLROnPlateau"}
+
+
+def dotted(d: dict, prefix: str = "") -> dict:
+    """A nested config table as one level of dotted keys: ``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``
+    (the names ``--set`` takes)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def check_seed(key: str, seed: int | None) -> None:
@@ -232,8 +246,6 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be 0 or positive, not {self.weight_decay}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"train.clip_norm must be positive (or left out), not {self.clip_norm}")
-        from pyrossl.trackers import TRACKERS
-
         for name in self.loggers:
             if name not in TRACKERS:
                 raise ConfigError(f"unknown tracker '{name}' in train.loggers (valid: {', '.join(TRACKERS)})")

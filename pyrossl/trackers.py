@@ -32,10 +32,9 @@ import sys
 from pathlib import Path
 
 from pyrossl import runs
+from pyrossl.config import dotted
 from pyrossl.errors import ConfigError
 
-#: the trackers ``train.loggers`` may name
-TRACKERS = ("csv", "tensorboard", "mlflow")
 #: the package each tracker needs (an optional extra of pyrossl)
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 #: where each tracker writes inside the run directory
@@ -46,16 +45,6 @@ MLFLOW_FILE = "mlflow.json"
 
 def _scalar(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class Tracker:
@@ -138,7 +127,7 @@ class TensorBoardTracker(Tracker):
                 with Image.open(path) as image:
                     pixels = np.asarray(image.convert("RGB"))
                 self.writer.add_image(f"figures/{path.stem}", pixels, summary["steps"], dataformats="HWC")
-        recipe = _flat(self.config.to_dict())  # TensorBoard's hyper-parameters are numbers, strings or booleans
+        recipe = dotted(self.config.to_dict())  # TensorBoard's hyper-parameters are numbers, strings or booleans
         params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in recipe.items()}
         metrics = {f"best/{k}": v for k, v in summary["best"].items() if _scalar(v)}
         for summary_proto in hparams(params, metrics):
@@ -185,7 +174,7 @@ class MLflowTracker(Tracker):
             experiment_id, run_name=Path(run_dir).name, tags={"pyrossl.run_dir": str(Path(run_dir).absolute())}
         )
         self.run_id = run.info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in sorted(_flat(config.to_dict()).items())]
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(dotted(config.to_dict()).items())]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         runs.atomic_write_text(kept, json.dumps({"tracking_uri": uri, "run_id": self.run_id}) + "\n")
