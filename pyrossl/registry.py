@@ -106,11 +106,12 @@ def resolve(config: Config) -> Config:
     from dataclasses import replace
 
     from pyrossl.data import dataset_names
+    from pyrossl.data.sources import ARRAYS
 
     plugins = list(dict.fromkeys(normalise(p) for p in config.plugins))
     load_plugins(plugins)
     cls = model_class(config.model)
-    if config.data.name not in dataset_names():
+    if config.data.name not in dataset_names() and config.data.name != ARRAYS:
         raise unknown_key(config.data.name, dataset_names(), what="dataset")
     options = cls.make_options(config.options)
     guide, z_guide = resolve_guide(cls, config.guide), resolve_z_guide(cls, config.z_guide)

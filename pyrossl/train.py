@@ -150,8 +150,11 @@ class Trainer:
     the metrics :class:`~pyrossl.scoring.Scorer`'s. What is left here is the loop: steps, epochs, stops.
     """
 
-    def __init__(self, config: Config, out: str | Path, resume: bool = False):
+    def __init__(self, config: Config, out: str | Path, resume: bool = False, data=None):
+        """``data``: a ``(Dataset, Split)`` to train on in place of the dataset the config names (what the
+        scikit-learn estimators hand over, with ``data.name = "arrays"``)."""
         self.config = resolve(config)
+        self.given_data = data
         self.out = Path(out)
         self.resume = resume
         self.lock = None
@@ -192,8 +195,11 @@ class Trainer:
         elif self.dist.active and self.device.type == "cpu":  # share the cores between this machine's processes
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         seed_everything(c.seed)
-        self.dataset = runs.load_dataset_for(c)
-        self.split = runs.split_for(c, self.dataset)
+        if self.given_data is not None:
+            self.dataset, self.split = self.given_data
+        else:
+            self.dataset = runs.load_dataset_for(c)
+            self.split = runs.split_for(c, self.dataset)
         self.data = TrainingData.on_device(self.dataset, self.split, c.data.binarize, c.seed, self.device)
         self.model = build_model(c, self.dataset.meta()).to(self.device)
         self._check_split()

@@ -170,6 +170,11 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+#: the name of the arrays a scikit-learn estimator is fitted on (:mod:`pyrossl.estimators`): they are handed
+#: to the trainer in memory, and no loader can read them again
+ARRAYS = "arrays"
+
+
 def dataset_names() -> list[str]:
     """Return the names :func:`load_dataset` accepts, sorted."""
     return sorted(DATASETS)
@@ -185,6 +190,11 @@ def load_dataset(name: str, data_dir: PathArg | None = None, **options) -> Datas
         DataError: the files are missing or corrupt, or hold values out of range.
     """
     loader = DATASETS.get(name)
+    if name == ARRAYS:
+        raise DataError(
+            "the run was trained on arrays given to a pyrossl.estimators estimator's fit(), which are not stored: "
+            "use the estimator (it holds the trained entry as model_), or save the arrays as an npz dataset"
+        )
     if loader is None:
         raise ConfigError(f"unknown dataset {name!r}{_suggestion(name, DATASETS)}; known: {', '.join(dataset_names())}")
     accepted = [option for option in inspect.signature(loader).parameters if option != "data_dir"]
