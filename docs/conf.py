@@ -30,6 +30,9 @@ myst_heading_anchors = 3
 nb_execution_mode = os.environ.get("PYROSSL_DOCS_EXECUTE", "force")
 nb_execution_timeout = 600
 nb_execution_raise_on_error = True  # a failing tutorial fails the build
+# a cell's Markdown output (the tutorials' result tables) parsed as MyST, which has tables; CommonMark,
+# the default, has none and printed each table as one line of pipes
+nb_render_markdown_format = "myst"
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

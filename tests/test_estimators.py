@@ -89,3 +89,22 @@ def test_bad_settings_are_one_line_errors():
         ZooClassifier(model="m2", scale=None, **TINY_M2).fit(x * 16, y)
     with pytest.raises(ConfigError, match="unknown key 'train.nope'"):
         ZooClassifier(model="m2", settings={"train.nope": 1}, **TINY_M2).fit(x, y)
+
+
+@pytest.mark.parametrize(
+    "model, options, code",
+    [
+        ("gae", {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}, 4),
+        ("ccvae", {"z_style": 2, "hidden": [32], "k": 2}, 12),  # z_c (one unit per class) and z_style
+    ],
+)
+def test_the_other_classifying_entries_fit_semi_supervised(model, options, code):
+    x, y = _digits(300)
+    partial = y.copy()
+    partial[np.arange(len(y)) % 3 != 0] = UNLABELLED
+    clf = ZooClassifier(model=model, epochs=2, batch_size=50, options=options, threads=1)
+    clf.fit(x.reshape(-1, 8, 8), partial)
+    assert clf.summary_["split"]["labelled"] == 100 and clf.summary_["split"]["unlabelled"] == 200
+    images = x[:4].reshape(-1, 8, 8)
+    assert np.allclose(clf.predict_proba(images).sum(1), 1) and clf.transform(images).shape == (4, code)
+    assert set(clf.predict(images)) <= set(clf.classes_)
