@@ -191,15 +191,13 @@ def _check_collected(cells: dict, configs: dict) -> None:
     """Every cell has finished, with the config the ablation gives it (runtime settings aside)."""
     from pyrossl.checkpoint import config_differences
     from pyrossl.registry import resolve
+    from pyrossl.train import finished
 
     missing = []
     for key, run_dir in cells.items():
         summary = runs.read_summary(run_dir) if runs.is_run(run_dir) else {}
         config = resolve(configs[key])
-        stopped = summary.get("stopped_early")
-        if not summary or not (
-            summary["epochs"] == config.train.epochs or (stopped and stopped["patience"] == config.train.patience)
-        ):
+        if not finished(summary, config):
             missing.append(run_dir.name)
             continue
         diff = config_differences(runs.read_config(run_dir), config)

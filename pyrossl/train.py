@@ -553,6 +553,15 @@ def train(config: Config, out: str | Path, resume: bool = False) -> dict:
     return Trainer(config, out, resume=resume).fit()
 
 
+def finished(summary: dict, config: Config) -> bool:
+    """Whether a run's summary is the end of ``config``'s training: all its epochs, or stopped early under
+    the same ``train.patience`` (an empty summary: not finished)."""
+    stopped = summary.get("stopped_early")
+    return summary.get("epochs") == config.train.epochs or bool(
+        stopped and stopped["patience"] == config.train.patience
+    )
+
+
 def train_to_completion(config: Config, out: str | Path) -> dict:
     """The summary of ``out`` trained to ``config.train.epochs``: read when complete, else resumed or started.
 
@@ -560,8 +569,7 @@ def train_to_completion(config: Config, out: str | Path) -> dict:
     """
     out = Path(out)
     summary = runs.read_summary(out)
-    stopped = summary.get("stopped_early")
-    if summary.get("epochs") == config.train.epochs or (stopped and stopped["patience"] == config.train.patience):
+    if finished(summary, config):
         diff = config_differences(runs.read_config(out), resolve(config))
         if diff:  # a finished run is the answer only for its own config
             raise CheckpointError(f"{out} holds a finished run of another config (it differs in {', '.join(diff)})")
