@@ -8,6 +8,7 @@ from pathlib import Path
 from pyrossl.config import Config, suggest, unknown_key
 from pyrossl.errors import ConfigError
 from pyrossl.infer.objective import Objective
+from pyrossl.models.adgm import ADGM, SDGM
 from pyrossl.models.ccvae import CCVAE
 from pyrossl.models.classifier import Classifier
 from pyrossl.models.gae import GAE
@@ -18,7 +19,9 @@ from pyrossl.models.vae import VAE
 from pyrossl.plugins import load_plugins, normalise
 from pyrossl.zoo import ZooModel
 
-MODELS: dict[str, type[ZooModel]] = {cls.name: cls for cls in (VAE, M2, GAE, GMMVAE, SerketVAEGMM, CCVAE, Classifier)}
+MODELS: dict[str, type[ZooModel]] = {
+    cls.name: cls for cls in (VAE, M2, ADGM, SDGM, GAE, GMMVAE, SerketVAEGMM, CCVAE, Classifier)
+}
 
 
 def register(cls: type[ZooModel], replace: bool = False) -> type[ZooModel]:

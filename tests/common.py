@@ -27,6 +27,8 @@ def tiny_config(**overrides):
 ENTRIES = {
     "vae": {"options": {"z_dim": 4, "hidden": [32]}},
     "m2": {"data.labels_per_class": 5, "options": {"z_dim": 4, "hidden": [32]}},
+    "adgm": {"data.labels_per_class": 5, "options": {"z_dim": 4, "a_dim": 3, "hidden": [32]}},
+    "sdgm": {"data.labels_per_class": 5, "options": {"z_dim": 4, "a_dim": 3, "hidden": [32]}},
     "classifier": {"data.labels_per_class": 5, "options": {"hidden": [32]}},
     "gae": {"data.labels_per_class": 20, "options": {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}},
     "gmm-vae": {"train.epochs": 2, "options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 1, "n_init": 1}},
@@ -48,6 +50,7 @@ CONTRACT = {
     "gmm-vae": {"options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 0, "n_init": 1}},
     "m2-dirichlet": {"model": "m2", "guide": "dirichlet", **ENTRIES["m2"]},
     "m2-gumbel-flow": {"model": "m2", "guide": "gumbel", "z_guide": "flow", **ENTRIES["m2"]},
+    "sdgm-flow": {"model": "sdgm", "z_guide": "flow", **ENTRIES["sdgm"]},
 }
 
 

@@ -167,6 +167,21 @@ def test_two_processes_train_the_new_guides_and_write_the_kl_of_each_unit(tmp_pa
     assert len(last["val_kl_per_unit"]) == 3 and 0 <= last["val_active_units"] <= 3
 
 
+def test_two_processes_train_the_adgm_to_identical_ranks_that_load_run_reloads(tmp_path):
+    """The ADGM: a drawn before the enumerated y on each rank, gradients averaged by DDP."""
+    out = tmp_path / "run"
+    config = _config(
+        **{"model": "adgm", "data.labels_per_class": 5, "options": {"z_dim": 3, "a_dim": 2, "hidden": [16]}}
+    )
+    states = _launch(tmp_path, config, out)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    run = load_run(out, "last")
+    x, y = run.tensors("test")
+    assert run.model.name == "adgm" and run.model.evaluate(x, y)["accuracy"] == pytest.approx(
+        runs.read_summary(out)["last"]["test_accuracy"]
+    )
+
+
 def test_two_processes_with_half_batches_match_one_process_with_whole_batches(tmp_path):
     """A model without sampling noise: DDP's averaged gradients equal the gradients of the global batch."""
     config = _config(

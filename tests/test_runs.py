@@ -115,6 +115,13 @@ def test_load_run_round_trips_a_trained_m2(tmp_path):
 MODELS = {
     "vae": ({}, {"z_loc", "z_scale"}),
     "m2": ({"data.labels_per_class": 5}, {"y_probs", "z_loc", "z_scale"}),
+    **{
+        name: (
+            {"data.labels_per_class": 5, "options": {"z_dim": 4, "a_dim": 3, "hidden": [32]}},
+            {"y_probs", "a_loc", "a_scale", "z_loc", "z_scale"},
+        )
+        for name in ("adgm", "sdgm")
+    },
     "classifier": ({"data.labels_per_class": 5, "options": {"hidden": [32]}}, {"y_probs"}),
     "gae": (
         {"data.labels_per_class": 20, "options": {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}},

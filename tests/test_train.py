@@ -326,6 +326,13 @@ M2_SMALL = {
 
 
 M2_NEW_GUIDES = {**M2_SMALL, "guide": "dirichlet", "z_guide": "lowrank-normal", "train.particles": 2}
+SDGM_FLOW = {
+    **M2_SMALL,
+    "model": "sdgm",
+    "guide": "enum",
+    "z_guide": "flow",
+    "options": {"z_dim": 4, "a_dim": 3, "hidden": [32], "flow_hidden": [16]},
+}
 VAE_FLOW = {
     "data.binarize": True,
     "z_guide": "flow",
@@ -337,8 +344,8 @@ VAE_FLOW = {
 
 @pytest.mark.parametrize(
     "overrides, stop_step",
-    [({"data.binarize": True}, 15), (M2_SMALL, 30), (VAE_FLOW, 15), (M2_NEW_GUIDES, 30)],
-    ids=["vae", "m2-gumbel", "vae-flow-iwae", "m2-dirichlet-lowrank"],
+    [({"data.binarize": True}, 15), (M2_SMALL, 30), (VAE_FLOW, 15), (M2_NEW_GUIDES, 30), (SDGM_FLOW, 30)],
+    ids=["vae", "m2-gumbel", "vae-flow-iwae", "m2-dirichlet-lowrank", "sdgm-flow"],
 )
 def test_a_stop_inside_an_epoch_checkpoints_there_and_resumes_to_the_same_numbers(
     tmp_path, monkeypatch, overrides, stop_step

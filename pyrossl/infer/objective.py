@@ -88,6 +88,14 @@ class AuxiliaryTermsMixin:
         log_q = sum(guide_trace.nodes[name]["log_prob_sum"] for name in names)
         return loss - torch_item(log_q), surrogate_loss - log_q
 
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The value of :meth:`differentiable_loss` (``Trace_ELBO.loss`` would score the auxiliary sites
+        as latents of the guide, with the opposite sign)."""
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss += torch_item(self._differentiable_loss_particle(model_trace, guide_trace)[0]) / self.num_particles
+        return loss
+
 
 class LabelledMeanField_ELBO(AuxiliaryTermsMixin, TraceMeanField_ELBO):
     """``TraceMeanField_ELBO`` with the guide's observed auxiliary sites as terms (:class:`AuxiliaryTermsMixin`)."""
