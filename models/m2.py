@@ -111,6 +111,8 @@ class LabelledDecoder(nn.Module):
 
 
 LABEL_LATENTS = (None, "dirichlet", "logistic-normal")
+#: the likelihoods of M2Model: Bernoulli pixels, or a diagonal Gaussian (M1+M2 models the codes of a VAE with it)
+LIKELIHOODS = ("bernoulli", "gaussian")
 
 
 class M2Model(nn.Module):
@@ -126,6 +128,9 @@ class M2Model(nn.Module):
     None is M2 itself; ``"dirichlet"`` and ``"logistic-normal"`` decode from a latent alpha on the simplex,
     alpha ~ Dirichlet(concentration 1) at site ``alpha``, or alpha = softmax(sharpness * l) with
     l ~ N(0, I_K) at site ``logits``, and observe y ~ Categorical(alpha) at site ``y`` where y is given.
+
+    ``likelihood``: ``"bernoulli"`` pixels, or ``"gaussian"``, x ~ N(mu(y, z), diag sigma(y, z)^2), for
+    continuous x such as the codes of a VAE (:mod:`pyrossl.models.m1m2`).
     """
 
     def __init__(
@@ -140,18 +145,33 @@ class M2Model(nn.Module):
         concentration: float = 1.0,
         sharpness: float = 1.0,
         relaxed_label: bool = False,
+        likelihood: str = "bernoulli",
     ):
         super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}")
         if label_latent not in LABEL_LATENTS:
             raise ValueError(f"label_latent must be one of {LABEL_LATENTS}, not {label_latent!r}")
         if relaxed_label and label_latent is not None:
             raise ValueError("relaxed_label is a variant of M2 itself (label_latent None)")
         self.label_latent, self.concentration, self.sharpness = label_latent, concentration, sharpness
         self.relaxed_label = relaxed_label
+        self.likelihood = likelihood
+        self.x_site = "x"  # the name of x's site (M1+M2 names M2's x "code", beneath its pixels' "x")
         self.z_kl_weight = 1.0  # beta of the z term (log p(z) - log q(z|x,y)); the guide carries the same
         self.register_buffer("prior_logits", torch.zeros(num_classes), persistent=False)
         self.register_buffer("z_loc", torch.zeros(z_dim), persistent=False)
-        self.decoder = LabelledDecoder(image_shape, num_classes, z_dim, hidden, act, net)
+        # a Gaussian x needs a location and a scale per coordinate
+        out_shape = image_shape if likelihood == "bernoulli" else (2 * math.prod(image_shape),)
+        self.decoder = LabelledDecoder(out_shape, num_classes, z_dim, hidden, act, net)
+
+    def observation(self, out: torch.Tensor) -> dist.Distribution:
+        """p(x|y, z) from the decoder's output: Bernoulli pixels of logits ``out``, or with
+        ``likelihood="gaussian"`` N(loc, diag scale^2), ``out`` = [loc, scale before a softplus]."""
+        if self.likelihood == "bernoulli":
+            return pixel_likelihood(out)
+        loc, scale = out.chunk(2, -1)
+        return dist.Normal(loc, nn.functional.softplus(scale) + 1e-3).to_event(1)
 
     def label_input(self, n: int, y: torch.Tensor | None) -> torch.Tensor:
         """The decoder's label input: y's one-hot vector (or relaxed point), or alpha of the simplex-latent
@@ -199,8 +219,9 @@ class M2Model(nn.Module):
             loc = self.z_loc.expand(n, -1)
             with poutine.scale(scale=self.z_kl_weight):
                 z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
-            logits = self.decoder(label, z)
-            return pyro.sample("x", pixel_likelihood(logits), obs=None if x is None else x.flatten(1))
+            return pyro.sample(
+                self.x_site, self.observation(self.decoder(label, z)), obs=None if x is None else x.flatten(1)
+            )
 
 
 class M2(LabelClassifier, ZooModel):
@@ -226,10 +247,17 @@ class M2(LabelClassifier, ZooModel):
                 "(the IWAE bound needs every latent reparameterised and none enumerated)"
             )
 
+    #: p(x|y, z) of the model (:data:`LIKELIHOODS`)
+    likelihood = "bernoulli"
+
+    def data_shape(self, meta: dict) -> tuple[int, ...]:
+        """The shape of one x of the model: an image (the entry's networks take its pixels)."""
+        return tuple(meta["image_shape"])
+
     def __init__(self, meta: dict, options: M2Options, guide: str = "enum", **settings):
         super().__init__(meta, options, guide, **settings)
         o = options
-        shape, k = meta["image_shape"], meta["num_classes"]
+        shape, k = self.data_shape(meta), meta["num_classes"]
         guide_cls = LABEL_GUIDES.cls(guide)
         extra = {keyword: getattr(o, option) for keyword, option in getattr(guide_cls, "option_arguments", {}).items()}
         self.model = M2Model(
@@ -243,6 +271,7 @@ class M2(LabelClassifier, ZooModel):
             concentration=o.dirichlet_concentration,
             sharpness=o.sharpness,
             relaxed_label=guide_cls.relaxed,
+            likelihood=self.likelihood,
         )
         self.guide = guide_cls(
             shape,

@@ -1,9 +1,9 @@
 """scikit-learn estimators over the zoo's entries that classify or cluster.
 
 scikit-learn's semi-supervised convention (``sklearn.semi_supervised``): ``fit(X, y)`` with ``y = -1``
-for the unlabelled rows. :class:`ZooClassifier` trains ``m2``, ``adgm``, ``sdgm``, ``ccvae``, ``gae`` or
-``classifier`` (which reads the labelled rows only) through the zoo's own trainer, on the arrays themselves (the run's
-dataset is ``"arrays"``; a run directory is optional, ``run_dir``); :class:`ZooClusterer` trains
+for the unlabelled rows. :class:`ZooClassifier` trains ``m2``, ``m1m2``, ``adgm``, ``sdgm``, ``ccvae``, ``gae``
+or ``classifier`` (which reads the labelled rows only) through the zoo's own trainer, on the arrays
+themselves (the run's dataset is ``"arrays"``; a run directory is optional, ``run_dir``); :class:`ZooClusterer` trains
 ``gmm-vae`` without labels. Both have ``predict``, ``predict_proba``, ``transform`` (the posterior
 means of the code, where the entry has one) and ``score``, and take part in a ``Pipeline`` or a
 ``GridSearchCV``: their parameters are the recipe's common keys, with ``options`` (the entry's
@@ -29,7 +29,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from pyrossl.errors import ConfigError
 
 #: the entries each estimator trains
-CLASSIFYING = ("m2", "adgm", "sdgm", "ccvae", "gae", "classifier")
+CLASSIFYING = ("m2", "m1m2", "adgm", "sdgm", "ccvae", "gae", "classifier")
 CLUSTERING = ("gmm-vae",)
 #: the label of an unlabelled row in ``fit(X, y)`` (scikit-learn's semi-supervised convention)
 UNLABELLED = -1
@@ -139,8 +139,9 @@ class _ZooEstimator(TransformerMixin, BaseEstimator):
 
 
 class ZooClassifier(ClassifierMixin, _ZooEstimator):
-    """A zoo entry that classifies (``m2``, ``adgm``, ``sdgm``, ``ccvae``, ``gae``, ``classifier``) as a scikit-learn
-    classifier; ``fit(X, y)`` with ``y = -1`` for unlabelled rows (semi-supervised entries learn from them too)."""
+    """A zoo entry that classifies (``m2``, ``m1m2``, ``adgm``, ``sdgm``, ``ccvae``, ``gae``, ``classifier``) as a
+    scikit-learn classifier; ``fit(X, y)`` with ``y = -1`` for unlabelled rows (semi-supervised entries learn
+    from them too)."""
 
     _entries = CLASSIFYING
 

@@ -89,14 +89,15 @@ def make_encoder(image_shape: Sequence[int], out_features: int, hidden: Sequence
     q(y|x) (class logits), of the supervised-only classifier and of the GAE's code f(x) alike."""
     if net == "conv":
         return ConvEncoder(image_shape, out_features, hidden=hidden[0], act=act)
-    return nn.Sequential(nn.Flatten(), MLP([math.prod(image_shape), *hidden, out_features], act))
+    # flatten the example's own dimensions only: leading sample dimensions (a code drawn k times) are kept
+    return nn.Sequential(nn.Flatten(-len(image_shape)), MLP([math.prod(image_shape), *hidden, out_features], act))
 
 
 def make_features(image_shape: Sequence[int], hidden: Sequence[int], act: str, net: str) -> tuple[nn.Module, int]:
     """The input stage of an encoder: flat pixels (MLP) or conv features; returns it and its width."""
     if net == "conv":
         return ConvEncoder(image_shape, hidden[0], hidden=hidden[0], act=act), hidden[0]
-    return nn.Flatten(), math.prod(image_shape)
+    return nn.Flatten(-len(image_shape)), math.prod(image_shape)
 
 
 class ConvDecoder(nn.Module):

@@ -13,6 +13,7 @@ from pyrossl.models.ccvae import CCVAE
 from pyrossl.models.classifier import Classifier
 from pyrossl.models.gae import GAE
 from pyrossl.models.gmm_vae import GMMVAE
+from pyrossl.models.m1m2 import M1M2
 from pyrossl.models.m2 import M2
 from pyrossl.models.serket_vae_gmm import SerketVAEGMM
 from pyrossl.models.vae import VAE
@@ -20,7 +21,7 @@ from pyrossl.plugins import load_plugins, normalise
 from pyrossl.zoo import ZooModel
 
 MODELS: dict[str, type[ZooModel]] = {
-    cls.name: cls for cls in (VAE, M2, ADGM, SDGM, GAE, GMMVAE, SerketVAEGMM, CCVAE, Classifier)
+    cls.name: cls for cls in (VAE, M2, M1M2, ADGM, SDGM, GAE, GMMVAE, SerketVAEGMM, CCVAE, Classifier)
 }
 
 

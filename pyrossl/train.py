@@ -231,6 +231,8 @@ class Trainer:
             )
             if t.lr_schedule == "cosine":  # an extended run (more epochs) anneals from here to its new end
                 self.scheduler.T_max = t.epochs
+        else:
+            self.model.pretrain(self.data.training_tensors, c.seed)
         self.trackers.start(self.out, c, self.progress.step if resumed else None)
         self.loss_module = self.model
         if self.dist.active:

@@ -27,6 +27,10 @@ def tiny_config(**overrides):
 ENTRIES = {
     "vae": {"options": {"z_dim": 4, "hidden": [32]}},
     "m2": {"data.labels_per_class": 5, "options": {"z_dim": 4, "hidden": [32]}},
+    "m1m2": {
+        "data.labels_per_class": 5,
+        "options": {"z_dim": 4, "hidden": [32], "m1_z_dim": 3, "m1_hidden": [32], "m1_epochs": 2},
+    },
     "adgm": {"data.labels_per_class": 5, "options": {"z_dim": 4, "a_dim": 3, "hidden": [32]}},
     "sdgm": {"data.labels_per_class": 5, "options": {"z_dim": 4, "a_dim": 3, "hidden": [32]}},
     "classifier": {"data.labels_per_class": 5, "options": {"hidden": [32]}},
@@ -50,6 +54,11 @@ CONTRACT = {
     "gmm-vae": {"options": {"z_dim": 3, "hidden": [32], "warmup_epochs": 0, "n_init": 1}},
     "m2-dirichlet": {"model": "m2", "guide": "dirichlet", **ENTRIES["m2"]},
     "m2-gumbel-flow": {"model": "m2", "guide": "gumbel", "z_guide": "flow", **ENTRIES["m2"]},
+    "m1m2-mean-joint": {
+        "model": "m1m2",
+        **ENTRIES["m1m2"],
+        "options": {**ENTRIES["m1m2"]["options"], "codes": "mean", "m1_training": "joint"},
+    },
     "sdgm-flow": {"model": "sdgm", "z_guide": "flow", **ENTRIES["sdgm"]},
 }
 

@@ -123,7 +123,7 @@ def test_data_info(capsys):
         ),
         (
             ["train", "{recipe}", "--set", "model=gae", "--set", "guide=point", "--set", "z_guide=flow"],
-            "it has no Gaussian code (models with one: vae, m2, adgm, sdgm, gmm-vae, serket-vae-gmm, ccvae)",
+            "it has no Gaussian code (models with one: vae, m2, m1m2, adgm, sdgm, gmm-vae, serket-vae-gmm, ccvae)",
         ),
         (
             ["train", "{recipe}", "--set", "model=m2", "--set", "guide=enum", "--set", "train.objective=iwae"],

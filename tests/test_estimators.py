@@ -81,7 +81,7 @@ def test_in_a_pipeline_and_a_grid_search(tmp_path):
 
 def test_bad_settings_are_one_line_errors():
     x, y = _digits(50)
-    with pytest.raises(ConfigError, match="trains m2, adgm, sdgm, ccvae, gae, classifier, not model 'vae'"):
+    with pytest.raises(ConfigError, match="trains m2, m1m2, adgm, sdgm, ccvae, gae, classifier, not model 'vae'"):
         ZooClassifier(model="vae").fit(x, y)
     with pytest.raises(ValueError, match="the labelled rows hold 0 class"):
         ZooClassifier(model="m2", **TINY_M2).fit(x, np.full(len(x), UNLABELLED))
@@ -97,6 +97,7 @@ def test_bad_settings_are_one_line_errors():
         ("gae", {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}, 4),
         ("ccvae", {"z_style": 2, "hidden": [32], "k": 2}, 12),  # z_c (one unit per class) and z_style
         ("adgm", {"z_dim": 3, "a_dim": 2, "hidden": [32]}, 3),
+        ("m1m2", {"z_dim": 3, "hidden": [32], "m1_z_dim": 4, "m1_hidden": [32], "m1_epochs": 2}, 3),
     ],
 )
 def test_the_other_classifying_entries_fit_semi_supervised(model, options, code):

@@ -115,6 +115,10 @@ def test_load_run_round_trips_a_trained_m2(tmp_path):
 MODELS = {
     "vae": ({}, {"z_loc", "z_scale"}),
     "m2": ({"data.labels_per_class": 5}, {"y_probs", "z_loc", "z_scale"}),
+    "m1m2": (
+        {"data.labels_per_class": 5, "options": {"z_dim": 4, "hidden": [32], "m1_z_dim": 3, "m1_hidden": [16]}},
+        {"y_probs", "z_loc", "z_scale", "code_loc", "code_scale"},
+    ),
     **{
         name: (
             {"data.labels_per_class": 5, "options": {"z_dim": 4, "a_dim": 3, "hidden": [32]}},

@@ -142,8 +142,12 @@ def test_plain_pyro_svi_trains_every_parameter_of_everyentry_and_batches(name):
         for args in batches:
             assert math.isfinite(svi.step(*args))
     after = dict([*entry.model.named_parameters("model."), *entry.guide.named_parameters("guide.")])
-    unchanged = [k for k, p in after.items() if torch.equal(p.detach(), before[k])]
-    assert not unchanged and len(after) >= 2, unchanged
+    # a frozen part (M1 of m1m2) is not trained, nor what a variant leaves out of its model (the scale of
+    # q(c|x) when m1m2 models the mean code)
+    unused = {"m1m2-mean-joint": ("guide..m1_encoder.head.scale.",)}.get(name, ())
+    trained = {k: p for k, p in after.items() if p.requires_grad and not k.startswith(unused)}
+    unchanged = [k for k, p in trained.items() if torch.equal(p.detach(), before[k])]
+    assert not unchanged and len(trained) >= 2, unchanged
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACT))
