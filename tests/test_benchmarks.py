@@ -318,3 +318,55 @@ def test_evaluation_benchmark_measures_the_share_of_each_evaluated_epoch(tmp_pat
     assert row == report["results"]["vae"] and row["epochs"] == row["evaluated_epochs"] == 2
     assert 0 < row["eval_fraction"] < 1 and row["loop_over_training"] >= 1
     assert "| vae | 2 (2) |" in capsys.readouterr().out
+
+
+def test_ssl_benchmark_runs_every_method_and_the_baseline_and_writes_json(tmp_path, capsys):
+    bench = _load("ssl")
+    out = tmp_path / "ssl.json"
+    result = bench.main(
+        [
+            "--datasets",
+            "mnist5k-100",
+            "--seeds",
+            "0",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "data.limit_per_class=40",
+            "--set",
+            "data.validation=50",
+            "--set",
+            "data.test=100",
+            "--set",
+            "options.hidden=[16]",
+            "--set",
+            "m1m2:options.m1_hidden=[16]",
+            "--set",
+            "m1m2:options.m1_epochs=1",
+            "--diagnose-images",
+            "20",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ]
+    )
+    methods = [r["method"] for r in json.loads(out.read_text())["rows"]]
+    assert methods == ["m2", "m1m2", "adgm", "sdgm", "labels alone (classifier)"]
+    baseline = result["rows"][-1]
+    m2_steps = runs.read_summary(tmp_path / "runs" / "m2-mnist5k-100-seed0")["steps"]
+    assert runs.read_summary(tmp_path / "runs" / "classifier-mnist5k-100-seed0")["steps"] == m2_steps
+    assert all(0 <= a <= 1 for r in result["rows"] for a in r["best_validation"] + r["last_epoch"])
+    assert "seconds_outside_epochs" in result["rows"][1] and baseline["epochs"] == m2_steps
+    printed = capsys.readouterr().out
+    assert "| mnist5k-100 | adgm |" in printed and "target 0.85 in both columns met by" in printed
+    assert set(result["generative_agreement"]) == {f"mnist5k-100 {m}" for m in ("m2", "m1m2", "adgm", "sdgm")}
+    # a second invocation reads the finished runs: nothing is trained again
+    again = bench.main(
+        ["--datasets", "mnist5k-100", "--seeds", "0", "--methods", "adgm", "--no-baseline"]
+        + ["--runs", str(tmp_path / "runs"), "--out", str(out), "--diagnose-images", "0"]
+        + ["--set", "train.epochs=1", "--set", "data.limit_per_class=40", "--set", "options.hidden=[16]"]
+        + ["--set", "data.validation=50", "--set", "data.test=100"]
+    )
+    assert again["rows"][0]["best_validation"] == result["rows"][2]["best_validation"]
+    assert "seconds_outside_epochs" not in again["rows"][0]
