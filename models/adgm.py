@@ -53,7 +53,7 @@ from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.infer.objective import AuxiliaryTermsMixin, SemiSupervisedELBO, particle_settings
 from pyrossl.infer.params import register
-from pyrossl.nn import MLP, ConvDecoder, activation, check_network_options, make_features, pixel_likelihood
+from pyrossl.nn import ConvDecoder, activation, check_network_options, make_features, pixel_likelihood
 from pyrossl.zoo import LabelClassifier, ZooModel
 
 
@@ -76,6 +76,11 @@ class ADGMOptions(ZGuideOptions):
         50.0, "alpha of the classification term -alpha E_q(a|x)[log q(y|a, x)] on labelled data; 0 turns it off"
     )
     eval_samples: int = setting(10, "draws of a ~ q(a|x) that q(y|x) = mean of q(y|a, x) averages when predicting")
+    batch_norm: bool = setting(
+        False,
+        "batch normalisation after every hidden layer (with y enumerated, a layer that takes y sees each image once "
+        "per class)",
+    )
 
     def __post_init__(self):
         check_network_options(self)
@@ -102,16 +107,35 @@ class JointInput(nn.Module):
         return sum(m(v) for m, v in zip(self.maps, inputs))
 
 
+class FlatBatchNorm(nn.BatchNorm1d):
+    """Batch normalisation of the last dimension over every leading one: with y enumerated, a ``[K, n, H]``
+    layer is normalised over its K n rows, each image once per class (in training; at evaluation the
+    running averages of those statistics are used)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return super().forward(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+
+
+def hidden_stack(widths: Sequence[int], act: str, batch_norm: bool) -> nn.Sequential:
+    """What follows a first layer of width ``widths[0]``: [batch norm,] activation, then for each next width
+    a linear layer, [batch norm,] activation."""
+    layers: list[nn.Module] = []
+    for i, width in enumerate(widths):
+        if i:
+            layers.append(nn.Linear(widths[i - 1], width))
+        if batch_norm:
+            layers.append(FlatBatchNorm(width))
+        layers.append(activation(act))
+    return nn.Sequential(*layers)
+
+
 class JointNet(nn.Module):
     """(v_1, ..., v_m) -> features h of width ``hidden[-1]``: :class:`JointInput`, then the hidden layers."""
 
-    def __init__(self, widths: Sequence[int], hidden: Sequence[int], act: str):
+    def __init__(self, widths: Sequence[int], hidden: Sequence[int], act: str, batch_norm: bool = False):
         super().__init__()
         self.input = JointInput(widths, hidden[0])
-        layers = [activation(act)]
-        if len(hidden) > 1:
-            layers += [MLP(list(hidden), act), activation(act)]
-        self.body = nn.Sequential(*layers)
+        self.body = hidden_stack(hidden, act, batch_norm)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.body(self.input(*inputs))
@@ -120,8 +144,8 @@ class JointNet(nn.Module):
 class GaussianNet(JointNet):
     """(v_1, ..., v_m) -> (loc, scale, h) of a diagonal Gaussian, h the last hidden layer (a z-guide's context)."""
 
-    def __init__(self, widths: Sequence[int], hidden: Sequence[int], act: str, out: int):
-        super().__init__(widths, hidden, act)
+    def __init__(self, widths: Sequence[int], hidden: Sequence[int], act: str, out: int, batch_norm: bool = False):
+        super().__init__(widths, hidden, act, batch_norm)
         self.loc = nn.Linear(hidden[-1], out)
         self.scale = nn.Linear(hidden[-1], out)
 
@@ -131,38 +155,45 @@ class GaussianNet(JointNet):
 
 
 class PixelDecoder(nn.Module):
-    """(v_1, ..., v_m) -> flat pixel logits ``[..., D]`` (an MLP mirroring ``hidden``, or :class:`ConvDecoder`)."""
+    """(v_1, ..., v_m) -> flat pixel logits ``[..., D]``: the hidden layers mirroring ``hidden``, or
+    :class:`ConvDecoder`."""
 
-    def __init__(self, widths: Sequence[int], image_shape, hidden: Sequence[int], act: str, net: str):
+    def __init__(
+        self, widths: Sequence[int], image_shape, hidden: Sequence[int], act: str, net: str, batch_norm: bool = False
+    ):
         super().__init__()
         self.input = JointInput(widths, hidden[-1])
-        self.act = activation(act)
         if net == "conv":
-            self.net = ConvDecoder(hidden[-1], image_shape, hidden=hidden[-1], act=act)
+            self.body = hidden_stack(hidden[-1:], act, batch_norm)
+            self.out = ConvDecoder(hidden[-1], image_shape, hidden=hidden[-1], act=act)
         else:
-            self.net = MLP([*reversed(hidden), math.prod(image_shape)], act)
+            self.body = hidden_stack(list(reversed(hidden)), act, batch_norm)
+            self.out = nn.Linear(hidden[0], math.prod(image_shape))
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.input(*inputs))
-        return self.net(h).reshape(*h.shape[:-1], -1)
+        h = self.body(self.input(*inputs))
+        return self.out(h).reshape(*h.shape[:-1], -1)
 
 
 class AuxiliaryModel(nn.Module):
     """p(y) p(z) p(x|y, z) p(a|x, y, z) (``skip=False``, the ADGM) or p(y) p(z) p(a|y, z) p(x|a, y, z)
     (``skip=True``, the SDGM); ``x=None`` samples."""
 
-    def __init__(self, image_shape, num_classes: int, z_dim: int, a_dim: int, hidden, act, net, skip: bool):
+    def __init__(
+        self, image_shape, num_classes: int, z_dim: int, a_dim: int, hidden, act, net, skip: bool, batch_norm=False
+    ):
         super().__init__()
         self.skip = skip
+        bn = batch_norm
         self.num_pixels = math.prod(image_shape)
         self.register_buffer("prior_logits", torch.zeros(num_classes), persistent=False)
         self.register_buffer("z_loc", torch.zeros(z_dim), persistent=False)
         if skip:
-            self.aux = GaussianNet([z_dim, num_classes], list(reversed(hidden)), act, a_dim)
-            self.decoder = PixelDecoder([z_dim, num_classes, a_dim], image_shape, hidden, act, net)
+            self.aux = GaussianNet([z_dim, num_classes], list(reversed(hidden)), act, a_dim, bn)
+            self.decoder = PixelDecoder([z_dim, num_classes, a_dim], image_shape, hidden, act, net, bn)
         else:
-            self.decoder = PixelDecoder([z_dim, num_classes], image_shape, hidden, act, net)
-            self.aux = GaussianNet([self.num_pixels, z_dim, num_classes], hidden, act, a_dim)
+            self.decoder = PixelDecoder([z_dim, num_classes], image_shape, hidden, act, net, bn)
+            self.aux = GaussianNet([self.num_pixels, z_dim, num_classes], hidden, act, a_dim, bn)
 
     def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, num: int | None = None):
         """Sites in plate ``data``: ``y`` (class indices ``[n]``, observed when ``y`` is given), ``z``
@@ -196,19 +227,30 @@ class AuxiliaryGuide(nn.Module):
     objective, :class:`pyrossl.infer.objective.AuxiliaryTermsMixin`, not a latent)."""
 
     def __init__(
-        self, image_shape, num_classes: int, z_dim: int, a_dim: int, hidden, act, net, z_guide, z_options=None
+        self,
+        image_shape,
+        num_classes: int,
+        z_dim: int,
+        a_dim: int,
+        hidden,
+        act,
+        net,
+        z_guide,
+        z_options=None,
+        batch_norm: bool = False,
     ):
         super().__init__()
+        bn = batch_norm
         self.num_classes = num_classes
         self.aux_weight = 0.0
         # one input stage per network (flat pixels, or a conv stack each), so the three factors share no weights
         self.a_features, width = make_features(image_shape, hidden, act, net)
-        self.a_net = GaussianNet([width], hidden, act, a_dim)
+        self.a_net = GaussianNet([width], hidden, act, a_dim, bn)
         self.y_features, width = make_features(image_shape, hidden, act, net)
-        self.y_net = JointNet([width, a_dim], hidden, act)
+        self.y_net = JointNet([width, a_dim], hidden, act, bn)
         self.y_logits = nn.Linear(hidden[-1], num_classes)
         self.z_features, width = make_features(image_shape, hidden, act, net)
-        self.z_net = GaussianNet([width, a_dim, num_classes], hidden, act, z_dim)
+        self.z_net = GaussianNet([width, a_dim, num_classes], hidden, act, z_dim, bn)
         self.z_guide = make_z_guide(z_guide, z_dim, hidden[-1], z_options)
 
     def a_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,8 +319,12 @@ class ADGM(LabelClassifier, ZooModel):
         super().__init__(meta, options, guide, **settings)
         o = options
         shape, k = meta["image_shape"], meta["num_classes"]
-        self.model = AuxiliaryModel(shape, k, o.z_dim, o.a_dim, o.hidden, o.act, o.net, skip=self.skip)
-        self.guide = AuxiliaryGuide(shape, k, o.z_dim, o.a_dim, o.hidden, o.act, o.net, self.z_guide_name, o)
+        self.model = AuxiliaryModel(
+            shape, k, o.z_dim, o.a_dim, o.hidden, o.act, o.net, skip=self.skip, batch_norm=o.batch_norm
+        )
+        self.guide = AuxiliaryGuide(
+            shape, k, o.z_dim, o.a_dim, o.hidden, o.act, o.net, self.z_guide_name, o, batch_norm=o.batch_norm
+        )
         self.guide.aux_weight = o.aux_weight
         particles = particle_settings(self.objective)
         self.elbo = SemiSupervisedELBO(TraceEnum_ELBO(**particles), LabelledTrace_ELBO(**particles))

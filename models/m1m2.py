@@ -27,7 +27,6 @@ the classifier is q(y|c) at the mean code of q(c|x), and pictures decode M2's me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -218,12 +217,17 @@ class M1M2(M2):
         self.elbo = SemiSupervisedELBO(TraceEnum_ELBO(**particles), LabelledTrace_ELBO(**particles))
 
     # --- M1 -------------------------------------------------------------------------------------
-    def pretrain(self, encode_data, seed: int) -> None:
-        """M1 from ``options.m1_run``, or trained here: Adam on the VAE's ELBO over every training image,
-        ``m1_epochs`` epochs of ``m1_batch_size``, on random streams of its own (seeded by ``seed``)."""
+    def source_runs(self) -> dict[str, str]:
+        """``options.m1_run``, where M1 comes from a finished vae run."""
+        return {} if self.options.m1_run is None else {"m1_run": self.options.m1_run}
+
+    def pretrain(self, encode_data, seed: int, sources: dict | None = None) -> None:
+        """M1 from ``options.m1_run`` (read by the run-folder layer: ``sources["m1_run"]``), or trained here:
+        Adam on the VAE's ELBO over every training image, ``m1_epochs`` epochs of ``m1_batch_size``, on
+        random streams of its own (seeded by ``seed``)."""
         o = self.options
         if o.m1_run is not None:
-            self.load_m1(Path(o.m1_run))
+            self.load_m1(*sources["m1_run"])
             return
         x = encode_data()["x"]
         self.m1.requires_grad_(True)
@@ -240,15 +244,10 @@ class M1M2(M2):
         optimizer.zero_grad(set_to_none=True)
         self.m1.requires_grad_(o.m1_training == "joint")
 
-    def load_m1(self, path: Path) -> None:
-        """M1's parameters from the best checkpoint of the ``vae`` run at ``path``, checked in one line: a
-        run of the same dataset, with the networks the ``m1_*`` options describe."""
-        from pyrossl import runs
-
-        where = f"options.m1_run: {path}"
-        if not runs.is_run(path):
-            raise ConfigError(f"{where} is not a run directory (no {runs.CONFIG})")
-        config = runs.read_config(path)
+    def load_m1(self, config, state: dict) -> None:
+        """M1's parameters from the model state of a ``vae`` run (its recipe ``config``), checked in one line:
+        a vae run of the same dataset, with the networks the ``m1_*`` options describe."""
+        where = f"options.m1_run: {self.options.m1_run}"
         if config.model != "vae":
             raise ConfigError(f"{where} is a '{config.model}' run; M1 is a vae run")
         if config.data.name != self.meta["name"]:
@@ -266,10 +265,7 @@ class M1M2(M2):
             )
         if differ:
             raise ConfigError(f"{where} is another M1: {'; '.join(differ)}")
-        state = path / runs.BEST if (path / runs.BEST).exists() else path / runs.CHECKPOINT
-        if not state.exists():
-            raise ConfigError(f"{where} has no checkpoint ({runs.BEST} or {runs.CHECKPOINT})")
-        runs.load_parameters(self.m1, state)
+        self.m1.load_state_dict(state)
 
     @torch.no_grad()
     def m1_elbo(self, x: torch.Tensor, batch_size: int = 1000) -> float:

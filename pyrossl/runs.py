@@ -224,6 +224,23 @@ def load_checkpoint(path: Path, map_location="cpu", keys: tuple[str, ...] = ()) 
     return state
 
 
+def read_sources(sources: dict[str, str]) -> dict[str, tuple[Config, dict]]:
+    """The finished runs an entry takes parts of (:meth:`pyrossl.zoo.ZooModel.source_runs`, ``{option:
+    run directory}``), each as its recipe and the model state of its best checkpoint (the last where it
+    has none). A path that is no run, or a run without a checkpoint, is a one-line ConfigError naming the
+    option."""
+    read = {}
+    for option, where in sources.items():
+        path = Path(where)
+        if not is_run(path):
+            raise ConfigError(f"options.{option}: {path} is not a run directory (no {CONFIG})")
+        state = path / BEST if (path / BEST).exists() else path / CHECKPOINT
+        if not state.exists():
+            raise ConfigError(f"options.{option}: {path} has no checkpoint ({BEST} or {CHECKPOINT})")
+        read[option] = (read_config(path), load_checkpoint(state, keys=("model",))["model"])
+    return read
+
+
 def load_parameters(model: torch.nn.Module, path: Path, map_location="cpu", state: dict | None = None) -> dict:
     """Load the ``model`` entry of the checkpoint ``path`` into ``model``; the checkpoint's dict.
 

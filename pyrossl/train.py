@@ -232,7 +232,7 @@ class Trainer:
             if t.lr_schedule == "cosine":  # an extended run (more epochs) anneals from here to its new end
                 self.scheduler.T_max = t.epochs
         else:
-            self.model.pretrain(self.data.training_tensors, c.seed)
+            self.model.pretrain(self.data.training_tensors, c.seed, runs.read_sources(self.model.source_runs()))
         self.trackers.start(self.out, c, self.progress.step if resumed else None)
         self.loss_module = self.model
         if self.dist.active:

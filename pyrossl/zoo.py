@@ -194,12 +194,19 @@ class ZooModel(nn.Module):
         fixes before any step, such as a label prior from the labelled examples. Must be a function of
         the data alone."""
 
-    def pretrain(self, encode_data: Callable[[], dict], seed: int) -> None:
+    def source_runs(self) -> dict[str, str]:
+        """Finished runs the entry takes parts of before it trains, as ``{option name: run directory}``
+        (M1+M2's ``m1_run``): the run-folder layer reads each one's recipe and best checkpoint and hands
+        them to :meth:`pretrain`. The default names none."""
+        return {}
+
+    def pretrain(self, encode_data: Callable[[], dict], seed: int, sources: dict | None = None) -> None:
         """Called once before the first step of a fresh run, after :meth:`prepare` (not on a resume: the
-        checkpoint holds what it made), with the training tensors on demand and the run's seed: a stage
-        that trains part of the entry first, such as M1+M2's VAE. It must draw from random streams of its
-        own (``torch.random.fork_rng``), so that the run's training stream is the same with or without
-        it. The default does nothing."""
+        checkpoint holds what it made), with the training tensors on demand, the run's seed and the
+        :meth:`source_runs` read (``{option name: (Config, model state dict)}``): a stage that trains or
+        loads part of the entry first, such as M1+M2's VAE. It must draw from random streams of its own
+        (``torch.random.fork_rng``), so that the run's training stream is the same with or without it.
+        The default does nothing."""
 
     def start_epoch(self, epoch: int) -> dict:
         """Called before each epoch (1-based): update schedules; returns values to log (e.g. temperature)."""

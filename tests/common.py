@@ -31,7 +31,7 @@ ENTRIES = {
         "data.labels_per_class": 5,
         "options": {"z_dim": 4, "hidden": [32], "m1_z_dim": 3, "m1_hidden": [32], "m1_epochs": 2},
     },
-    "adgm": {"data.labels_per_class": 5, "options": {"z_dim": 4, "a_dim": 3, "hidden": [32]}},
+    "adgm": {"data.labels_per_class": 5, "options": {"z_dim": 4, "a_dim": 3, "hidden": [32], "batch_norm": True}},
     "sdgm": {"data.labels_per_class": 5, "options": {"z_dim": 4, "a_dim": 3, "hidden": [32]}},
     "classifier": {"data.labels_per_class": 5, "options": {"hidden": [32]}},
     "gae": {"data.labels_per_class": 20, "options": {"z_dim": 4, "hidden": [32], "components": 1, "n_init": 1}},

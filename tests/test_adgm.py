@@ -177,3 +177,21 @@ def test_trains_from_a_recipe_and_load_run_gives_the_same_predictions(tmp_path, 
     assert run.model.evaluate(x, y)["accuracy"] == pytest.approx(summary["last"]["test_accuracy"])
     for figure in ("class_samples", "confusion", "reconstructions", "latent_tsne"):
         assert (tmp_path / "run" / "figures" / f"{figure}.png").stat().st_size > 0
+
+
+def test_pyrossl_ablate_crosses_the_z_guides_with_batch_norm(tmp_path, capsys):
+    import csv
+
+    from pyrossl import cli
+
+    recipe = tmp_path / "sdgm.toml"
+    recipe.write_text(
+        'model = "sdgm"\n[data]\nname = "digits"\nlabels_per_class = 5\nvalidation = 0.1\ntest = 0.2\n'
+        "[train]\nepochs = 1\nprogress = false\nfigures = false\n"
+        "[options]\nz_dim = 3\na_dim = 2\nhidden = [16]\n"
+    )
+    args = ["ablate", str(recipe), "--z-guides", "diag-normal,flow", "--vary", "options.batch_norm=false,true"]
+    assert cli.main(args + ["--seeds", "0", "--out", str(tmp_path / "ablation")]) == 0
+    rows = list(csv.DictReader((tmp_path / "ablation" / "ablation.csv").open()))
+    assert len(rows) == 4 and all(0 <= float(r["test_accuracy"]) <= 1 for r in rows), rows
+    assert "z_guide=flow" in capsys.readouterr().out

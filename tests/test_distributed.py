@@ -182,6 +182,25 @@ def test_two_processes_train_the_adgm_to_identical_ranks_that_load_run_reloads(t
     )
 
 
+def test_two_processes_train_m1m2_from_the_same_m1(tmp_path):
+    """M1 trained first on every rank from the same seed (DDP then starts all ranks from rank 0's
+    parameters), frozen: DDP averages the gradients of M2's parameters only."""
+    out = tmp_path / "run"
+    config = _config(
+        **{
+            "model": "m1m2",
+            "data.labels_per_class": 5,
+            "options": {"z_dim": 3, "hidden": [16], "m1_z_dim": 3, "m1_hidden": [16], "m1_epochs": 2},
+        }
+    )
+    states = _launch(tmp_path, config, out)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(k.startswith("model.m1.") for k in states[0])
+    run = load_run(out, "last")
+    x, y = run.tensors("test")
+    assert run.model.evaluate(x, y)["accuracy"] == pytest.approx(runs.read_summary(out)["last"]["test_accuracy"])
+
+
 def test_two_processes_with_half_batches_match_one_process_with_whole_batches(tmp_path):
     """A model without sampling noise: DDP's averaged gradients equal the gradients of the global batch."""
     config = _config(

@@ -29,7 +29,7 @@ def test_a_frozen_m1_gets_no_gradient_and_a_joint_one_does(training):
     pyro.clear_param_store()
     model = _small(m1_training=training)
     x = torch.rand(20, 1, 8, 8)
-    model.pretrain(lambda: {"x": x}, 0)
+    model.pretrain(lambda: {"x": x}, 0, {})
     model(x[:5], x[:3], torch.tensor([0, 1, 2])).backward()
     assert len(pyro.get_param_store()) == 0
     m1 = {n for n, _ in model.named_parameters() if n.startswith(("model.m1.", "guide.m1_encoder."))}
@@ -49,7 +49,7 @@ def test_pretraining_is_deterministic_improves_m1_and_leaves_the_random_state_al
     start = models[0].m1_elbo(x)
     state = torch.get_rng_state()
     for model in models:
-        model.pretrain(lambda: {"x": x}, 7)
+        model.pretrain(lambda: {"x": x}, 7, {})
     assert torch.equal(torch.get_rng_state(), state)
     first, second = (dict(m.named_parameters()) for m in models)
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -133,7 +133,7 @@ def test_a_resume_takes_m1_from_the_checkpoint_and_ends_as_an_uninterrupted_run(
     train(_m1m2_config(), tmp_path / "part")
     (tmp_path / "part" / runs.CONFIG).write_text((tmp_path / "full" / runs.CONFIG).read_text())
 
-    def no_pretraining_on_resume(self, encode_data, seed):
+    def no_pretraining_on_resume(self, encode_data, seed, sources):
         raise AssertionError("pretrain called on a resume")
 
     monkeypatch.setattr(M1M2, "pretrain", no_pretraining_on_resume)
