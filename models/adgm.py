@@ -70,7 +70,7 @@ class ADGMOptions(ZGuideOptions):
     hidden: list[int] = setting(
         [500, 500], "widths of the hidden layers of every network (the decoder mirrors them; Maaløe et al.: 500, 500)"
     )
-    act: str = setting("softplus", "activation between layers: relu | softplus | elu | tanh | gelu")
+    act: str = setting("relu", "activation between layers: relu | softplus | elu | tanh | gelu")
     net: str = setting("mlp", "mlp | conv: the pixels' input stage of the guide's networks and the decoder")
     aux_weight: float = setting(
         50.0, "alpha of the classification term -alpha E_q(a|x)[log q(y|a, x)] on labelled data; 0 turns it off"
