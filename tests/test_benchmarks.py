@@ -320,9 +320,9 @@ def test_evaluation_benchmark_measures_the_share_of_each_evaluated_epoch(tmp_pat
     assert "| vae | 2 (2) |" in capsys.readouterr().out
 
 
-def test_ssl_benchmark_runs_every_method_and_the_baseline_and_writes_json(tmp_path, capsys):
-    bench = _load("ssl")
-    out = tmp_path / "ssl.json"
+def test_semisupervised_benchmark_runs_every_method_and_the_baseline_and_writes_json(tmp_path, capsys):
+    bench = _load("semisupervised")
+    out = tmp_path / "semisupervised.json"
     result = bench.main(
         [
             "--datasets",
@@ -370,3 +370,17 @@ def test_ssl_benchmark_runs_every_method_and_the_baseline_and_writes_json(tmp_pa
     )
     assert again["rows"][0]["best_validation"] == result["rows"][2]["best_validation"]
     assert "seconds_outside_epochs" not in again["rows"][0]
+
+
+def test_no_benchmark_shadows_a_standard_module_and_each_runs_as_a_script():
+    """``python benchmarks/NAME.py`` puts benchmarks/ first on sys.path: a script named like a standard
+    module (ssl.py did) would be imported in its place by whatever imports that module."""
+    import subprocess
+    import sys
+
+    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    assert scripts and not [p.name for p in scripts if p.stem in sys.stdlib_module_names]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "semisupervised.py"), "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "--datasets" in done.stdout, done.stderr[-2000:]

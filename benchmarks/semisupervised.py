@@ -1,8 +1,8 @@
 """Semi-supervised benchmark: M2, M1+M2, ADGM and SDGM against the labels alone, side by side.
 
-    python benchmarks/ssl.py                                   # both datasets, every method, seeds 0, 1, 2
-    python benchmarks/ssl.py --datasets mnist5k-100 --methods adgm,m2 --seeds 0
-    python benchmarks/ssl.py --set train.epochs=5 --set adgm:options.act=relu   # METHOD: limits a setting to one
+    python benchmarks/semisupervised.py          # both datasets, every method, seeds 0, 1, 2
+    python benchmarks/semisupervised.py --datasets mnist5k-100 --methods adgm,m2 --seeds 0
+    python benchmarks/semisupervised.py --set train.epochs=5 --set adgm:options.act=softplus  # METHOD: for one
 
 Each method trains its recipe ``runs/<method>-<dataset>.toml`` (resuming runs already in ``--runs``);
 the labels-alone baseline is the supervised-only classifier with M2's network of q(y|x), given as many
@@ -114,8 +114,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE or METHOD:KEY=VALUE")
     p.add_argument("--recipes", default=str(ROOT / "runs"))
-    p.add_argument("--runs", default="outputs/bench-ssl", help="folder of the run directories (reused)")
-    p.add_argument("--out", default="benchmarks/results/ssl.json")
+    p.add_argument("--runs", default="outputs/bench-semisupervised", help="folder of the run directories (reused)")
+    p.add_argument("--out", default="benchmarks/results/semisupervised.json")
     p.add_argument("--diagnose-images", type=int, default=500)
     p.add_argument("--no-baseline", action="store_true")
     args = p.parse_args(argv)
