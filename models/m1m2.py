@@ -38,13 +38,13 @@ from torch import nn
 from pyrossl.config import setting
 from pyrossl.errors import ConfigError
 from pyrossl.guides.label import as_one_hot
-from pyrossl.guides.zguide import Z_GUIDES
+from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.objective import SemiSupervisedELBO, particle_settings
 from pyrossl.infer.params import register
 from pyrossl.models.adgm import LabelledTrace_ELBO
-from pyrossl.models.m2 import M2, M2Model, M2Options
+from pyrossl.models.m2 import M2, M2Model
 from pyrossl.models.vae import VAE, VAEOptions
-from pyrossl.nn import ACTIVATIONS, NETS, pixel_likelihood
+from pyrossl.nn import ACTIVATIONS, NETS, check_network_options, pixel_likelihood
 
 CODES = ("sample", "mean")
 M1_TRAINING = ("frozen", "joint")
@@ -53,7 +53,18 @@ M1_ARCHITECTURE = {"z_dim": "m1_z_dim", "hidden": "m1_hidden", "act": "m1_act", 
 
 
 @dataclass
-class M1M2Options(M2Options):
+class M1M2Options(ZGuideOptions):
+    """M2's settings that apply to a model of codes, and M1's. M2's label-guide settings (temperatures,
+    noise scales, simplex priors) do not apply: M1+M2 sums its label out (``enum``)."""
+
+    z_dim: int = setting(50, "width of M2's code z")
+    hidden: list[int] = setting([500], "widths of M2's hidden layers (its encoders'; its decoder mirrors them)")
+    act: str = setting("softplus", "M2's activation between layers: relu | softplus | elu | tanh | gelu")
+    shared_trunk: bool = setting(False, "q(y|c) and q(z|c, y) share their first layer h(c)")
+    z_kl_weight: float = setting(1.0, "beta of M2's z term (1: the ELBO)")
+    aux_weight: float = setting(
+        50.0, "alpha of the auxiliary loss -alpha * log q(y|c) on labelled data; 0 turns it off"
+    )
     m1_run: str | None = setting(
         None,
         "a finished vae run of the same dataset whose encoder and decoder are M1 (its best checkpoint); None: M1 "
@@ -72,10 +83,19 @@ class M1M2Options(M2Options):
         "frozen", "frozen: M1 is fixed once trained (Kingma et al.) | joint: M1 is trained on with M2"
     )
 
+    # M2's networks act on the code, a vector; its label is enumerated, so the relaxed and simplex label
+    # guides' settings are fixed (class attributes, not options)
+    net = "mlp"
+    classifier_net = None
+    temperature_start = temperature_end = 1.0
+    temperature_anneal = 0.0
+    sigma = sharpness = dirichlet_concentration = 1.0
+
     def __post_init__(self):
-        super().__post_init__()
-        if self.net != "mlp" or (self.classifier_net or "mlp") != "mlp":
-            raise ConfigError("options.net and options.classifier_net must be mlp: M2 acts on the code, not on images")
+        check_network_options(self)
+        check_z_guide_options(self)
+        if not self.aux_weight >= 0 or not self.z_kl_weight > 0:
+            raise ConfigError("options.aux_weight must be >= 0 and options.z_kl_weight positive")
         if self.m1_z_dim < 1 or not self.m1_hidden or min(self.m1_hidden) < 1:
             raise ConfigError("options.m1_z_dim must be at least 1, and options.m1_hidden list widths of at least 1")
         if self.m1_act not in ACTIVATIONS:

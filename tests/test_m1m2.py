@@ -99,7 +99,6 @@ def test_the_model_samples_pixels_through_the_code_and_the_pictures_decode_m2s_m
     [
         ({"codes": "mode"}, "options.codes"),
         ({"m1_training": "fine"}, "options.m1_training"),
-        ({"net": "conv"}, "must be mlp"),
         ({"m1_epochs": 0}, "m1_epochs"),
         ({"m1_hidden": []}, "m1_hidden"),
         ({"m1_z_guide": "iaf"}, "m1_z_guide"),
@@ -109,6 +108,16 @@ def test_the_model_samples_pixels_through_the_code_and_the_pictures_decode_m2s_m
 def test_options_are_checked(options, message):
     with pytest.raises(ConfigError, match=message):
         M1M2Options(**{**TINY, **options})
+
+
+def test_m2s_image_and_label_guide_settings_are_not_options_of_a_model_of_codes():
+    with pytest.raises(ConfigError, match="net"):
+        M1M2.make_options({**TINY, "net": "conv"})
+    with pytest.raises(ConfigError, match="temperature_start"):
+        M1M2.make_options({**TINY, "temperature_start": 2.0})
+    names = {row["name"] for row in M1M2.option_rows()}
+    assert {"z_dim", "aux_weight", "m1_run", "codes", "m1_training", "z_guide"} - names == {"z_guide"}
+    assert not names & {"net", "classifier_net", "temperature_start", "sigma", "dirichlet_concentration"}
 
 
 def _m1m2_config(**extra):
