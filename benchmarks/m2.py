@@ -28,7 +28,6 @@ import statistics
 import time
 from pathlib import Path
 
-import pyro
 import torch
 import torch.nn.functional as F
 
@@ -54,26 +53,6 @@ def epoch_stats(out: Path, summary: dict) -> dict:
     split = summary["split"]
     per_epoch = split["unlabelled"] or split["labelled"]
     return {"seconds_per_epoch": seconds, "examples_per_second": per_epoch / seconds}
-
-
-def generative_agreement(out: Path, images: int, num_samples: int = 16) -> dict:
-    """How q(y|x) of a trained run relates to the generative model's own posterior p(y|x).
-
-    On the first ``images`` validation images: the accuracy of each and how often their classes agree.
-    M2's unlabelled term pulls q(y|x) towards p(y|x); where they agree, it has nothing left to teach.
-    """
-    run = load_run(out)
-    x, y = run.tensors("validation")
-    x, y = x[:images], y[:images]
-    q = run.predict(x)
-    pyro.set_rng_seed(0)  # the importance samples: the same numbers on every invocation
-    p = run.model.generative_posterior(x, num_samples).argmax(-1)
-    return {
-        "images": len(y),
-        "q_accuracy": (q == y).double().mean().item(),
-        "generative_accuracy": (p == y).double().mean().item(),
-        "agreement": (p == q).double().mean().item(),
-    }
 
 
 def plain_enumerated_loss(entry, x, x_lab, y_lab):
@@ -186,7 +165,7 @@ def main(argv=None) -> dict:
             best_epochs.append(summary["best_epoch"])
             stats.append(epoch_stats(out, summary))
             if guide in diagnosed:
-                agreement.append(generative_agreement(out, args.diagnose_images))
+                agreement.append(load_run(out).posterior_agreement(images=args.diagnose_images))
                 print(
                     f"{guide} seed {seed}: q(y|x) and the generative p(y|x) on validation: {agreement[-1]}", flush=True
                 )

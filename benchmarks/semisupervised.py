@@ -27,7 +27,6 @@ import statistics
 import time
 from pathlib import Path
 
-import pyro
 import torch
 
 from pyrossl import runs
@@ -67,23 +66,6 @@ def run_one(recipe: Path, overrides: list[str], out: Path) -> tuple[dict, float 
     start = time.perf_counter()
     summary = train_to_completion(load_config(recipe, overrides + ["train.progress=false"]), out)
     return summary, None if finished else time.perf_counter() - start
-
-
-def generative_agreement(out: Path, images: int, num_samples: int = 16) -> dict:
-    """On the first ``images`` validation images: accuracy of q(y|x), of the generative p(y|x), and how often
-    their classes agree (where they agree, the unlabelled term has nothing left to teach q(y|x))."""
-    run = load_run(out)
-    x, y = run.tensors("validation")
-    x, y = x[:images], y[:images]
-    q = run.predict(x)
-    pyro.set_rng_seed(0)
-    p = run.model.generative_posterior(x, num_samples).argmax(-1)
-    return {
-        "images": len(y),
-        "q_accuracy": (q == y).double().mean().item(),
-        "generative_accuracy": (p == y).double().mean().item(),
-        "agreement": (p == q).double().mean().item(),
-    }
 
 
 def row(method: str, dataset: str, summaries: list[dict], outs: list[Path], walls: list) -> dict:
@@ -140,7 +122,7 @@ def main(argv=None) -> dict:
                 )
             rows.append(row(method, dataset, summaries, outs, walls))
             if method in DIAGNOSED and args.diagnose_images:
-                diagnostics[f"{dataset} {method}"] = generative_agreement(outs[0], args.diagnose_images)
+                diagnostics[f"{dataset} {method}"] = load_run(outs[0]).posterior_agreement(images=args.diagnose_images)
         if not args.no_baseline and m2_steps:
             # the labels alone: M2's q(y|x) network, one labelled batch per step, as many steps as M2 took
             reference = load_config(Path(args.recipes) / f"m2-{dataset}.toml", split_overrides(args.overrides, "m2"))

@@ -46,13 +46,13 @@ from torch import nn
 
 from pyrossl.config import setting
 from pyrossl.errors import ConfigError
-from pyrossl.evaluate import confusion_matrix, iwae_log_likelihood
-from pyrossl.figures import Figure
+from pyrossl.evaluate import iwae_log_likelihood
 from pyrossl.guides.label import as_one_hot
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options, make_z_guide
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.infer.objective import AuxiliaryTermsMixin, SemiSupervisedELBO, particle_settings
 from pyrossl.infer.params import register
+from pyrossl.models.m2 import ClassConditionalPictures
 from pyrossl.nn import ConvDecoder, activation, check_network_options, make_features, pixel_likelihood
 from pyrossl.zoo import LabelClassifier, ZooModel
 
@@ -300,7 +300,7 @@ class AuxiliaryGuide(nn.Module):
             pyro.sample("z", self.z_distribution(x, a, label))
 
 
-class ADGM(LabelClassifier, ZooModel):
+class ADGM(ClassConditionalPictures, LabelClassifier, ZooModel):
     """The auxiliary deep generative model (Maaløe et al. 2016): see the module's docstring."""
 
     name = "adgm"
@@ -431,47 +431,6 @@ class ADGM(LabelClassifier, ZooModel):
         a = self.a_mean(x)
         return self.decode(y, self.guide.z_point(x, a, y), a)
 
-    @torch.no_grad()
-    def sample(self, n, y=None):
-        device = self.model.z_loc.device
-        if y is None:
-            y = torch.randint(self.meta["num_classes"], (n,), device=device)
-        z = torch.randn(n, self.options.z_dim, device=device)
-        return self.decode(self.one_hot(y.to(device)), z)
-
-    @torch.no_grad()
-    def class_conditional_samples(self, columns: int = 10) -> torch.Tensor:
-        """One row per class, one column per z ~ N(0, I): the style is held down a column."""
-        k = self.meta["num_classes"]
-        device = self.model.z_loc.device
-        z = torch.randn(columns, self.options.z_dim, device=device).repeat(k, 1)
-        y = torch.arange(k, device=device).repeat_interleave(columns)
-        return self.decode(self.one_hot(y), z)
-
-    def figures(self, x, y, outputs=None):
-        classes = [str(c) for c in self.meta["classes"]] or [str(c) for c in range(self.meta["num_classes"])]
-        cm = confusion_matrix(self.predict(x).cpu(), y.cpu(), self.meta["num_classes"])
-        what = "p(x|a,y,z), a at the mean of p(a|y,z)" if self.skip else "p(x|y,z)"
-        return [
-            Figure.images(
-                "class_samples",
-                self.class_conditional_samples(),
-                nrow=10,
-                title=f"{what}: one class per row, one z per column",
-                row_labels=classes,
-            ),
-            Figure.confusion("confusion", cm, classes),
-            Figure.reconstructions("reconstructions", x[:10], self.reconstruct(x[:10])),
-            Figure.latent(
-                "latent_tsne",
-                self.latent(x[:1000]),
-                y[:1000],
-                classes=classes,
-                title=f"t-SNE of the {self.latent_title}",
-                method="tsne",
-            ),
-        ]
-
 
 class SDGM(ADGM):
     """The skip deep generative model (Maaløe et al. 2016): the ADGM's guide, and a as a latent of the
@@ -480,3 +439,4 @@ class SDGM(ADGM):
     name = "sdgm"
     description = "skip deep generative model (Maaløe et al. 2016): the ADGM's guide, p(a|y,z) p(x|a,y,z)"
     skip = True
+    samples_title = "p(x|a,y,z), a at the mean of p(a|y,z)"

@@ -217,6 +217,7 @@ class M1M2(M2):
     objectives = ("elbo",)
     objective_limits = {"iwae": "its label y is enumerated, and the IWAE bound needs every latent reparameterised"}
     likelihood = "gaussian"
+    samples_title = "M1's decoder at M2's mean code mu(y, z)"
 
     def data_shape(self, meta: dict) -> tuple[int, ...]:
         """M2's x is M1's code: a vector of ``m1_z_dim``."""

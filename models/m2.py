@@ -224,7 +224,57 @@ class M2Model(nn.Module):
             )
 
 
-class M2(LabelClassifier, ZooModel):
+class ClassConditionalPictures:
+    """What M2 and its relatives (M1+M2, ADGM, SDGM) draw and sample: per-class samples of the decoder with
+    z ~ N(0, I), the confusion matrix, reconstructions and a t-SNE of the code. The entry gives
+    ``decode(y, z)`` (y one-hot), ``one_hot``, ``predict``, ``reconstruct``, ``latent`` and ``latent_title``."""
+
+    #: what the class samples decode, and what the t-SNE shows (the figures' titles)
+    samples_title = "p(x|y,z)"
+    latent_title = "means of q(z|x, y = predicted class)"
+
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        device = self.model.z_loc.device
+        if y is None:
+            y = torch.randint(self.meta["num_classes"], (n,), device=device)
+        z = torch.randn(n, self.options.z_dim, device=device)
+        return self.decode(self.one_hot(y.to(device)), z)
+
+    @torch.no_grad()
+    def class_conditional_samples(self, columns: int = 10) -> torch.Tensor:
+        """One row per class, one column per z ~ N(0, I): the style is held down a column."""
+        k = self.meta["num_classes"]
+        device = self.model.z_loc.device
+        z = torch.randn(columns, self.options.z_dim, device=device).repeat(k, 1)
+        y = torch.arange(k, device=device).repeat_interleave(columns)
+        return self.decode(self.one_hot(y), z)
+
+    def figures(self, x, y, outputs=None):
+        classes = [str(c) for c in self.meta["classes"]] or [str(c) for c in range(self.meta["num_classes"])]
+        cm = confusion_matrix(self.predict(x).cpu(), y.cpu(), self.meta["num_classes"])
+        return [
+            Figure.images(
+                "class_samples",
+                self.class_conditional_samples(),
+                nrow=10,
+                title=f"{self.samples_title}: one class per row, one z per column",
+                row_labels=classes,
+            ),
+            Figure.confusion("confusion", cm, classes),
+            Figure.reconstructions("reconstructions", x[:10], self.reconstruct(x[:10])),
+            Figure.latent(
+                "latent_tsne",
+                self.latent(x[:1000]),
+                y[:1000],
+                classes=classes,
+                title=f"t-SNE of the {self.latent_title}",
+                method="tsne",
+            ),
+        ]
+
+
+class M2(ClassConditionalPictures, LabelClassifier, ZooModel):
     name = "m2"
     description = "M2 semi-supervised VAE (Kingma et al. 2014) with swappable label guides"
     Options = M2Options
@@ -392,8 +442,6 @@ class M2(LabelClassifier, ZooModel):
         """The moments of q(z|x, y) at the predicted class."""
         return self.guide.z_moments(x, self.one_hot(self.predict(x)))
 
-    latent_title = "means of q(z|x, y = predicted class)"
-
     @torch.no_grad()
     def latent(self, x):
         """The mean of q(z|x, y) at the predicted class (a flow: its image of the base mean)."""
@@ -403,43 +451,3 @@ class M2(LabelClassifier, ZooModel):
     def reconstruct(self, x):
         y = self.one_hot(self.predict(x))
         return self.decode(y, self.guide.z_point(x, y))
-
-    @torch.no_grad()
-    def sample(self, n, y=None):
-        device = self.model.z_loc.device
-        if y is None:
-            y = torch.randint(self.meta["num_classes"], (n,), device=device)
-        z = torch.randn(n, self.options.z_dim, device=device)
-        return self.decode(self.one_hot(y.to(device)), z)
-
-    @torch.no_grad()
-    def class_conditional_samples(self, columns: int = 10) -> torch.Tensor:
-        """One row per class, one column per z ~ N(0, I): the style is held down a column."""
-        k = self.meta["num_classes"]
-        device = self.model.z_loc.device
-        z = torch.randn(columns, self.options.z_dim, device=device).repeat(k, 1)
-        y = torch.arange(k, device=device).repeat_interleave(columns)
-        return self.decode(self.one_hot(y), z)
-
-    def figures(self, x, y, outputs=None):
-        classes = [str(c) for c in self.meta["classes"]] or [str(c) for c in range(self.meta["num_classes"])]
-        cm = confusion_matrix(self.predict(x).cpu(), y.cpu(), self.meta["num_classes"])
-        return [
-            Figure.images(
-                "class_samples",
-                self.class_conditional_samples(),
-                nrow=10,
-                title="p(x|y,z): one class per row, one z per column",
-                row_labels=classes,
-            ),
-            Figure.confusion("confusion", cm, classes),
-            Figure.reconstructions("reconstructions", x[:10], self.reconstruct(x[:10])),
-            Figure.latent(
-                "latent_tsne",
-                self.latent(x[:1000]),
-                y[:1000],
-                classes=classes,
-                title="t-SNE of the means of q(z|x, y = predicted class)",
-                method="tsne",
-            ),
-        ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyro
 import torch
 
 from pyrossl.config import Config
@@ -93,6 +94,24 @@ class Run:
         if y is not None:
             y = torch.as_tensor(y, device=self.device).expand(n)
         return self._call("sample", n, y)
+
+    def posterior_agreement(self, part: str = "validation", images: int = 500, num_samples: int = 16) -> dict:
+        """q(y|x) against the generative model's own posterior p(y|x) = p(x, y) / sum_y' p(x, y') (IWAE
+        estimates of each p(x, y) with ``num_samples`` draws, seeded 0) on the first ``images`` of
+        ``part``: the accuracy of each and how often their classes agree. A semi-supervised model's
+        unlabelled term pulls q(y|x) towards p(y|x); where they agree it has nothing left to teach.
+        Entries with a ``generative_posterior`` (M2, M1+M2, ADGM, SDGM)."""
+        x, y = self.tensors(part)
+        x, y = x[:images], y[:images]
+        q = self.predict(x)
+        pyro.set_rng_seed(0)
+        p = self._call("generative_posterior", x, num_samples).argmax(-1)
+        return {
+            "images": len(y),
+            "q_accuracy": (q == y).double().mean().item(),
+            "generative_accuracy": (p == y).double().mean().item(),
+            "agreement": (p == q).double().mean().item(),
+        }
 
     def predictive(self, num_samples: int, return_sites=None, parallel: bool = False, resample=("x",)):
         """The posterior predictive of the run's Pyro model with its trained guide, a ``pyro.infer.Predictive``.
