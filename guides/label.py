@@ -236,16 +236,19 @@ class LabelGuide(nn.Module):
         alpha log q(y|x) (Kingma et al. 2014, eq. 9), a term of the objective, not a latent
         (:class:`pyrossl.infer.objective.AuxiliaryTermsMixin`). ``y``: class indices or one-hot."""
         register(self)
-        y = as_one_hot(y, self.num_classes, x.dtype)
         with pyro.plate("data", x.shape[0]):
-            label = self.label_input(x, y)
-            with poutine.scale(scale=self.z_kl_weight):
-                pyro.sample("z", self.z_encoder.distribution(x, label))
-            if y is not None and self.aux_weight:
-                with poutine.scale(scale=self.aux_weight):
-                    pyro.sample(
-                        "y_x", dist.OneHotCategorical(logits=self.classify(x)), obs=y, infer={"is_auxiliary": True}
-                    )
+            self.sites(x, y)
+
+    def sites(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """The sites of :meth:`forward`, inside a data plate the caller has opened (a guide that draws its
+        ``x`` first, M1+M2's code, in the same plate; ``x`` may then carry leading sample dimensions)."""
+        y = as_one_hot(y, self.num_classes, x.dtype)
+        label = self.label_input(x, y)
+        with poutine.scale(scale=self.z_kl_weight):
+            pyro.sample("z", self.z_encoder.distribution(x, label))
+        if y is not None and self.aux_weight:
+            with poutine.scale(scale=self.aux_weight):
+                pyro.sample("y_x", dist.OneHotCategorical(logits=self.classify(x)), obs=y, infer={"is_auxiliary": True})
 
 
 @LABEL_GUIDES.register("enum")

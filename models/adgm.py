@@ -46,13 +46,11 @@ from torch import nn
 
 from pyrossl.config import setting
 from pyrossl.errors import ConfigError
-from pyrossl.evaluate import iwae_log_likelihood
 from pyrossl.guides.label import as_one_hot
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options, make_z_guide
-from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.infer.objective import AuxiliaryTermsMixin, SemiSupervisedELBO, particle_settings
 from pyrossl.infer.params import register
-from pyrossl.models.m2 import ClassConditionalPictures
+from pyrossl.models.m2 import ClassConditional
 from pyrossl.nn import ConvDecoder, activation, check_network_options, make_features, pixel_likelihood
 from pyrossl.zoo import LabelClassifier, ZooModel
 
@@ -300,7 +298,7 @@ class AuxiliaryGuide(nn.Module):
             pyro.sample("z", self.z_distribution(x, a, label))
 
 
-class ADGM(ClassConditionalPictures, LabelClassifier, ZooModel):
+class ADGM(ClassConditional, LabelClassifier, ZooModel):
     """The auxiliary deep generative model (Maaløe et al. 2016): see the module's docstring."""
 
     name = "adgm"
@@ -329,9 +327,6 @@ class ADGM(ClassConditionalPictures, LabelClassifier, ZooModel):
         particles = particle_settings(self.objective)
         self.elbo = SemiSupervisedELBO(TraceEnum_ELBO(**particles), LabelledTrace_ELBO(**particles))
 
-    def one_hot(self, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.one_hot(y, self.meta["num_classes"]).to(torch.get_default_dtype())
-
     @torch.no_grad()
     def class_logits(self, x, batch_size=1000):
         """log q(y|x), q(y|a, x) averaged over ``options.eval_samples`` fixed draws of a ~ q(a|x)."""
@@ -339,30 +334,9 @@ class ADGM(ClassConditionalPictures, LabelClassifier, ZooModel):
 
     # --- generative side ----------------------------------------------------------------
     @torch.no_grad()
-    def class_log_joint(self, x, num_samples, batch_size=100):
-        """log p(x, y) for every class y, ``[n, K]``: each an IWAE bound over (a, z) drawn from
-        q(a|x) q(z|a, y, x) (``num_samples`` draws). For the ADGM p(x, y) = E_p(z)[p(y) p(x|y, z)] (a
-        integrates out of p(a|x, y, z)), and the auxiliary factor makes the proposal of z a mixture."""
-        out = []
-        for xb in torch.split(x, batch_size):
-            per_class = []
-            for c in range(self.meta["num_classes"]):
-                y = torch.full((xb.shape[0],), c, device=xb.device)
-                per_class.append(
-                    iwae_log_likelihood(importance_log_weights(self.model, self.guide, xb, y, num_samples=num_samples))
-                )
-            out.append(torch.stack(per_class, -1))
-        return torch.cat(out)
-
-    @torch.no_grad()
     def log_likelihood(self, x, num_samples, batch_size=100):
         """log p(x) = log sum_y p(x, y): the sum over classes exact, each p(x, y) an IWAE bound over (a, z)."""
         return self.class_log_joint(x, num_samples, batch_size).logsumexp(-1)
-
-    @torch.no_grad()
-    def generative_posterior(self, x, num_samples=16, batch_size=100):
-        """p(y|x) = p(x, y) / sum_y' p(x, y') of the generative model, from the IWAE estimates of p(x, y)."""
-        return self.class_log_joint(x, num_samples, batch_size).softmax(-1)
 
     @torch.no_grad()
     def elbo_estimate(self, x, batch_size=100):

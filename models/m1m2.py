@@ -31,13 +31,11 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 from torch import nn
 
 from pyrossl.config import setting
 from pyrossl.errors import ConfigError
-from pyrossl.guides.label import as_one_hot
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.objective import SemiSupervisedELBO, particle_settings
 from pyrossl.infer.params import register
@@ -143,13 +141,13 @@ class TwoLayerModel(nn.Module):
     def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, num: int | None = None):
         """Sites in plate ``data``: ``y``, ``z`` (M2's), ``code`` ``[n, m1_z_dim]`` and ``x`` (flat pixels,
         observed when ``x`` is given). ``y``: class indices ``[n]`` or one-hot, observed when given."""
-        # M2 registers itself; a frozen M1 is not Pyro's to optimise (pyro.module would warn per parameter)
+        # a frozen M1 is not Pyro's to optimise (pyro.module would warn per parameter)
         if _trains(self.m1):
             register(self.m1, "TwoLayerModel.m1")
+        register(self.m2)
         n = x.shape[0] if x is not None else (y.shape[0] if y is not None else num)
-        code = self.m2(None, y, num=n)
-        # the same plate again: its record is already in the trace (a second would clash by name)
-        with poutine.block(hide=["data"]), pyro.plate("data", n):
+        with pyro.plate("data", n):
+            code = self.m2.sites(n, None, y)
             return pyro.sample("x", pixel_likelihood(self.m1.decoder(code)), obs=None if x is None else x.flatten(1))
 
 
@@ -188,21 +186,12 @@ class TwoLayerGuide(nn.Module):
         register(self.label_guide, "TwoLayerGuide.label_guide")
         if _trains(self.m1_encoder):  # a frozen M1 is not Pyro's to optimise
             register(self.m1_encoder, "TwoLayerGuide.m1_encoder")
-        guide = self.label_guide
-        y = as_one_hot(y, guide.num_classes, x.dtype)
         with pyro.plate("data", x.shape[0]):
             if self.codes == "mean":
                 code = pyro.sample("code", dist.Delta(self.code_point(x), event_dim=1))
             else:
                 code = pyro.sample("code", self.m1_encoder.distribution(x))
-            label = guide.label_input(code, y)
-            with poutine.scale(scale=guide.z_kl_weight):
-                pyro.sample("z", guide.z_encoder.distribution(code, label))
-            if y is not None and guide.aux_weight:
-                with poutine.scale(scale=guide.aux_weight):
-                    pyro.sample(
-                        "y_x", dist.OneHotCategorical(logits=guide.classify(code)), obs=y, infer={"is_auxiliary": True}
-                    )
+            self.label_guide.sites(code, y)
 
 
 class M1M2(M2):

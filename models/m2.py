@@ -48,7 +48,7 @@ from pyrossl.guides.label import LABEL_GUIDES, GumbelSoftmaxGuide, as_one_hot
 from pyrossl.guides.zguide import Z_GUIDES, ZGuideOptions, check_z_guide_options
 from pyrossl.infer.iwae import importance_log_weights
 from pyrossl.infer.objective import LabelledMeanField_ELBO, SemiSupervisedELBO, make_elbo, particle_settings
-from pyrossl.infer.params import register
+from pyrossl.infer.params import register, with_module_local
 from pyrossl.nn import MLP, ConvDecoder, activation, check_network_options, pixel_likelihood
 from pyrossl.zoo import LabelClassifier, ZooModel
 
@@ -210,28 +210,67 @@ class M2Model(nn.Module):
         (either is taken); ``num``: how many to draw when neither is given."""
         register(self)
         n = x.shape[0] if x is not None else (y.shape[0] if y is not None else num)
+        with pyro.plate("data", n):
+            return self.sites(n, x, y)
+
+    def sites(self, n: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The sites of :meth:`forward` for ``n`` examples, inside a data plate the caller has opened (a
+        model that puts M2 under a layer of its own, M1+M2's, samples more in the same plate)."""
         if self.relaxed_label:
             y = as_one_hot(y, self.prior_logits.shape[-1], self.prior_logits.dtype)
         elif y is not None and y.is_floating_point():
             y = y.argmax(-1)
-        with pyro.plate("data", n):
-            label = self.label_input(n, y)
-            loc = self.z_loc.expand(n, -1)
-            with poutine.scale(scale=self.z_kl_weight):
-                z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
-            return pyro.sample(
-                self.x_site, self.observation(self.decoder(label, z)), obs=None if x is None else x.flatten(1)
-            )
+        label = self.label_input(n, y)
+        loc = self.z_loc.expand(n, -1)
+        with poutine.scale(scale=self.z_kl_weight):
+            z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+        return pyro.sample(
+            self.x_site, self.observation(self.decoder(label, z)), obs=None if x is None else x.flatten(1)
+        )
 
 
-class ClassConditionalPictures:
-    """What M2 and its relatives (M1+M2, ADGM, SDGM) draw and sample: per-class samples of the decoder with
-    z ~ N(0, I), the confusion matrix, reconstructions and a t-SNE of the code. The entry gives
-    ``decode(y, z)`` (y one-hot), ``one_hot``, ``predict``, ``reconstruct``, ``latent`` and ``latent_title``."""
+class ClassConditional:
+    """What M2 and its relatives (M1+M2, ADGM, SDGM), models p(y) p(z) p(x|y, z, ...) with y ~ Cat and
+    z ~ N(0, I), share: p(x, y) per class by importance sampling, the generative posterior p(y|x),
+    per-class samples, and the figures (class samples, the confusion matrix, reconstructions, a t-SNE of
+    the code). The entry gives ``model(x, y)`` and ``guide(x, y)``, ``decode(y, z)`` (y one-hot),
+    ``predict``, ``reconstruct``, ``latent`` and ``latent_title``."""
 
     #: what the class samples decode, and what the t-SNE shows (the figures' titles)
     samples_title = "p(x|y,z)"
     latent_title = "means of q(z|x, y = predicted class)"
+
+    def one_hot(self, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(y, self.meta["num_classes"]).to(torch.get_default_dtype())
+
+    @torch.no_grad()
+    @with_module_local  # the entry's own methods run so (ZooModel); a mixin's are not wrapped by it
+    def class_log_joint(self, x, num_samples, batch_size=100):
+        """log p(x, y) for every class y, ``[n, K]``: each an IWAE bound (``num_samples`` draws) over the
+        model's other latents, drawn from the guide given y (the model's y site adds log p(y)).
+
+        A proposal that ignores y (M2's simplex-latent guides: p(x, y) = E_p(alpha) p(z)[alpha_y
+        p(x|alpha, z)], (alpha, z) from q(alpha|x) q(z|x, alpha); the ADGM's q(a|x)) leaves the bound valid
+        (importance sampling needs only its support), if less tight than a y-aware one.
+        """
+        out = []
+        for xb in torch.split(x, batch_size):
+            per_class = []
+            for c in range(self.meta["num_classes"]):
+                y = self.one_hot(torch.full((xb.shape[0],), c, device=xb.device))
+                log_w = importance_log_weights(self.model, self.guide, xb, y, num_samples=num_samples)
+                per_class.append(iwae_log_likelihood(log_w))
+            out.append(torch.stack(per_class, -1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def generative_posterior(self, x, num_samples=16, batch_size=100):
+        """p(y|x) of the generative model, p(x, y) / sum_y' p(x, y'), with the IWAE estimates of p(x, y).
+
+        The unlabelled term pulls q(y|x) towards this posterior; where the two agree on the unlabelled
+        images, the unlabelled data has nothing left to teach the classifier. With M2's simplex-latent
+        guides it is E_p(alpha|x)[alpha_y]."""
+        return self.class_log_joint(x, num_samples, batch_size).softmax(-1)
 
     @torch.no_grad()
     def sample(self, n, y=None):
@@ -274,7 +313,7 @@ class ClassConditionalPictures:
         ]
 
 
-class M2(ClassConditionalPictures, LabelClassifier, ZooModel):
+class M2(ClassConditional, LabelClassifier, ZooModel):
     name = "m2"
     description = "M2 semi-supervised VAE (Kingma et al. 2014) with swappable label guides"
     Options = M2Options
@@ -349,9 +388,6 @@ class M2(ClassConditionalPictures, LabelClassifier, ZooModel):
                 guide_cls.make_elbo(self.objective), LabelledMeanField_ELBO(**particle_settings(self.objective))
             )
 
-    def one_hot(self, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.one_hot(y, self.meta["num_classes"]).to(torch.get_default_dtype())
-
     def temperature(self, epoch: int) -> float:
         o = self.options
         return max(o.temperature_end, o.temperature_start * math.exp(-o.temperature_anneal * (epoch - 1)))
@@ -368,24 +404,6 @@ class M2(ClassConditionalPictures, LabelClassifier, ZooModel):
         return torch.cat([self.guide.classify(xb) for xb in torch.split(x, batch_size)])
 
     # --- generative side ----------------------------------------------------------------
-    @torch.no_grad()
-    def class_log_joint(self, x, num_samples, batch_size=100):
-        """log p(x, y) for every class y, ``[n, K]``: each p(x|y) an IWAE bound over z (``num_samples``).
-
-        With a simplex-latent guide, p(x, y) = E_p(alpha) p(z)[alpha_y p(x|alpha, z)], the IWAE bound over
-        (alpha, z) drawn from q(alpha|x) q(z|x, alpha): the proposal ignores y, which leaves it valid
-        (importance sampling needs only its support), if less tight than a y-aware one.
-        """
-        out = []
-        for xb in torch.split(x, batch_size):
-            per_class = []
-            for c in range(self.meta["num_classes"]):
-                y = self.one_hot(torch.full((xb.shape[0],), c, device=xb.device))
-                log_w = importance_log_weights(self.model, self.guide, xb, y, num_samples=num_samples)
-                per_class.append(iwae_log_likelihood(log_w))  # the model's y site adds log p(y)
-            out.append(torch.stack(per_class, -1))
-        return torch.cat(out)
-
     @torch.no_grad()
     def log_likelihood(self, x, num_samples, batch_size=100):
         """log p(x) = log sum_y p(x, y): the sum over classes is exact, each p(x|y) an IWAE bound over z.
@@ -414,16 +432,6 @@ class M2(ClassConditionalPictures, LabelClassifier, ZooModel):
         log_joint = self.class_log_joint(x, 1, batch_size)
         log_q = torch.cat([torch.log_softmax(self.guide.classify(xb), -1) for xb in torch.split(x, batch_size)])
         return (log_q.exp() * (log_joint - log_q)).sum(-1)
-
-    @torch.no_grad()
-    def generative_posterior(self, x, num_samples=16, batch_size=100):
-        """p(y|x) of the generative model, p(x, y) / sum_y' p(x, y'), with the IWAE estimates of p(x|y).
-
-        M2's unlabelled term pulls q(y|x) towards this posterior; where the two agree on the
-        unlabelled images, the unlabelled data has nothing left to teach the classifier. With a
-        simplex-latent guide it is E_p(alpha|x)[alpha_y].
-        """
-        return self.class_log_joint(x, num_samples, batch_size).softmax(-1)
 
     @torch.no_grad()
     def decode(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
