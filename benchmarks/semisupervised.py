@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 
 from pyrossl import runs
 from pyrossl.config import load_config
+from pyrossl.errors import CheckpointError, ConfigError, PyrosslError
 from pyrossl.evaluate import mean_sd
 from pyrossl.run import load_run
 from pyrossl.train import train_to_completion, tune_allocator
@@ -62,9 +64,16 @@ def split_overrides(overrides: list[str], method: str) -> list[str]:
 
 def run_one(recipe: Path, overrides: list[str], out: Path) -> tuple[dict, float | None]:
     """Train (or finish, or read) one run directory: its summary, and its wall seconds when trained now."""
+    config = load_config(recipe, overrides + ["train.progress=false"])
     finished = runs.is_run(out) and (out / runs.SUMMARY).exists()
     start = time.perf_counter()
-    summary = train_to_completion(load_config(recipe, overrides + ["train.progress=false"]), out)
+    try:
+        summary = train_to_completion(config, out)
+    except (ConfigError, CheckpointError) as exc:
+        if not runs.is_run(out):
+            raise
+        # a folder left by another config or an older version of an entry (an option since removed)
+        raise ConfigError(f"cannot reuse the run folder {out}: {exc}; move it away to train it afresh") from exc
     return summary, None if finished else time.perf_counter() - start
 
 
@@ -192,4 +201,8 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     tune_allocator()  # as `pyrossl train` does: this process only trains
-    main()
+    try:
+        main()
+    except PyrosslError as exc:  # bad settings or an unusable run folder: one line, as the CLI says it
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -3,9 +3,14 @@
 import importlib.util
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 from pyrossl import runs
+from pyrossl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -384,3 +389,23 @@ def test_no_benchmark_shadows_a_standard_module_and_each_runs_as_a_script():
         [sys.executable, str(ROOT / "benchmarks" / "semisupervised.py"), "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "--datasets" in done.stdout, done.stderr[-2000:]
+
+
+def test_semisupervised_benchmark_names_a_run_folder_it_cannot_reuse_in_one_line(tmp_path):
+    """A folder whose saved config the entry no longer reads (an option since removed) stops the
+    benchmark with an error naming the folder, from the script as one line and exit code 2."""
+    folder = tmp_path / "runs" / "m2-mnist5k-100-seed0"
+    settings = ["--set", "train.epochs=1", "--set", "data.limit_per_class=40", "--set", "data.validation=50"]
+    settings += ["--set", "data.test=100", "--set", "options.hidden=[8]"]
+    argv = ["--datasets", "mnist5k-100", "--methods", "m2", "--seeds", "0", "--no-baseline", "--diagnose-images", "0"]
+    argv += [*settings, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out.json")]
+    bench = _load("semisupervised")
+    bench.main(argv)
+    saved = folder / "config.toml"
+    saved.write_text(saved.read_text().replace("[options]\n", "[options]\nretired_option = 1\n"))
+    with pytest.raises(ConfigError, match=f"cannot reuse the run folder {folder}: .*retired_option"):
+        bench.main(argv)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "semisupervised.py"
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: cannot reuse the run folder")
