@@ -1,5 +1,7 @@
 """Helpers the tests share (``from common import tiny_config``); conftest.py keeps the fixtures."""
 
+import math
+
 import torch
 
 
@@ -147,3 +149,21 @@ class DiskFull(FileWrapper):
             raise OSError(errno.ENOSPC, "No space left on device")
         self.room -= len(data)
         return self.file.write(data)
+
+
+def enumerated_and_by_hand(entry, x, draws=1500, chunks=50):
+    """The unlabelled bound U(x) of an enumerating entry two ways, each averaged over ``draws`` independent
+    draws: ``TraceEnum_ELBO``'s loss and the entry's per-image ``elbo_estimate`` (the sum over classes
+    written out). ``x`` is repeated so each call scores ``draws / chunks`` draws at once (one Pyro call per
+    chunk, not per draw). Returns both means of the summed bound over ``x`` and the standard error of their
+    difference."""
+    per_chunk = draws // chunks
+    batch = x.repeat(per_chunk, *[1] * (x.dim() - 1))
+    with torch.no_grad():
+        # each chunk's loss sums per_chunk independent draws of the bound over x
+        totals = torch.tensor([-entry.elbo.unlabelled.loss(entry.model, entry.guide, batch) for _ in range(chunks)])
+        by_hand = torch.cat([entry.elbo_estimate(batch, batch_size=len(batch)) for _ in range(chunks)])
+    by_hand = by_hand.reshape(-1, len(x)).sum(-1)  # one value per draw
+    enumerated = totals / per_chunk
+    se = math.hypot(totals.std().item() / math.sqrt(per_chunk), by_hand.std().item()) / math.sqrt(chunks * per_chunk)
+    return enumerated.mean().item(), by_hand.mean().item(), se
