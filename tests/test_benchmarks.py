@@ -405,7 +405,8 @@ def test_semisupervised_benchmark_names_a_run_folder_it_cannot_reuse_in_one_line
     saved.write_text(saved.read_text().replace("[options]\n", "[options]\nretired_option = 1\n"))
     with pytest.raises(ConfigError, match=f"cannot reuse the run folder {folder}: .*retired_option"):
         bench.main(argv)
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "semisupervised.py"
-    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "semisupervised.py"), *argv], capture_output=True, text=True
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: cannot reuse the run folder")
